@@ -1,0 +1,95 @@
+"""The interface every PTQ backend offers the engine.
+
+A backend quantizes one weight matrix to a dequantized copy plus its storage size (what
+SPQE swaps in and what the memory budget counts), and replaces nn.Linear modules by the
+library's real quantized modules (what the final evaluation runs). Both go through the
+same real module, so the simulation cannot drift from the model that is evaluated.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+from core.errors import UserError
+
+SUPPORTED_BITS = (2, 4)
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    weight: torch.Tensor  # dequantized: same shape, dtype and device as the input weight
+    nbytes: int           # packed integers + scales + zero points/shifts of the real module
+
+
+class Backend(ABC):
+    name: str
+
+    def __init__(self, group_size: int = 64):
+        if not isinstance(group_size, int) or group_size <= 0:
+            raise UserError(f"Group size {group_size!r} is not a positive integer; use e.g. 64 or 128.")
+        self.group_size = group_size
+
+    def quantize_weight(self, weight: torch.Tensor, bits: int) -> QuantizedWeight:
+        """Quantize one [out_features, in_features] weight exactly as quantize_linears would."""
+        self._check(weight.shape, bits, "a weight")
+        with torch.no_grad():
+            module = self._quantize_linear(linear_holding(weight), bits)
+            dequantized = self._dequantize(module)
+        return QuantizedWeight(weight=dequantized, nbytes=self.module_nbytes(module))
+
+    def quantize_linears(self, model: nn.Module, names: list[str], bits: list[int]) -> None:
+        """In place: replace each named nn.Linear by the backend's real quantized module."""
+        if len(names) != len(bits):
+            raise ValueError(f"{len(names)} module names but {len(bits)} bit-widths")
+        with torch.no_grad():
+            for name, layer_bits in zip(names, bits):
+                linear = model.get_submodule(name)
+                if not isinstance(linear, nn.Linear):
+                    raise TypeError(f"{name} is a {type(linear).__name__}, not an nn.Linear")
+                self._check(linear.weight.shape, layer_bits, name)
+                parent_name, _, child_name = name.rpartition(".")
+                setattr(model.get_submodule(parent_name), child_name, self._quantize_linear(linear, layer_bits))
+
+    @abstractmethod
+    def module_nbytes(self, module: nn.Module) -> int:
+        """Bytes of the weight storage of one real quantized module (bias not included)."""
+
+    @abstractmethod
+    def _quantize_linear(self, linear: nn.Linear, bits: int) -> nn.Module:
+        """The real quantized module for linear, on linear's device; linear is left unchanged."""
+
+    @abstractmethod
+    def _dequantize(self, module: nn.Module) -> torch.Tensor:
+        """The weight the real module computes with, in the original weight's dtype."""
+
+    def _check(self, shape: torch.Size, bits: int, what: str) -> None:
+        if bits not in SUPPORTED_BITS:
+            raise UserError(f"{bits}-bit is not supported for {what}; choose 2 or 4 bits.")
+        in_features = shape[1]
+        if in_features % self.group_size != 0:
+            raise UserError(
+                f"Group size {self.group_size} does not divide the {in_features} input features of "
+                f"{what} (shape {tuple(shape)}); choose a group size that divides it, e.g. 32 or 64."
+            )
+
+
+def tensor_nbytes(tensor: torch.Tensor) -> int:
+    """Bytes of a tensor's elements; for a quantized tensor subclass, of its inner tensors."""
+    if is_traceable_wrapper_subclass(tensor):
+        inner_names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_nbytes(getattr(tensor, name)) for name in inner_names)
+    return tensor.numel() * tensor.element_size()
+
+
+def linear_holding(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Linear:
+    """A new nn.Linear sharing weight and bias; built on meta so that it draws no random numbers."""
+    out_features, in_features = weight.shape
+    linear = nn.Linear(in_features, out_features, bias=False, device="meta", dtype=weight.dtype)
+    linear.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.detach(), requires_grad=False)
+    return linear

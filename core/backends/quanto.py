@@ -1,0 +1,31 @@
+"""optimum-quanto: weight-only qint2/qint4 with per-group float scale and shift (min-max)."""
+from __future__ import annotations
+
+import torch
+from optimum.quanto import QLinear, qint2, qint4
+from torch import nn
+
+from core.backends.base import Backend, tensor_nbytes
+
+QTYPES = {2: qint2, 4: qint4}
+
+
+class QuantoBackend(Backend):
+    name = "quanto"
+
+    def _quantize_linear(self, linear: nn.Linear, bits: int) -> QLinear:
+        # No optimizer given: QLinear then uses its frozen-weight default for qint2/qint4,
+        # MaxOptimizer (per-group min/max), like optimum.quanto.quantize() does.
+        module = QLinear.from_module(linear, weights=QTYPES[bits])
+        # QLinear picks its own group size from in_features (128, else 96, 64, 32);
+        # set ours before freezing so every layer uses the configured one.
+        module.weight_group_size = self.group_size
+        module.freeze()
+        return module
+
+    def _dequantize(self, module: QLinear) -> torch.Tensor:
+        return module.weight.dequantize()
+
+    def module_nbytes(self, module: QLinear) -> int:
+        # Packed data, scale and shift of the WeightQBitsTensor (or its tinygemm subclass).
+        return tensor_nbytes(module.weight)

@@ -1,0 +1,475 @@
+"""IMPQ against the isolated baselines at equal memory, with the real backend's modules.
+
+    compare(run, [2.25, 2.5, 3.0, 3.5], eval_text="builtin", ...) -> CompareResult
+
+loads the run's model once, computes the baselines' scores on the unquantized model
+over the run's calibration windows, builds every linear's real quantized module once
+per precision (2 and 4 bits), solves each method's allocation at each budget (IMPQ by
+its quadratic model, the baselines by the knapsack, all with the same costs and SCIP),
+and evaluates each distinct allocation by swapping module references, on one set of
+evaluation tokens shared by every method. Allocations are evaluated in lexicographic
+order of their bit vectors, so consecutive ones share the longest prefix of layers
+and the prefix cache of PrefixEvaluator skips the layers before the first change.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from core import baselines, events
+from core.backends import get_backend
+from core.data import describe, load_text, token_windows
+from core.engine import DTYPES, device_defaults
+from core.errors import UserError
+from core.evaluate import eval_windows
+from core.interactions import quadratic_model
+from core.models import LoadedModel, default_dtype, load_model, pick_device
+from core.runs import RunDir
+from core.solver import HIGH_BITS, LOW_BITS, Allocation, Costs, solve, solve_knapsack
+from core.spqe import Cancelled
+from core.switching import PrefixEvaluator
+
+DEFAULT_BITS = (2.25, 2.5, 3.0, 3.5)
+IMPQ = "impq"
+UNIFORM_LOW, UNIFORM_HIGH = "uniform-2", "uniform-4"
+METHODS = (IMPQ, *baselines.BASELINES)
+LABELS = {IMPQ: "IMPQ", "sensitivity": "Sensitivity", "lim": "LIM", "zscore": "Z-score",
+          "activation": "Activation", UNIFORM_LOW: "all 2-bit", UNIFORM_HIGH: "all 4-bit"}
+COMPARE_DIR = "compare"
+
+
+@dataclass(frozen=True)
+class MethodResult:
+    method: str
+    target_bits: float            # the budget asked for (2.0 / 4.0 for the uniform references)
+    avg_bits: float               # effective bits per weight, scales and zeros included
+    weight_bits: float            # bits per weight without metadata
+    bytes: int
+    budget_bytes: int
+    layers_high: int              # layers at 4 bits
+    bits_per_layer: tuple[int, ...]
+    predicted_delta_nll: float    # the run's quadratic model's prediction, over all-4-bit
+    nll: float                    # measured mean NLL on the evaluation tokens (nats/token)
+    ppl: float                    # exp(nll), real backend modules
+    eval_tokens: int              # tokens predicted
+    eval_tokens_sha256: str       # of the [windows, T] token ids the evaluation ran on
+
+    @classmethod
+    def from_json(cls, d: dict) -> "MethodResult":
+        d = {**d, "bits_per_layer": tuple(d["bits_per_layer"])}
+        if d.get("predicted_delta_nll") is None:
+            d["predicted_delta_nll"] = math.nan
+        return cls(**d)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["bits_per_layer"] = list(self.bits_per_layer)
+        if math.isnan(self.predicted_delta_nll):
+            d["predicted_delta_nll"] = None   # JSON has no nan
+        return d
+
+
+@dataclass(frozen=True)
+class CompareResult:
+    results: tuple[MethodResult, ...]
+    bits: tuple[float, ...]
+    ppl_original: float           # the unquantized model on the same tokens
+    scores: dict                  # baseline -> per-layer scores
+    model: str
+    backend: str
+    group_size: int
+    samples: int                  # SPQE samples behind IMPQ
+    alpha: float
+    costs_source: str             # "run" (the run's costs.json) or "measured" (other backend)
+    calib: dict                   # text, windows, window_tokens, seed (the run's)
+    eval: dict                    # text, windows, window_tokens, tokens, tokens_sha256
+    timings: dict                 # seconds per phase, evaluations done
+    device: str
+    warnings: tuple[str, ...] = ()
+    files: tuple[str, ...] = field(default=())
+
+    def row(self, method: str, bits: float) -> MethodResult:
+        for r in self.results:
+            if r.method == method and r.target_bits == bits:
+                return r
+        raise KeyError((method, bits))
+
+    def best_baseline(self, bits: float) -> MethodResult:
+        return min((self.row(m, bits) for m in baselines.BASELINES), key=lambda r: r.ppl)
+
+    def versus_best_baseline(self) -> list[dict]:
+        """IMPQ's perplexity over the best baseline's at each budget (< 1: IMPQ wins)."""
+        out = []
+        for b in self.bits:
+            impq, best = self.row(IMPQ, b), self.best_baseline(b)
+            out.append({"target_bits": b, "impq_ppl": impq.ppl, "best_baseline": best.method,
+                        "best_baseline_ppl": best.ppl, "ratio": impq.ppl / best.ppl})
+        return out
+
+    def to_json(self) -> dict:
+        return {
+            "results": [r.to_json() for r in self.results],
+            "bits": list(self.bits), "ppl_original": self.ppl_original,
+            "impq_vs_best_baseline": self.versus_best_baseline(),
+            "scores": {k: list(map(float, v)) for k, v in self.scores.items()},
+            "model": self.model, "backend": self.backend, "group_size": self.group_size,
+            "samples": self.samples, "alpha": self.alpha, "costs_source": self.costs_source,
+            "calib": self.calib, "eval": self.eval, "timings": self.timings,
+            "device": self.device, "warnings": list(self.warnings), "files": list(self.files),
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> "CompareResult":
+        """The inverse of to_json (a saved compare/<backend>.json)."""
+        return cls(results=tuple(MethodResult.from_json(r) for r in d["results"]),
+                   bits=tuple(d["bits"]), ppl_original=d["ppl_original"], scores=d["scores"],
+                   model=d["model"], backend=d["backend"], group_size=d["group_size"],
+                   samples=d["samples"], alpha=d["alpha"], costs_source=d["costs_source"],
+                   calib=d["calib"], eval=d["eval"], timings=d["timings"], device=d["device"],
+                   warnings=tuple(d.get("warnings", ())), files=tuple(d.get("files", ())))
+
+    def table(self) -> tuple[list[str], list[list[str]]]:
+        """Headers and rows, one row per method, one perplexity column per budget (the
+        effective bits beside it): what the CLI prints and the app shows."""
+        headers = ["method", *(f"{b:g} bits" for b in self.bits)]
+        rows = []
+        for m in METHODS:
+            rows.append([LABELS[m], *(_cell(self.row(m, b)) for b in self.bits)])
+        ratios = self.versus_best_baseline()
+        rows.append(["IMPQ / best baseline",
+                     *(f"{r['ratio']:.3f} ({LABELS[r['best_baseline']]})" for r in ratios)])
+        for m, b in ((UNIFORM_LOW, float(LOW_BITS)), (UNIFORM_HIGH, float(HIGH_BITS))):
+            rows.append([LABELS[m], *([_cell(self.row(m, b))] * len(self.bits))])
+        rows.append(["unquantized", *([format_ppl(self.ppl_original)] * len(self.bits))])
+        return headers, rows
+
+
+def _cell(r: MethodResult) -> str:
+    return f"{format_ppl(r.ppl)} @{r.avg_bits:.2f}"
+
+
+def format_ppl(ppl: float) -> str:
+    """Four significant figures or more: 12.34, 123.4, 45,678."""
+    return f"{ppl:,.0f}" if ppl >= 1000 else f"{ppl:.4g}" if ppl >= 1 else f"{ppl:.3f}"
+
+
+def tokens_sha256(tokens: torch.Tensor) -> str:
+    return hashlib.sha256(tokens.to("cpu", torch.int64).numpy().tobytes()).hexdigest()
+
+
+# ------------------------------------------------------------------ the real modules
+
+class RealModules:
+    """Every decoder linear's real quantized module at 2 and 4 bits, and the original,
+    put in place by reference: any allocation is assembled without re-quantizing."""
+
+    def __init__(self, loaded: LoadedModel, backend, cancel: threading.Event | None = None):
+        self.model, self.linear_names = loaded.model, loaded.linear_names
+        names = [n for layer in self.linear_names for n in layer]
+        self.modules: dict[object, dict[str, nn.Module]] = {
+            None: {n: loaded.model.get_submodule(n) for n in names}}
+        for bits in (LOW_BITS, HIGH_BITS):
+            self.modules[bits] = {}
+            for layer in self.linear_names:
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled
+                # quantize_linears replaces the originals; harvest its modules, put them back.
+                # Built under inference mode like the evaluation that uses them: quanto's
+                # weight subclass otherwise fails there ("Cannot set version_counter for
+                # inference tensor", torch 2.13).
+                with torch.inference_mode():
+                    backend.quantize_linears(loaded.model, layer, [bits] * len(layer))
+                for n in layer:
+                    self.modules[bits][n] = loaded.model.get_submodule(n)
+                    self._put(n, self.modules[None][n])
+        self.state: list[int | None] = [None] * len(self.linear_names)
+        self.nbytes = {bits: [sum(backend.module_nbytes(self.modules[bits][n]) for n in layer)
+                              for layer in self.linear_names] for bits in (LOW_BITS, HIGH_BITS)}
+
+    def _put(self, name: str, module: nn.Module) -> None:
+        parent, _, child = name.rpartition(".")
+        setattr(self.model.get_submodule(parent), child, module)
+
+    def apply(self, bits_per_layer) -> int | None:
+        """Put layer i's modules at bits_per_layer[i] (None: original); return the first
+        layer that changed, None if none did."""
+        changed = [i for i, b in enumerate(bits_per_layer) if b != self.state[i]]
+        for i in changed:
+            for n in self.linear_names[i]:
+                self._put(n, self.modules[bits_per_layer[i]][n])
+            self.state[i] = bits_per_layer[i]
+        return changed[0] if changed else None
+
+
+# ------------------------------------------------------------------ compare
+
+def compare(run: RunDir, bits_list=DEFAULT_BITS, *, eval_text: str = "builtin",
+            windows: int | None = None, window_tokens: int | None = None,
+            backend: str | None = None, device: str | None = None, alpha: float = 0.5,
+            callback: events.Callback = events.ignore, cancel: threading.Event | None = None,
+            save: bool = True) -> CompareResult:
+    """Every method at every budget in `bits_list`, plus the uniform references, evaluated
+    with the real backend's modules on the same evaluation tokens (see the module doc).
+    With save, the JSON and the plot go to the run's compare/ folder."""
+    t0 = time.perf_counter()
+    config = run.config
+    bits_list = _check_bits(bits_list)
+    D = run.D()
+    if len(D) == 0:
+        raise UserError(f"run {run.path} has no finished SPQE sample yet: nothing to compare. "
+                        f"Continue it with `impq-tui run --resume {run.path}`.")
+    if not 0 <= alpha <= 1:
+        raise UserError(f"--alpha must lie in [0, 1] (got {alpha}).")
+    qmodel = quadratic_model(D, alpha=alpha, paired=config.antithetic)
+    warnings: list[str] = []
+
+    def log(message: str, level: str = "info") -> None:
+        if level == "warning":
+            warnings.append(message)
+        callback(events.Log(message, level))
+
+    loaded, backend_impl, dev = _load(run, device, backend, log)
+    micro = max(1, config.micro_batch)
+    calib = calibration_windows(loaded, config)
+    tokens = _eval_tokens(loaded, config, eval_text, windows, window_tokens, dev, log)
+    _check_cancel(cancel)
+
+    t = time.perf_counter()
+    log(f"quantizing {sum(map(len, loaded.linear_names))} linears to 2 and 4 bits ({backend_impl.name})")
+    real = RealModules(loaded, backend_impl, cancel)
+    t_quantize = time.perf_counter() - t
+    t = time.perf_counter()
+    log(f"baseline scores on {calib.shape[0]} x {calib.shape[1]} calibration tokens")
+    scores = _baseline_scores(loaded, calib, real, backend_impl, micro)
+    t_scores = time.perf_counter() - t
+
+    costs, costs_source = _costs(run, real, backend_impl, config, log)
+    allocations = _allocations(qmodel, scores, costs, bits_list)
+    t = time.perf_counter()
+    evaluator = PrefixEvaluator(loaded, tokens, micro)
+    measured, ppl_original, passes = _evaluate_all(evaluator, real, allocations, log, cancel)
+    t_eval = time.perf_counter() - t
+
+    sha = tokens_sha256(tokens)
+    results = tuple(_row(method, b, alloc, measured[alloc.bits_per_layer], evaluator.predicted, sha)
+                    for (method, b), alloc in allocations.items())
+    result = CompareResult(
+        results=results, bits=tuple(bits_list), ppl_original=ppl_original, scores=scores,
+        model=loaded.name, backend=backend_impl.name, group_size=config.group_size,
+        samples=len(D), alpha=alpha, costs_source=costs_source,
+        calib={"text": config.calib_text, "windows": config.windows,
+               "window_tokens": config.window_tokens, "seed": config.seed},
+        eval={"text": eval_text, "description": describe(eval_text), "windows": tokens.shape[0],
+              "window_tokens": tokens.shape[1], "tokens": evaluator.predicted,
+              "tokens_sha256": sha},
+        timings={"scores_s": t_scores, "quantize_s": t_quantize, "eval_s": t_eval,
+                 "evaluations": len(measured) + 1, "rows": len(results),
+                 "layer_passes": passes, "total_s": time.perf_counter() - t0},
+        device=str(dev), warnings=tuple(warnings))
+    return save_result(run, result) if save else result
+
+
+def _load(run: RunDir, device: str | None, backend: str | None, log):
+    """The run's model, in the run's dtype where it runs on the run's kind of device (so
+    the baselines' calibration matches SPQE's), and the backend to evaluate."""
+    config = run.config
+    dev = pick_device(device or config.device)
+    same_kind = dev.type == torch.device(config.device).type
+    dtype = DTYPES[config.dtype] if same_kind else default_dtype(dev)
+    backend_impl = get_backend(backend or config.backend, config.group_size)
+    log(f"loading {config.model} on {dev} ({str(dtype).removeprefix('torch.')})")
+    loaded = load_model(config.model, dev, dtype)
+    L, samples_L = len(loaded.layers), run.D().shape[1]
+    if samples_L != L:
+        raise UserError(f"run {run.path} has samples for {samples_L} layers; {config.model} "
+                        f"has {L}. The run belongs to another model.")
+    return loaded, backend_impl, dev
+
+
+def _eval_tokens(loaded: LoadedModel, config, eval_text: str, windows: int | None,
+                 window_tokens: int | None, dev: torch.device, log) -> torch.Tensor:
+    """The evaluation windows every method is measured on (defaults as `impq-tui eval`)."""
+    defaults = device_defaults(dev)
+    window_tokens = window_tokens or defaults["window_tokens"]
+    windows = windows or _default_eval_windows(loaded, eval_text, 2 * defaults["windows"],
+                                               window_tokens, log)
+    if eval_text == config.calib_text and eval_text not in ("builtin", "wikitext2", "c4"):
+        log(f"evaluation and calibration both read {eval_text}: the tokens may overlap, and "
+            "perplexity then flatters every method. Pass another --eval-text.", "warning")
+    return eval_windows(loaded, eval_text, windows, window_tokens, config.seed)
+
+
+def _baseline_scores(loaded: LoadedModel, calib: torch.Tensor, real: RealModules, backend,
+                     micro: int) -> dict[str, np.ndarray]:
+    """Every baseline's scores, on the original modules (RealModules leaves them in place).
+    Sensitivity's Q(W) is the weight the real 2-bit module computes with: no second
+    quantization of every matrix."""
+    low = real.modules[LOW_BITS]
+    return baselines.all_scores(
+        loaded, calib, lambda name, W: backend._dequantize(low[name]).to(W.dtype), micro)
+
+
+def _row(method: str, b: float, alloc: Allocation, nll: float, tokens: int, sha: str) -> MethodResult:
+    return MethodResult(
+        method=method, target_bits=b, avg_bits=alloc.avg_bits, weight_bits=alloc.weight_bits,
+        bytes=alloc.bytes, budget_bytes=alloc.budget_bytes,
+        layers_high=sum(x == HIGH_BITS for x in alloc.bits_per_layer),
+        bits_per_layer=alloc.bits_per_layer, predicted_delta_nll=alloc.predicted_delta_nll,
+        nll=nll, ppl=math.exp(nll), eval_tokens=tokens, eval_tokens_sha256=sha)
+
+
+def calibration_windows(loaded: LoadedModel, config) -> torch.Tensor:
+    """The run's calibration windows, reproduced from its config."""
+    return token_windows(load_text(config.calib_text, "calibration"), loaded.tokenizer,
+                         config.windows, config.window_tokens, config.seed)
+
+
+def _check_bits(bits_list) -> list[float]:
+    bits = sorted({float(b) for b in bits_list})
+    if not bits:
+        raise UserError("give at least one target, e.g. --bits 2.25 2.5 3.0 3.5.")
+    for b in bits:
+        if not LOW_BITS <= b <= HIGH_BITS:
+            raise UserError(f"a target of {b} bits is outside [2, 4]: choose average precisions "
+                            "between 2 (all 2-bit) and 4 (all 4-bit).")
+    return bits
+
+
+def _check_cancel(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled
+
+
+def _default_eval_windows(loaded: LoadedModel, text: str, wanted: int, window_tokens: int,
+                          log) -> int:
+    """The default count, or as many windows as the text holds when it is shorter."""
+    ids = loaded.tokenizer(load_text(text, "evaluation"), add_special_tokens=False,
+                           verbose=False)["input_ids"]
+    available = len(ids) // window_tokens
+    if 0 < available < wanted:
+        log(f"the evaluation text holds {available} windows of {window_tokens} tokens; using "
+            f"all of them (the default is {wanted})")
+        return available
+    return wanted
+
+
+def _costs(run: RunDir, real: RealModules, backend, config, log) -> tuple[Costs, str]:
+    """The run's costs when evaluating its own backend (so every budget is the one SPQE's
+    allocations were solved for); the measured bytes of the modules built here otherwise."""
+    costs = run.costs()
+    measured = Costs(m_lo=real.nbytes[LOW_BITS], m_hi=real.nbytes[HIGH_BITS], params=costs.params)
+    if backend.name != config.backend:
+        log(f"budgets in {backend.name}'s bytes (the run measured {config.backend}'s)")
+        return measured, "measured"
+    if (costs.m_lo, costs.m_hi) != (measured.m_lo, measured.m_hi):
+        log(f"the modules built now take {measured.B_hi:,} B at 4 bits, the run measured "
+            f"{costs.B_hi:,} B; budgets follow the run's costs.json", "warning")
+    return costs, "run"
+
+
+def _allocations(qmodel, scores: dict, costs: Costs, bits_list) -> dict[tuple[str, float], Allocation]:
+    a, K = qmodel.a, qmodel.K
+    out: dict[tuple[str, float], Allocation] = {}
+    for b in bits_list:
+        out[(IMPQ, b)] = solve(a, K, costs, bits=b)
+        for m in baselines.BASELINES:
+            out[(m, b)] = baselines.allocation(scores[m], costs, b, a=a, K=K)
+    zeros = np.zeros(costs.L)
+    out[(UNIFORM_LOW, float(LOW_BITS))] = solve_knapsack(zeros, costs, bits=float(LOW_BITS), a=a, K=K)
+    out[(UNIFORM_HIGH, float(HIGH_BITS))] = solve_knapsack(zeros, costs, bits=float(HIGH_BITS), a=a, K=K)
+    return out
+
+
+def _evaluate_all(evaluator: PrefixEvaluator, real: RealModules, allocations: dict, log,
+                  cancel) -> tuple[dict[tuple, float], float, int]:
+    """Mean NLL of every distinct allocation, walked in lexicographic order so each
+    evaluation recomputes only from the first layer that differs from the previous one."""
+    real.apply([None] * len(real.state))
+    log(f"perplexity of the unquantized model on {evaluator.predicted:,} tokens")
+    evaluator.reset()
+    ppl_original = math.exp(evaluator.evaluate())
+    distinct = sorted({alloc.bits_per_layer for alloc in allocations.values()})
+    measured, passes = {}, 0
+    for k, bits in enumerate(distinct, 1):
+        _check_cancel(cancel)
+        first = real.apply(bits)
+        first = 0 if first is None else first
+        measured[bits] = evaluator.evaluate(first)
+        passes += len(bits) - first
+        log(f"evaluated allocation {k}/{len(distinct)}: {sum(x == HIGH_BITS for x in bits)} "
+            f"layers at 4 bits, ppl {math.exp(measured[bits]):.3f}")
+    real.apply([None] * len(real.state))   # leave the model as it was loaded
+    return measured, ppl_original, passes
+
+
+# ------------------------------------------------------------------ output files
+
+def save_result(run: RunDir, result: CompareResult) -> CompareResult:
+    """Write compare/<backend>.json, .png and .svg into the run directory."""
+    from dataclasses import replace
+
+    stem = Path(COMPARE_DIR) / result.backend
+    pngs = plot(result, run.path / stem)
+    files = (str(run.path / stem.with_suffix(".json")), *map(str, pngs))
+    result = replace(result, files=files)
+    run.write_json(str(stem.with_suffix(".json")), result.to_json())
+    return result
+
+
+def load_saved(run: RunDir, backend: str) -> CompareResult | None:
+    """The comparison saved in the run's compare/ folder for `backend`, if any. A file
+    that does not parse is reported as a UserError rather than shown as empty."""
+    import json
+
+    path = run.path / COMPARE_DIR / f"{backend}.json"
+    if not path.is_file():
+        return None
+    try:
+        return CompareResult.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path} cannot be read as a saved comparison ({e}); run "
+                        f"`impq-tui compare {run.path}` again to rewrite it.") from None
+
+
+def plot(result: CompareResult, stem: Path, title: str | None = None) -> list[Path]:
+    """Perplexity against effective bits, one line per method; PNG and SVG at `stem`."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    draw(ax, result)
+    ax.set_title(title or f"{result.model}, {result.backend} (group {result.group_size}), "
+                          f"IMPQ from {result.samples} SPQE samples")
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
+    for path in paths:
+        fig.savefig(path, dpi=150)
+    return paths
+
+
+MARKERS = {IMPQ: "o", "sensitivity": "s", "lim": "^", "zscore": "D", "activation": "v"}
+
+
+def draw(ax, result: CompareResult) -> None:
+    """One method per line on a matplotlib Axes (also used by bench/quality's figure)."""
+    for m in METHODS:
+        rows = sorted((result.row(m, b) for b in result.bits), key=lambda r: r.avg_bits)
+        ax.plot([r.avg_bits for r in rows], [r.ppl for r in rows], marker=MARKERS[m],
+                label=LABELS[m], linewidth=2.2 if m == IMPQ else 1.2, zorder=3 if m == IMPQ else 2)
+    for m, b, marker in ((UNIFORM_LOW, float(LOW_BITS), "x"), (UNIFORM_HIGH, float(HIGH_BITS), "+")):
+        r = result.row(m, b)
+        ax.scatter([r.avg_bits], [r.ppl], marker=marker, color="black", s=60, label=LABELS[m], zorder=4)
+    ax.axhline(result.ppl_original, color="grey", linestyle=":", label="unquantized")
+    ax.set_yscale("log")
+    ax.set_xlabel("effective bits per weight (scales and zeros included)")
+    ax.set_ylabel(f"perplexity, {result.eval['description']}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")

@@ -1,0 +1,300 @@
+"""Running SPQE into a run directory: the one entry point the CLI and the app share.
+
+    run_spqe(config, run, callback, cancel, pause)
+
+loads the model, the calibration windows and the backend, quantizes every layer once
+per precision, measures its bytes, then walks SPQE samples, appending each finished
+one to the run directory and reporting through `callback` (core.events). It checks
+`cancel` and `pause` between evaluations. User errors raise UserError after a Failed
+event; the caller decides how to show them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import numpy as np
+import torch
+
+from core import events
+from core.backends import get_backend
+from core.data import load_text, token_windows
+from core.errors import UserError
+from core.interactions import quadratic_model
+from core.models import EMBEDDED, LoadedModel, embedded_checkpoint, load_model, parameter_counts, pick_device
+from core.runs import COSTS, STATUS, RunConfig, RunDir
+from core.spqe import Cancelled, Sampler
+from core.switching import LayerSwitch, PrefixEvaluator
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def device_defaults(device: torch.device) -> dict:
+    """Calibration sizes that finish a first run quickly where it runs.
+
+    CPU: 8 windows of 128 tokens (1,024 tokens per evaluation). GPU: 16 windows of 2,048
+    tokens (32,768 per evaluation), the size the speed targets are set for."""
+    if device.type == "cuda":
+        return {"windows": 16, "window_tokens": 2048, "micro_batch": 4, "dtype": "bfloat16"}
+    return {"windows": 8, "window_tokens": 128, "micro_batch": 8, "dtype": "float32"}
+
+
+@dataclass
+class Prepared:
+    """What SPQE and later steps need: model, windows, backend, both quantized versions."""
+    loaded: LoadedModel
+    windows: torch.Tensor
+    backend: object
+    switch: LayerSwitch
+
+
+def ensure_model_files(config: RunConfig) -> None:
+    """Convert the embedded model once, before several processes would race to."""
+    if config.model in (None, "", EMBEDDED):
+        embedded_checkpoint()
+
+
+def check_gpu_memory(config: RunConfig, device: torch.device) -> None:
+    """Fail before loading when the model, both quantized copies of its decoder layers and
+    the cached hidden states cannot fit in the GPU's free memory."""
+    sizes = parameter_counts(config.model)
+    if sizes is None:
+        return
+    total, linear, cfg = sizes
+    item = torch.empty((), dtype=DTYPES[config.dtype]).element_size()
+    tokens = config.windows * config.window_tokens
+    micro_tokens = min(config.micro_batch, config.windows) * config.window_tokens
+    cache = cfg.num_hidden_layers * tokens * cfg.hidden_size * item
+    work = micro_tokens * (4 * cfg.intermediate_size + 8 * cfg.hidden_size) * item + (1 << 28) * 4
+    need = (total - linear) * item + 2 * linear * item + cache + work
+    free, _ = torch.cuda.mem_get_info(device)
+    if need > free:
+        gib = 2 ** 30
+        raise UserError(
+            f"SPQE on this model needs about {need / gib:.1f} GiB of GPU memory ({(total - linear) * item / gib:.1f} "
+            f"embeddings and head, {2 * linear * item / gib:.1f} for the 2- and 4-bit copies of the decoder "
+            f"layers, {cache / gib:.1f} for cached hidden states of {tokens:,} calibration tokens), but "
+            f"{device} has {free / gib:.1f} GiB free. Use fewer calibration tokens (--windows, "
+            "--window-tokens), a smaller --micro-batch, or a GPU with more memory; --gpus N "
+            "speeds SPQE up but gives every GPU its own full copy.")
+
+
+def prepare(config: RunConfig, callback: events.Callback = events.ignore,
+            cancel: threading.Event | None = None) -> Prepared:
+    device = pick_device(config.device)
+    if device.type == "cuda":
+        check_gpu_memory(config, device)
+    callback(events.Log(f"loading model {config.model} on {device} ({config.dtype})"))
+    loaded = load_model(config.model, device, DTYPES[config.dtype])
+    backend = get_backend(config.backend, config.group_size)
+    if loaded.tokenizer is None:     # random:<shape>: random weights want no text, only token ids
+        windows = torch.randint(0, loaded.model.config.vocab_size,
+                                (config.windows, config.window_tokens),
+                                generator=torch.Generator().manual_seed(config.seed))
+    else:
+        text = load_text(config.calib_text, "calibration")
+        windows = token_windows(text, loaded.tokenizer, config.windows, config.window_tokens,
+                                config.seed)
+    callback(events.Log(f"{loaded.name}: {len(loaded.layers)} decoder layers; calibration "
+                        f"{config.windows} x {config.window_tokens} tokens"))
+
+    def on_layer(i: int, L: int) -> None:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled
+        if i == L or i % max(1, L // 5) == 0:
+            callback(events.Log(f"quantized layer {i}/{L} to 2 and 4 bits ({backend.name})"))
+
+    switch = LayerSwitch(loaded, backend, on_layer=on_layer)
+    return Prepared(loaded=loaded, windows=windows, backend=backend, switch=switch)
+
+
+def costs_record(prepared: Prepared) -> dict:
+    return {"m_lo": prepared.switch.m_lo, "m_hi": prepared.switch.m_hi,
+            "params": prepared.switch.params, "layers": prepared.loaded.linear_names}
+
+
+def estimates(run: RunDir, antithetic: bool) -> events.Estimates | None:
+    D = run.D()
+    if len(D) == 0:
+        return None
+    model = quadratic_model(D, paired=antithetic)
+    return events.Estimates(samples=len(D), phi=tuple(map(float, model.phi)),
+                            se=tuple(map(float, model.se)))
+
+
+class _Meter:
+    """Turns evaluations into Progress events (rates, ETA, device, GPU memory) and keeps
+    status.json current, about once a second, for apps watching from another process."""
+
+    STATUS_EVERY_S = 1.0
+
+    def __init__(self, callback, config: RunConfig, run: RunDir, device: torch.device, L: int,
+                 tokens: int, done: int, parallel: int = 1):
+        self.callback, self.config, self.run, self.device, self.L = callback, config, run, device, L
+        self.last_status = 0.0
+        self.parallel = parallel    # processes evaluating at the same rate (multi-GPU)
+        self.tokens, self.done = tokens, done
+        self.t0 = time.perf_counter()
+        self.evals = 0
+        self.layer_passes = 0      # decoder-layer forward passes, to count full-model equivalents
+        self.sample = done
+
+    def on_eval(self, step: int, steps: int, from_layer: int) -> None:
+        self.evals += 1
+        self.layer_passes += self.L - from_layer
+        elapsed = time.perf_counter() - self.t0
+        rate = self.parallel * self.evals / elapsed if elapsed > 0 else 0.0
+        remaining = (self.config.samples - self.sample - 1) * self.L + (steps - step)
+        gpu = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else None
+        self.emit(events.Progress(
+            sample=self.sample + 1, samples=self.config.samples, step=step, steps=steps,
+            evals=self.evals, evals_per_s=rate,
+            tokens_per_s=(self.parallel * self.tokens * self.layer_passes / self.L / elapsed
+                          if elapsed > 0 else 0.0),
+            elapsed_s=elapsed, eta_s=remaining / rate if rate > 0 else None,
+            device=str(self.device), gpu_mem_bytes=gpu))
+
+    def emit(self, progress: events.Progress) -> None:
+        self.callback(progress)
+        now = time.monotonic()
+        if now - self.last_status >= self.STATUS_EVERY_S:
+            self.last_status = now
+            write_status(self.run, "running", progress)
+
+
+def write_status(run: RunDir, state: str, progress: events.Progress | None = None,
+                 message: str = "") -> None:
+    """The writer's state for watchers: running | completed | cancelled | failed."""
+    record = {"state": state, "pid": os.getpid(), "time": time.time(), "message": message,
+              "progress": dataclasses.asdict(progress) if progress else None}
+    try:
+        run.write_json(STATUS, record)
+    except (OSError, UserError):
+        pass   # a watcher's convenience must never stop the run (nor a full disk here)
+
+
+def run_spqe(config: RunConfig, run: RunDir, callback: events.Callback = events.ignore,
+             cancel: threading.Event | None = None, pause: threading.Event | None = None,
+             indices: list[int] | None = None) -> str:
+    """Run (or continue) SPQE until `config.samples` samples exist in `run`.
+
+    Returns "completed" or "cancelled". `indices` restricts this process to some sample
+    indices (one worker of several)."""
+    cancel = cancel or threading.Event()
+    run.lock()
+    try:
+        return _run(config, run, callback, cancel, pause, indices)
+    except Exception as exc:
+        user = isinstance(exc, UserError)
+        message = str(exc) if user else f"{type(exc).__name__}: {exc}"
+        write_status(run, "failed", message=message)
+        run.log(f"error: {message}")
+        callback(events.Failed(message, user_error=user))
+        callback(events.Finished("failed", len(run.samples()), str(run.path)))
+        raise
+    finally:
+        run.unlock()
+
+
+def _run(config, run, callback, cancel, pause, indices) -> str:
+    if config.samples < 1:
+        raise UserError(f"--samples must be at least 1 (got {config.samples}).")
+    done = {r["m"] for r in run.samples()}
+    wanted = indices if indices is not None else range(config.samples)
+    todo = [m for m in wanted if m not in done]
+    run.log(f"start: {len(done)} samples on disk, {len(todo)} to go")
+    if not todo:
+        callback(events.Log(f"all {config.samples} samples are already done"))
+        callback(events.Finished("completed", len(done), str(run.path)))
+        return "completed"
+
+    try:
+        prepared = prepare(config, callback, cancel)
+    except Cancelled:
+        return _finish(run, callback, "cancelled", "cancelled while preparing")
+    save_costs(run, costs_record(prepared))
+    if config.model_name != prepared.loaded.name:
+        run.update_config(replace(config, model_name=prepared.loaded.name))
+
+    device = prepared.loaded.device
+    evaluator = PrefixEvaluator(prepared.loaded, prepared.windows, config.micro_batch,
+                                compile=config.compile, on_retry=warner(run, callback))
+    meter = _Meter(callback, config, run, device, prepared.switch.L, prepared.windows.numel(), len(done))
+    sampler = Sampler(prepared.switch, evaluator, config.seed, config.antithetic,
+                      on_eval=meter.on_eval, cancel=cancel, pause=pause)
+    if (first := estimates(run, config.antithetic)) is not None:
+        callback(first)
+    try:
+        sampler.start()
+        for m in todo:
+            sample = sampler.sample(m)
+            run.append_sample(sample.to_record())
+            meter.sample += 1
+            run.log(f"sample {m} done in {sample.seconds:.1f}s")
+            callback(events.SampleDone(index=m, permutation=tuple(sample.permutation),
+                                       d=tuple(sample.d), v_high=sample.v_high, v_low=sample.v_low,
+                                       finite=sample.nonfinite is None))
+            if sample.nonfinite is not None:
+                handle_nonfinite(run, callback, sample.to_record(), sampler.nonfinite_alone)
+            callback(estimates(run, config.antithetic))
+    except Cancelled:
+        return _finish(run, callback, "cancelled", "cancelled; the sample in flight was dropped")
+    return _finish(run, callback, "completed", "completed")
+
+
+def save_costs(run: RunDir, costs: dict) -> None:
+    """costs.json, checked against the sizes measured now when the run already has one."""
+    if run.has(COSTS) and run.read_costs() != costs:
+        raise UserError(f"{run.path / COSTS} does not match the layer sizes measured now: the "
+                        "model or backend changed since this run began. Start a new run.")
+    run.write_costs(costs)
+
+
+def warner(run: RunDir, callback: events.Callback):
+    """A function that reports a warning to the caller and the run's log."""
+    def warn(message: str) -> None:
+        run.log(f"warning: {message}")
+        callback(events.Log(message, "warning"))
+    return warn
+
+
+def handle_nonfinite(run: RunDir, callback: events.Callback, record: dict,
+                     alone: Callable[[], list[int]]) -> None:
+    """A sample met a NaN or infinite loss. It is on disk, flagged, and out of every
+    estimate; say which layers cause it. When the all-4-bit or all-2-bit state itself is
+    non-finite, every sample would be too: stop with the reason."""
+    info = record["nonfinite"]
+    low = info["low_layers"]
+    if record["v_high"] is None:
+        raise UserError(f"the loss with every layer at 4 bits is {info['value']}: the model or "
+                        "its 4-bit quantization is numerically broken (check --dtype; float16 "
+                        "overflows on some models, use bfloat16 or float32).")
+    culprits = alone()
+    state = (f"layers at 2 bits then: {_ranges(low)}" if len(low) < len(record["d"])
+             else "every layer at 2 bits")
+    blame = (f"layer{'s' if len(culprits) > 1 else ''} {_ranges(culprits)} at 2 bits alone "
+             f"give{'' if len(culprits) > 1 else 's'} a non-finite loss" if culprits else
+             "no single layer does it alone; it takes several at 2 bits together")
+    message = (f"sample {record['m']}: the loss became {info['value']} ({state}); {blame}. The "
+               "sample is kept in samples.jsonl, flagged, and left out of the estimates.")
+    if record["v_low"] is None:
+        raise UserError(message + " Every sample passes through the all-2-bit state, so SPQE "
+                        "cannot go on: use a smaller --group-size, the other --backend, or "
+                        "another --dtype.")
+    warner(run, callback)(message)
+
+
+def _ranges(layers: list[int]) -> str:
+    return ", ".join(map(str, layers)) if len(layers) <= 12 else \
+        f"{', '.join(map(str, layers[:12]))} and {len(layers) - 12} more"
+
+
+def _finish(run: RunDir, callback, status: str, message: str) -> str:
+    write_status(run, status)
+    run.log(message)
+    callback(events.Finished(status, len(run.samples()), str(run.path)))
+    return status

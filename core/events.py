@@ -1,0 +1,74 @@
+"""Typed messages the engine emits through its callback.
+
+The engine knows nothing about who listens: the Textual app turns these into messages
+that merge when they pile up, the headless CLI into a rich progress display.
+All are small frozen dataclasses; vectors are tuples so they stay immutable.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Union
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A tick after each evaluation of v(S)."""
+    sample: int            # 1-based index of the sample in flight
+    samples: int           # M, the samples this run aims for
+    step: int              # layer step k within the sample, 0..L
+    steps: int             # L
+    evals: int             # evaluations done in this process
+    evals_per_s: float
+    tokens_per_s: float    # calibration tokens pushed through a full-model equivalent per second
+    elapsed_s: float
+    eta_s: float | None
+    device: str
+    gpu_mem_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class SampleDone:
+    """A finished SPQE sample: its permutation and its marginal vector d_m."""
+    index: int                         # 0-based sample index m
+    permutation: tuple[int, ...]
+    d: tuple[float, ...]
+    v_high: float                      # v(S_0), every layer at high precision
+    v_low: float                       # v(S_L), every layer at low precision
+    finite: bool = True                # False: a loss was NaN/inf; kept out of the estimates
+
+
+@dataclass(frozen=True)
+class Estimates:
+    """Running Shapley estimates after M finished samples."""
+    samples: int
+    phi: tuple[float, ...]
+    se: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Log:
+    message: str
+    level: str = "info"    # info | warning | error
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The engine stopped on an error; `message` is readable by a user."""
+    message: str
+    user_error: bool = True
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The run ended. status: completed | cancelled | failed."""
+    status: str
+    samples: int
+    run_dir: str = ""
+
+
+Event = Union[Progress, SampleDone, Estimates, Log, Failed, Finished]
+Callback = Callable[[Event], None]
+
+
+def ignore(_event: Event) -> None:
+    """A callback that listens to nothing."""

@@ -1,0 +1,427 @@
+"""Export: a run's allocation written as a quantized model that ordinary tools load.
+
+    export_model(run, bits_per_layer, backend, out_dir) -> ExportResult
+
+One module per library (quanto, hqq, gptq) quantizes the model with each decoder
+layer at its own bit-width and saves it in that library's own format. This module
+does what they share: it checks the input, writes into a hidden sibling folder and
+renames it into place only when everything is written (an interrupted export leaves
+no folder that looks complete), measures the quantized weights in the written files
+against the budget, and puts the tokenizer, allocation.json and a README model card
+beside the weights. verify_export() loads a finished export back in a fresh Python
+process with the README's own snippet (the library's public loader, none of our code)
+and measures perplexity on the same tokens.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from core import events
+from core.data import load_text, token_windows
+from core.errors import UserError
+from core.export.base import Exporter, Written, layer_bytes
+from core.export.card import model_card
+from core.models import LoadedModel, pick_device
+from core.runs import RunDir, write_atomic
+from core.solver import HIGH_BITS, LOW_BITS, budget_bytes
+from core.spqe import Cancelled
+
+ALLOCATION, README = "allocation.json", "README.md"
+PARTIAL, PID = ".partial-", ".pid"
+FORMAT = 1
+
+# Relative perplexity difference allowed between the in-memory quantized model and the
+# export loaded back in a fresh process (verify). float32 runs the same modules on the
+# same tokens, only the order of summation differs: seen 0 to 1e-7. In 16 bits a
+# loader may pick another kernel than the one in memory (GPTQModel does) and each
+# logit keeps 8 (bfloat16) or 11 (float16) mantissa bits: seen up to 5e-5 in bfloat16.
+ROUND_TRIP_RTOL = {"float32": 1e-5, "bfloat16": 1e-3, "float16": 1e-3}
+
+
+def _gptq_installed() -> bool:
+    return importlib.util.find_spec("gptqmodel") is not None
+
+
+# GPTQ is an optional extra; whether it imports is checked when it is used (importing
+# it takes seconds), so that a broken install gives a clear message, not a traceback.
+EXPORT_BACKENDS: tuple[str, ...] = ("quanto", "hqq") + (("gptq",) if _gptq_installed() else ())
+ALL_BACKENDS = ("quanto", "hqq", "gptq")
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    out_dir: str
+    backend: str
+    bits_per_layer: tuple[int, ...]
+    target_bits: float | None     # the b asked for; None when bits_per_layer came without one
+    avg_bits: float               # 8 bytes / quantized weights: metadata included
+    bytes: int                    # quantized weights as stored in the written files
+    budget_bytes: int             # the run's budget at target_bits (or the allocation's own bytes)
+    disk_bytes: int               # size of the weight files (embeddings, norms, head included)
+    ppl: float | None             # in-memory quantized model, when evaluated
+    seconds: float
+    weight_bits: float = 0.0      # sum(bits x weights) / weights: metadata excluded
+    ppl_reloaded: float | None = None   # the export loaded back in a fresh process (verify)
+    eval_tokens: int = 0          # tokens predicted for ppl
+    notes: tuple[str, ...] = ()   # what a user should know about this export
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["bits_per_layer"] = list(self.bits_per_layer)
+        d["notes"] = list(self.notes)
+        return d
+
+
+def get_exporter(name: str) -> Exporter:
+    if name == "quanto":
+        from core.export.quanto import QuantoExporter
+
+        return QuantoExporter()
+    if name == "hqq":
+        from core.export.hqq import HqqExporter
+
+        return HqqExporter()
+    if name == "gptq":
+        from core.export.gptq import GptqExporter
+
+        return GptqExporter()
+    raise UserError(f"unknown export backend {name!r}; choose one of: {', '.join(ALL_BACKENDS)}.")
+
+
+def export_model(run: RunDir, bits_per_layer: list[int], backend: str, out_dir: str, *,
+                 force: bool = False, target_bits: float | None = None, method: str = "impq",
+                 evaluate: bool = False, verify: bool = False, eval_text: str = "builtin",
+                 eval_windows: int | None = None, eval_window_tokens: int | None = None,
+                 device: str | None = None, callback: events.Callback = events.ignore,
+                 cancel: threading.Event | None = None) -> ExportResult:
+    """Quantize the run's model with `bits_per_layer` (2 or 4 per decoder layer) through
+    `backend` and write it to `out_dir`, with tokenizer, allocation.json and README.md.
+
+    `evaluate` measures perplexity of the in-memory quantized model on the evaluation
+    text; `verify` also loads the written export back in a fresh process with the
+    README's snippet, measures it on the same tokens and publishes nothing if the two
+    differ by more than ROUND_TRIP_RTOL. `cancel` stops the export between its steps
+    (core.spqe.Cancelled); nothing is left behind then, nor on any error."""
+    start = time.perf_counter()
+    exporter = get_exporter(backend)
+    config, costs = run.config, run.costs()
+    bits = _check_bits(bits_per_layer, costs.L)
+    budget = (budget_bytes(costs, target_bits) if target_bits is not None
+              else costs.bytes_used([int(b == LOW_BITS) for b in bits]))
+    out = Path(out_dir).expanduser().absolute()
+    _check_target(out, run.path.absolute(), force)
+    exporter.check_available()
+    dev = pick_device(device)
+
+    def checkpoint(message: str) -> None:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled
+        callback(events.Log(message))
+
+    tmp = _partial_folder(out)
+    try:
+        checkpoint(f"loading {config.model_name or config.model} on {dev} for the {backend} export")
+        loaded = exporter.load(config, dev, bits)
+        if len(loaded.layers) != costs.L:
+            raise UserError(f"the run measured {costs.L} decoder layers, the model {config.model} "
+                            f"now has {len(loaded.layers)}: the model changed since the run.")
+        module_bits = {name: b for names, b in zip(loaded.linear_names, bits) for name in names}
+        checkpoint(f"quantizing {len(module_bits)} linear modules ({bits.count(HIGH_BITS)} of "
+                   f"{len(bits)} layers at {HIGH_BITS} bits) and writing them")
+        written = exporter.write(loaded, module_bits, tmp, config, checkpoint)
+        loaded.tokenizer.save_pretrained(tmp)
+        _check_budget(written, budget, target_bits, exporter, config)
+        ppl = tokens = None
+        if evaluate or verify:
+            checkpoint(f"perplexity of the quantized model on {eval_text}")
+            tokens = _eval_tokens(loaded, config, dev, eval_text, eval_windows, eval_window_tokens)
+            ppl = exporter.perplexity(loaded, tokens, max(1, config.micro_batch))
+        result = _result(out, backend, bits, target_bits, budget, costs, written, tmp, ppl, tokens)
+        record = _allocation_record(run, result, loaded, written, costs, method, eval_text)
+        _write_card(tmp, exporter, record, out.name)
+        del loaded
+        exporter.close()   # free the model before a second copy loads in the fresh process
+        if verify:
+            checkpoint("loading the export back in a fresh process (README snippet)")
+            reloaded = _verify(tmp, out.name, tokens, ppl, written.dtype, backend, config)
+            result = replace(result, ppl_reloaded=reloaded)
+            record["ppl_reloaded"] = reloaded
+            _write_card(tmp, exporter, record, out.name)
+        checkpoint(f"moving the finished export into {out}")
+        _publish(tmp, out, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        exporter.close()
+    result = replace(result, seconds=time.perf_counter() - start)
+    _record_in_run(run, result, callback)
+    callback(events.Log(f"exported to {out}: {result.bytes:,} bytes of quantized weights "
+                        f"(budget {result.budget_bytes:,}), {result.disk_bytes:,} bytes on disk"))
+    return result
+
+
+def _check_budget(written: Written, budget: int, target_bits, exporter: Exporter, config) -> None:
+    stored = sum(written.module_bytes.values())
+    if stored > budget:
+        raise UserError(
+            f"the {exporter.name} export stores {stored:,} bytes of quantized weights, over the "
+            f"budget of {budget:,} bytes ({_budget_words(target_bits)}) by {stored - budget:,}. "
+            f"{exporter.over_budget_hint(config)}")
+
+
+def _result(out: Path, backend: str, bits: list[int], target_bits, budget: int, costs,
+            written: Written, folder: Path, ppl, tokens) -> ExportResult:
+    stored = sum(written.module_bytes.values())
+    n_params = sum(costs.params)
+    return ExportResult(
+        out_dir=str(out), backend=backend, bits_per_layer=tuple(bits), target_bits=target_bits,
+        avg_bits=8 * stored / n_params, bytes=stored, budget_bytes=budget,
+        disk_bytes=sum((folder / f).stat().st_size for f in written.weight_files),
+        ppl=ppl, seconds=0.0,
+        weight_bits=sum(b * p for b, p in zip(bits, costs.params)) / n_params,
+        eval_tokens=0 if tokens is None else tokens.shape[0] * (tokens.shape[1] - 1),
+        notes=tuple(written.notes))
+
+
+def _write_card(folder: Path, exporter: Exporter, record: dict, name: str) -> None:
+    write_atomic(folder / ALLOCATION, json.dumps(record, indent=1) + "\n")
+    write_atomic(folder / README, model_card(exporter, record, name))
+
+
+def _verify(folder: Path, name: str, tokens, ppl: float, dtype: str, backend: str, config) -> float:
+    reloaded = verify_export(folder, tokens, max(1, config.micro_batch), folder_name=name)
+    tolerance = ROUND_TRIP_RTOL[dtype]
+    if rel_diff(reloaded, ppl) > tolerance:
+        # The files do not give back the model that was quantized: a library bug, not
+        # something the user can fix. Publish nothing.
+        raise RuntimeError(
+            f"the {backend} export loaded back in a fresh process gives perplexity {reloaded:.6g}, "
+            f"the in-memory quantized model {ppl:.6g} (relative difference "
+            f"{rel_diff(reloaded, ppl):.2g}, tolerance {tolerance:g}); the export was not written.")
+    return reloaded
+
+
+def _budget_words(target_bits: float | None) -> str:
+    return (f"the run's target of {target_bits} bits" if target_bits is not None
+            else "the allocation's own size in the run's accounting")
+
+
+def _check_bits(bits_per_layer, L: int) -> list[int]:
+    bits = [int(b) for b in bits_per_layer]
+    if len(bits) != L:
+        raise UserError(f"the allocation has {len(bits)} layers, the run's model {L}.")
+    if not set(bits) <= {LOW_BITS, HIGH_BITS}:
+        raise UserError(f"bit-widths must be {LOW_BITS} or {HIGH_BITS} per layer, got "
+                        f"{sorted(set(bits) - {LOW_BITS, HIGH_BITS})}.")
+    return bits
+
+
+def _check_target(out: Path, run_path: Path, force: bool) -> None:
+    if out == run_path or out in run_path.parents:
+        # With --force this would replace the run directory, or a folder holding it.
+        raise UserError(f"{out} is or holds the run directory {run_path}; export into another folder.")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a folder; choose another --out.")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UserError(f"{out} already exists and is not empty. Choose another --out, or pass "
+                        "--force to replace it.")
+    if not out.parent.is_dir():
+        raise UserError(f"the folder {out.parent} that should hold the export does not exist; "
+                        "create it first.")
+    if not os.access(out.parent, os.W_OK):
+        raise UserError(f"cannot write into {out.parent} (permission denied); choose another --out.")
+
+
+def _partial_folder(out: Path) -> Path:
+    """A hidden sibling of out to write into, marked with our pid while we write it."""
+    _remove_stale_partials(out)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}{PARTIAL}"))
+    (tmp / PID).write_text(str(os.getpid()))
+    return tmp
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Remove half-written exports to `out` whose writing process is gone (killed)."""
+    for partial in out.parent.glob(f".{out.name}{PARTIAL}*"):
+        try:
+            pid = int((partial / PID).read_text())
+            os.kill(pid, 0)
+            continue                      # still being written by a live process
+        except ProcessLookupError:
+            pass
+        except (OSError, ValueError):
+            pass                          # no or unreadable pid file: writer gone before it wrote one
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _shareable(folder: Path) -> None:
+    """The permissions a plain `cp -r` would give (mkdtemp and mkstemp make them private)."""
+    umask = _umask()
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def _umask() -> int:
+    # Read, not set-and-restore: os.umask() would change it for the app's other threads.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+def _publish(tmp: Path, out: Path, force: bool) -> None:
+    """Rename the finished folder into place; an old one is moved aside first and
+    deleted only after, so a crash in between leaves the old or the new, never a mix."""
+    (tmp / PID).unlink()
+    _shareable(tmp)
+    old = None
+    if out.exists():
+        if any(out.iterdir()) and not force:   # appeared while we were writing
+            raise UserError(f"{out} was created by someone else during the export; it is left as "
+                            "it is. Choose another --out, or pass --force to replace it.")
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _eval_tokens(loaded: LoadedModel, config, dev, eval_text, windows, window_tokens) -> torch.Tensor:
+    from core.engine import device_defaults
+
+    defaults = device_defaults(dev)
+    return token_windows(load_text(eval_text, "evaluation"), loaded.tokenizer,
+                         windows or 2 * defaults["windows"], window_tokens or defaults["window_tokens"],
+                         config.seed)
+
+
+def _allocation_record(run: RunDir, result: ExportResult, loaded: LoadedModel, written: Written,
+                       costs, method: str, eval_text: str) -> dict:
+    config = run.config
+    per_layer = layer_bytes(loaded.linear_names, written.module_bytes)
+    q = [int(b == LOW_BITS) for b in result.bits_per_layer]
+    return {
+        "format": FORMAT,
+        "tool": f"impq-tui {_version('impq-tui')}",
+        "method": method,
+        "backend": result.backend,
+        "library": written.library,
+        "model": config.model_name or config.model,
+        "model_source": loaded.source,
+        "dtype": written.dtype,
+        "run": {"id": f"{run.path.name}@{config.identity_hash()}", "path": str(run.path.absolute()),
+                "config_hash": config.identity_hash(), "samples": len(run.samples()),
+                "backend": config.backend, "group_size": config.group_size,
+                "calib_text": config.calib_text},
+        "target_bits": result.target_bits,
+        "avg_bits": result.avg_bits,
+        "weight_bits": result.weight_bits,
+        "bytes": result.bytes,
+        "budget_bytes": result.budget_bytes,
+        "run_bytes": costs.bytes_used(q),
+        "disk_bytes": result.disk_bytes,
+        "weight_files": written.weight_files,
+        "bits_per_layer": list(result.bits_per_layer),
+        "layers": [{"index": i, "bits": b, "bytes": n, "weights": p, "modules": names}
+                   for i, (b, n, p, names) in enumerate(zip(result.bits_per_layer, per_layer,
+                                                           costs.params, loaded.linear_names))],
+        "quantization": written.details,
+        "ppl": None if result.ppl is None else {
+            "value": result.ppl, "eval_text": eval_text, "eval_tokens": result.eval_tokens,
+            "model": "the in-memory quantized model that was written"},
+        "notes": list(result.notes),
+    }
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "(source checkout)"
+
+
+def _record_in_run(run: RunDir, result: ExportResult, callback) -> None:
+    """Note the export in the run directory's exports/ (a convenience: never fatal)."""
+    name = Path(result.out_dir).name
+    try:
+        run.write_json(f"exports/{name}.json", result.to_json())
+    except OSError as exc:
+        callback(events.Log(f"could not record the export in {run.path}: {exc}", level="warning"))
+
+
+# ------------------------------------------------------------------ the round trip
+
+def verify_export(folder: str | os.PathLike, tokens: torch.Tensor, micro_batch: int = 8, *,
+                  folder_name: str | None = None, timeout: float = 3600) -> float:
+    """Perplexity of an export loaded in a fresh Python process by the README's snippet.
+
+    The snippet refers to the export by its folder name, relative to the working
+    directory; `folder_name` is that name when the folder still has a temporary one."""
+    import subprocess
+    import sys
+
+    folder = Path(folder).absolute()
+    name = folder_name or folder.name
+    snippet = snippet_of(folder / README)
+    with tempfile.TemporaryDirectory(prefix="impq-verify-") as work:
+        work = Path(work)
+        os.symlink(folder, work / name)
+        torch.save(tokens.cpu(), work / "tokens.pt")
+        script = snippet + "\n\n" + _PPL_SCRIPT.format(micro_batch=micro_batch)
+        (work / "roundtrip.py").write_text(script)
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+        env.pop("PYTHONPATH", None)       # the loader must not reach our own code
+        proc = subprocess.run([sys.executable, "roundtrip.py"], cwd=work, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0 or not (work / "ppl.json").exists():
+            raise RuntimeError(f"loading the export back failed (exit {proc.returncode}):\n"
+                               f"{proc.stderr[-4000:]}")
+        return float(json.loads((work / "ppl.json").read_text())["ppl"])
+
+
+def snippet_of(readme: Path) -> str:
+    """The first ```python block of a model card."""
+    text = readme.read_text()
+    begin = text.index("```python\n") + len("```python\n")
+    return text[begin:text.index("```", begin)]
+
+
+_PPL_SCRIPT = '''\
+# --- perplexity on saved token windows, with the model the snippet above loaded
+import json, math
+import torch
+import torch.nn.functional as F
+
+tokens = torch.load("tokens.pt")
+total, count = 0.0, 0
+with torch.no_grad():
+    for batch in tokens.split({micro_batch}):
+        batch = batch.to(next(model.parameters()).device)
+        logits = model(input_ids=batch).logits.float()
+        total += F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten(),
+                                 reduction="sum").double().item()
+        count += batch[:, 1:].numel()
+with open("ppl.json", "w") as f:
+    json.dump({{"ppl": math.exp(total / count)}}, f)
+'''
+
+
+def rel_diff(a: float, b: float) -> float:
+    return abs(a - b) / abs(b) if b else math.inf

@@ -1,0 +1,73 @@
+"""The README.md model card written beside an export. Its first ```python block is the
+loading recipe; verify_export() runs exactly that block in a fresh process."""
+from __future__ import annotations
+
+LOAD_NOTES = {
+    "quanto": ("Needs `optimum-quanto`, `accelerate`, `safetensors` and `transformers`. "
+               "`transformers`' own `from_pretrained` cannot read this folder: quanto's "
+               "serialization is loaded with `requantize` as above."),
+    "hqq": ("Needs `hqq` and `transformers`. Each linear layer's bit-width, group size, "
+            "scale and zero are stored with it in `qmodel.pt`."),
+    "gptq": ("Needs `gptqmodel` (`pip install gptqmodel`). The per-layer bit-widths are the "
+             "`dynamic` entry of `quantization_config` in `config.json`, which GPTQModel and "
+             "vLLM read (`vllm serve <this folder>`, or `vllm.LLM(model=...)`; vLLM was not "
+             "tested with this export). Plain `transformers` ignores `dynamic` and would load "
+             "every layer as 4-bit: use GPTQModel or vLLM."),
+}
+
+
+def model_card(exporter, record: dict, folder_name: str) -> str:
+    bits = record["bits_per_layer"]
+    high = sum(b == 4 for b in bits)
+    target = (f"{record['target_bits']:.2f} bits per weight" if record["target_bits"] is not None
+              else "the allocation's own size")
+    ppl = record["ppl"]
+    lines = [
+        f"# {record['model']}: mixed 2/4-bit ({record['backend']})",
+        "",
+        f"{record['model']} with each decoder layer quantized to 2 or 4 bits by "
+        f"{record['library']}: {high} of {len(bits)} layers at 4 bits. The allocation was chosen "
+        f"by impq-tui ({record['method']}: Shapley estimates of how the layers' quantization "
+        f"errors interact, solved for a memory budget) from run `{record['run']['id']}` "
+        f"({record['run']['samples']} SPQE sample{'s' if record['run']['samples'] != 1 else ''}). Embeddings, norms and the LM head keep "
+        f"{record['dtype']}.",
+        "",
+        "## Load it",
+        "",
+        "```python",
+        exporter.snippet(folder_name, record["dtype"]).rstrip("\n"),
+        "```",
+        "",
+        LOAD_NOTES[record["backend"]],
+        "",
+        "## Size",
+        "",
+        "| | bytes |",
+        "|---|---:|",
+        f"| quantized decoder-layer weights (codes, scales, zeros) | {record['bytes']:,} |",
+        f"| budget at {target} | {record['budget_bytes']:,} |",
+        f"| weight files on disk (all tensors) | {record['disk_bytes']:,} |",
+        "",
+        f"Effective {record['avg_bits']:.3f} bits per quantized weight with metadata, "
+        f"{record['weight_bits']:.3f} without.",
+        "",
+        "## Bits per layer",
+        "",
+        "| layer | " + " | ".join(str(i) for i in range(len(bits))) + " |",
+        "|---|" + "---:|" * len(bits),
+        "| bits | " + " | ".join(str(b) for b in bits) + " |",
+        "",
+    ]
+    if ppl is not None:
+        lines += ["## Perplexity", "",
+                  f"{ppl['value']:.4f} on {ppl['eval_tokens']:,} predicted tokens of "
+                  f"`{ppl['eval_text']}` (impq-tui's evaluation text)."
+                  + (f" Loaded back from this folder with the snippet above: "
+                     f"{record['ppl_reloaded']:.4f}." if record.get("ppl_reloaded") else ""), ""]
+    if record["notes"]:
+        lines += ["## Notes", ""] + [f"- {note}" for note in record["notes"]] + [""]
+    lines += ["## Files", "",
+              "- " + ", ".join(f"`{f}`" for f in record["weight_files"]) + ": the weights",
+              "- `config.json`, tokenizer files: as for the original model",
+              "- `allocation.json`: bits and bytes per layer, budget, method, run id", ""]
+    return "\n".join(lines)

@@ -1,0 +1,197 @@
+"""GPTQ through GPTQModel: 4-bit base config, a `dynamic` override {"bits": 2} for each
+decoder layer kept at low precision, calibrated on the run's calibration text, saved
+in GPTQ's checkpoint format (model.safetensors + quantization_config in config.json)
+that GPTQModel and vLLM load.
+
+GPTQModel leaves the model it has just quantized with its zero points in the on-disk
+("v1") layout that its kernels do not compute with; its loader converts them. To
+evaluate the in-memory model, this module does the same conversion after saving.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from core.data import load_text, token_windows
+from core.errors import UserError
+from core.export.base import DTYPES, Exporter, Written, check_all_written, import_error, safetensors_bytes
+from core.models import (DECODER_LAYERS, EMBEDDED, LoadedModel, decoder_layers, embedded_checkpoint,
+                         load_model)
+
+# GPTQ's Hessians want more tokens than SPQE's evaluations: up to this many windows of
+# the run's window length are cut from its calibration text.
+CALIB_WINDOWS = 64
+EXTRA_HINT = ("Install it with `pip install 'impq-tui[gptq]'` (GPTQModel 7.6.0; it pins numpy 2.2.6), "
+              "or export with --backend quanto or hqq.")
+
+
+def _prepare_environment() -> None:
+    # GPTQModel sizes its CPU thread pool to half the cores and then asks for two
+    # workers in a sub-pool: below four cores that fails unless this is at least 2.
+    if int(os.environ.get("GPTQMODEL_CPU_WORKERS", "0") or 0) < 2:
+        os.environ["GPTQMODEL_CPU_WORKERS"] = "2"
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+    """GPTQModel logs to stdout; keep stdout for our own output (--json)."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
+class GptqExporter(Exporter):
+    name = "gptq"
+    distribution = "gptqmodel"
+    extra_hint = EXTRA_HINT
+
+    def __init__(self):
+        self._gptq = None           # GPTQModel's wrapper of the model being quantized
+        self._converted: Path | None = None
+
+    def check_available(self) -> None:
+        _prepare_environment()
+        try:
+            with _quiet_stdout():
+                import gptqmodel  # noqa: F401
+        except Exception as exc:  # any failure to import is a broken optional install
+            raise import_error(self, exc) from None
+
+    def load(self, config, device, bits_per_layer) -> LoadedModel:
+        from gptqmodel import GPTQModel, QuantizeConfig
+        from transformers import AutoConfig, AutoTokenizer
+
+        source = self._checkpoint(config)
+        model_type = AutoConfig.from_pretrained(source).model_type
+        prefix = re.escape(DECODER_LAYERS.get(model_type, "model.layers"))
+        dynamic = {rf"+:^{prefix}\.{i}\.": {"bits": 2}
+                   for i, bits in enumerate(bits_per_layer) if bits == 2}
+        quantize_config = QuantizeConfig(bits=4, group_size=config.group_size, dynamic=dynamic or None,
+                                         desc_act=False, sym=True, offload_to_disk=False)
+        with _quiet_stdout():
+            self._gptq = GPTQModel.load(source, quantize_config, device=str(device),
+                                        dtype=DTYPES[self.dtype(config)])
+        model = self._gptq.model
+        model.eval()
+        layers = decoder_layers(model)
+        return LoadedModel(model=model, tokenizer=AutoTokenizer.from_pretrained(source),
+                           name=config.model_name or Path(source).name, source=source,
+                           layers=layers, linear_names=_linear_names(model, layers))
+
+    def write(self, loaded, module_bits, folder: Path, config, checkpoint) -> Written:
+        from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+
+        calibration = self._calibration(loaded.tokenizer, config)
+        checkpoint(f"GPTQ on {len(calibration)} calibration windows of {config.window_tokens} tokens")
+        with _quiet_stdout():
+            self._gptq.quantize(calibration, batch_size=max(1, config.micro_batch))
+            checkpoint("writing model.safetensors and quantize_config.json")
+            self._gptq.save(str(folder))
+        for extra in ("quant_log.csv",):   # GPTQModel's own log, not part of the model
+            (folder / extra).unlink(missing_ok=True)
+
+        quantized = {n: m for n, m in loaded.model.named_modules() if isinstance(m, BaseQuantLinear)}
+        wrong = {n: (quantized[n].bits if n in quantized else None, b)
+                 for n, b in module_bits.items() if n not in quantized or quantized[n].bits != b}
+        if wrong:
+            raise RuntimeError(f"GPTQModel's dynamic override gave other bit-widths than asked "
+                               f"(module: (got, asked)): {dict(list(wrong.items())[:4])}")
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+        module_bytes = safetensors_bytes([folder / f for f in files], {n: f"{n}." for n in module_bits})
+        check_all_written(module_bits, module_bytes, "GPTQModel")
+        with _quiet_stdout():
+            self._ready_for_inference(quantized.values())
+        return Written(module_bytes=module_bytes, weight_files=files, library=self.library_version(),
+                       dtype=self.dtype(config),
+                       details={"group_size": config.group_size, "sym": True, "desc_act": False,
+                                "calibration_windows": len(calibration),
+                                "calibration_window_tokens": config.window_tokens,
+                                "dynamic": self._gptq.quantize_config.dynamic or {}})
+
+    def perplexity(self, loaded, tokens, micro_batch) -> float:
+        with _quiet_stdout():
+            return super().perplexity(loaded, tokens, micro_batch)
+
+    def close(self) -> None:
+        self._gptq = None
+        if self._converted is not None:
+            shutil.rmtree(self._converted, ignore_errors=True)
+            self._converted = None
+
+    def snippet(self, folder_name: str, dtype: str) -> str:
+        return _SNIPPET.format(path=folder_name, dtype=dtype)
+
+    def over_budget_hint(self, config) -> str:
+        return "Choose a lower --bits."
+
+    @staticmethod
+    def dtype(config) -> str:
+        # GPTQModel's kernels compute in 16 bits; float32 runs export in bfloat16.
+        return "bfloat16" if config.dtype == "float32" else config.dtype
+
+    # ---------------------------------------------------------------- helpers
+    def _checkpoint(self, config) -> str:
+        """A checkpoint GPTQModel can read: a local folder or hub id as is, the embedded
+        model's converted folder, or a GGUF file converted to a temporary one."""
+        spec = config.model or EMBEDDED
+        if spec == EMBEDDED:
+            return str(embedded_checkpoint())
+        if spec.endswith(".gguf"):
+            loaded = load_model(spec, torch.device("cpu"), torch.float32)
+            self._converted = Path(tempfile.mkdtemp(prefix="impq-gguf-"))
+            loaded.model.save_pretrained(self._converted)
+            loaded.tokenizer.save_pretrained(self._converted)
+            return str(self._converted)
+        return os.path.expanduser(spec)
+
+    @staticmethod
+    def _calibration(tokenizer, config) -> list[dict]:
+        text = load_text(config.calib_text, "calibration")
+        T = config.window_tokens
+        available = len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]) // T
+        n = max(1, min(max(config.windows, CALIB_WINDOWS), available))
+        windows = token_windows(text, tokenizer, n, T, config.seed)
+        return [{"input_ids": w.tolist(), "attention_mask": [1] * T} for w in windows]
+
+    @staticmethod
+    def _ready_for_inference(modules) -> None:
+        from gptqmodel.utils.model import convert_gptq_v1_to_v2_format_module
+
+        for module in modules:
+            if module.qzero_format() == 1:
+                convert_gptq_v1_to_v2_format_module(module, bits=module.bits, pack_dtype=module.pack_dtype)
+                module.qzero_format(format=2)
+
+
+def _linear_names(model, layers) -> list[list[str]]:
+    qualified = {module: name for name, module in model.named_modules()}
+    names = [[qualified[m] for m in layer.modules() if isinstance(m, torch.nn.Linear)] for layer in layers]
+    if not all(names):
+        raise UserError("a decoder layer has no nn.Linear modules for GPTQ (is the model already quantized?).")
+    return names
+
+
+_SNIPPET = '''\
+import os
+
+import torch
+from transformers import AutoTokenizer
+
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")   # GPTQModel 7.6 needs >= 2 on small CPUs
+from gptqmodel import BACKEND, GPTQModel
+
+path = "{path}"   # this folder
+device = "cuda" if torch.cuda.is_available() else "cpu"
+# On CPU the plain-PyTorch kernel runs 2- and 4-bit layers alike; on a GPU GPTQModel picks.
+quantized = GPTQModel.load(path, device=device, dtype=torch.{dtype},
+                           backend=BACKEND.TORCH if device == "cpu" else BACKEND.AUTO)
+model = quantized.model   # the transformers model inside, with GPTQ linear layers
+model.eval()
+tokenizer = AutoTokenizer.from_pretrained(path)
+'''

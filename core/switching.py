@@ -1,0 +1,211 @@
+"""Per-layer precision switching and the prefix-cached loss evaluation behind v(S).
+
+LayerSwitch quantizes every decoder layer once per precision and changes a layer's
+precision by swapping weight references. PrefixEvaluator caches the hidden states
+entering every layer, so after a change at layer j only layers j..L-1 run again.
+"""
+from __future__ import annotations
+
+import gc
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.errors import UserError
+from core.models import LoadedModel, final_norm
+
+LOW, HIGH = 2, 4
+
+
+class LayerSwitch:
+    """Both quantized versions of every decoder layer, swapped in by reference."""
+
+    def __init__(self, loaded: LoadedModel, backend,
+                 on_layer: Callable[[int, int], None] | None = None):
+        modules = dict(loaded.model.named_modules())
+        self.linears: list[list[nn.Linear]] = [[modules[n] for n in names]
+                                               for names in loaded.linear_names]
+        self.L = len(self.linears)
+        offload = loaded.device.type == "cuda"   # originals are only needed for baselines and eval
+        self.original: list[list[torch.Tensor]] = []
+        self.weights: dict[int, list[list[nn.Parameter]]] = {LOW: [], HIGH: []}
+        self.nbytes: dict[int, list[int]] = {LOW: [], HIGH: []}
+        self.params = [sum(lin.weight.numel() for lin in layer) for layer in self.linears]
+        for i, layer in enumerate(self.linears):
+            for bits in (LOW, HIGH):
+                quantized = [backend.quantize_weight(lin.weight.data, bits) for lin in layer]
+                self.weights[bits].append([nn.Parameter(q.weight, requires_grad=False)
+                                           for q in quantized])
+                self.nbytes[bits].append(sum(q.nbytes for q in quantized))
+            self.original.append([lin.weight.data.to("cpu") if offload else lin.weight.data
+                                  for lin in layer])
+            for lin, weight in zip(layer, self.weights[HIGH][i]):
+                lin.weight = weight
+            if on_layer:
+                on_layer(i + 1, self.L)
+        self.bits = [HIGH] * self.L
+
+    @property
+    def m_lo(self) -> list[int]:
+        return self.nbytes[LOW]
+
+    @property
+    def m_hi(self) -> list[int]:
+        return self.nbytes[HIGH]
+
+    def set(self, i: int, bits: int) -> None:
+        for lin, weight in zip(self.linears[i], self.weights[bits][i]):
+            lin.weight = weight
+        self.bits[i] = bits
+
+    def apply(self, bits_per_layer: Sequence[int]) -> int | None:
+        """Set every layer's precision; return the first layer that changed (None if none)."""
+        changed = [i for i, b in enumerate(bits_per_layer) if b != self.bits[i]]
+        for i in changed:
+            self.set(i, bits_per_layer[i])
+        return changed[0] if changed else None
+
+    def restore_original(self) -> None:
+        """Put the unquantized weights back (baselines and perplexity of the original model)."""
+        for layer, originals in zip(self.linears, self.original):
+            for lin, weight in zip(layer, originals):
+                lin.weight = nn.Parameter(weight.to(lin.weight.device), requires_grad=False)
+        self.bits = [None] * self.L
+
+
+def loss_chunk_tokens(vocab: int, budget_elements: int = 1 << 26) -> int:
+    """Tokens per loss chunk: at most `budget_elements` float32 logits (256 MiB) at once."""
+    return max(16, budget_elements // vocab)
+
+
+def chunked_nll(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module,
+                softcap: float | None = None) -> float:
+    """Sum of next-token NLL over all positions, never holding all tokens x vocab logits
+    in float32 at once. hidden: [B, T, H] after the final norm; labels: [B, T] input ids."""
+    x = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    y = labels[:, 1:].reshape(-1)
+    chunk = loss_chunk_tokens(head.out_features)
+    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    for start in range(0, x.shape[0], chunk):
+        logits = head(x[start:start + chunk]).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        total += F.cross_entropy(logits, y[start:start + chunk], reduction="sum").double()
+    return float(total)
+
+
+class PrefixEvaluator:
+    """v(S) = mean next-token NLL on fixed token windows, recomputing only from a layer on.
+
+    The first call runs the model's own forward once and records, through hooks, the
+    hidden states and keyword arguments (masks, rotary embeddings) entering every decoder
+    layer; later calls start from the cached input of the first changed layer.
+    """
+
+    def __init__(self, loaded: LoadedModel, windows: torch.Tensor, micro_batch: int,
+                 compile: bool = False, on_retry: Callable[[str], None] | None = None):
+        self.model = loaded.model
+        self.layers = loaded.layers
+        # torch.compile fuses each layer's norms, rotary and activations (one graph serves every
+        # layer: weights are graph inputs, so swapping them does not recompile).
+        self.run_layer = _compiled_layer_call() if compile else _layer_call
+        self.L = len(self.layers)
+        self.norm = final_norm(loaded.model)
+        self.head = loaded.model.get_output_embeddings()
+        self.softcap = getattr(loaded.model.config, "final_logit_softcapping", None)
+        self.windows = windows.to(loaded.device)
+        self.micro_batch = max(1, micro_batch)
+        self.batches = list(self.windows.split(self.micro_batch))
+        self.on_retry = on_retry or (lambda message: None)
+        self.tokens = windows.numel()
+        self.predicted = windows.shape[0] * (windows.shape[1] - 1)
+        self.inputs: list[list[torch.Tensor]] | None = None   # [batch][layer] hidden states
+        self.kwargs: list[list[dict]] = []
+
+    @torch.inference_mode()
+    def evaluate(self, from_layer: int = 0) -> float:
+        """v of the layers' current state. Out of GPU memory, the micro-batch halves and the
+        cache is rebuilt by a full pass (which measures the same state), down to one window;
+        only when even that does not fit does a UserError say so."""
+        while True:
+            try:
+                return self._capture() if self.inputs is None else self._from(from_layer)
+            except torch.OutOfMemoryError as exc:
+                why = (str(exc).splitlines() or ["out of memory"])[0]
+            self._shrink(why)     # outside the except block: the failed pass's tensors are gone
+
+    def _from(self, from_layer: int) -> float:
+        total = 0.0
+        for b, batch in enumerate(self.batches):
+            h = self.inputs[b][from_layer]
+            for j in range(from_layer, self.L):
+                if j > from_layer:
+                    self.inputs[b][j] = h
+                h = self.run_layer(self.layers[j], h, self.kwargs[b][j])
+            total += chunked_nll(self.norm(h), batch, self.head, self.softcap)
+        return total / self.predicted
+
+    def _shrink(self, why: str) -> None:
+        # The cache may hold states of batches a failed pass did not reach: rebuild it all.
+        self.inputs, self.kwargs = None, []
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if self.micro_batch == 1:
+            raise UserError(
+                f"out of GPU memory even with one window of {self.windows.shape[1]} tokens per "
+                f"micro-batch ({why}). Use fewer --window-tokens, another --dtype, or spread the "
+                "run over more GPUs (--gpus N).")
+        old, self.micro_batch = self.micro_batch, self.micro_batch // 2
+        self.batches = list(self.windows.split(self.micro_batch))
+        self.on_retry(f"out of GPU memory at micro-batch {old}: continuing with micro-batch "
+                      f"{self.micro_batch} ({why})")
+
+    def _capture(self) -> float:
+        self.inputs, self.kwargs = [], []
+        base = self.model.get_decoder()
+        total = 0.0
+        for batch in self.batches:
+            inputs: list[torch.Tensor] = [None] * self.L
+            kwargs: list[dict] = [None] * self.L
+            hooks = [layer.register_forward_pre_hook(_recorder(j, inputs, kwargs), with_kwargs=True)
+                     for j, layer in enumerate(self.layers)]
+            try:
+                out = base(input_ids=batch, use_cache=False)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            self.inputs.append(inputs)
+            self.kwargs.append(kwargs)
+            total += chunked_nll(out.last_hidden_state, batch, self.head, self.softcap)
+        return total / self.predicted
+
+    def reset(self) -> None:
+        """Forget the cache (after the layers were changed behind the evaluator's back)."""
+        self.inputs = None
+
+
+def _layer_call(layer: nn.Module, h: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = layer(h, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _compiled_layer_call():
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+    return torch.compile(_layer_call, dynamic=False)
+
+
+def _recorder(j: int, inputs: list, kwargs: list):
+    def hook(_module, args, kw):
+        if args:
+            inputs[j] = args[0]
+            kwargs[j] = dict(kw)
+        else:
+            kw = dict(kw)
+            inputs[j] = kw.pop("hidden_states")
+            kwargs[j] = kw
+    return hook

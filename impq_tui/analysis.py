@@ -1,0 +1,173 @@
+"""What the dashboard shows, computed from a run's samples: no Textual here, so the app's
+worker threads call these and the tests can check them against the engine directly.
+
+    fit(D, paired)                       the quadratic model and how its estimates settled
+    Allocations(costs).get(D, bits)      the IMPQ allocation at a budget (SCIP), as `impq-tui solve`
+    unchanged_for(D, allocations, bits)  how many of the last samples left that allocation alone
+    frontier_points(D, allocations)      predicted loss increase over the whole 2..4 bits range
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from core.interactions import QuadraticModel, quadratic_model
+from core.solver import Allocation, Costs, solve
+
+BITS_MIN, BITS_MAX = 2.0, 4.0
+FRONTIER_GRID = tuple(round(2 + 0.05 * k, 2) for k in range(41))
+STABILITY_WINDOW = 10          # samples looked back over for "allocation unchanged"
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class Fit:
+    """The quadratic model of M samples and the settle curve: after each m = 2..M samples,
+    the largest standard error relative to its estimate (see `relative_se`)."""
+    model: QuadraticModel
+    settle_m: tuple[int, ...]
+    settle: tuple[float, ...]
+    paired: bool
+
+    @property
+    def samples(self) -> int:
+        return self.model.samples
+
+
+def relative_se(model: QuadraticModel) -> float:
+    """max_i se_i / |phi_i|, with |phi_i| floored at a tenth of the mean |phi| so that a
+    layer whose estimate is near zero does not make the figure meaningless."""
+    mag = np.abs(model.phi)
+    floor = max(0.1 * float(mag.mean()), 1e-12)
+    return float(np.max(model.se / np.maximum(mag, floor)))
+
+
+def fit(D: np.ndarray, paired: bool = False, alpha: float = 0.5) -> Fit:
+    D = np.asarray(D, dtype=np.float64)
+    model = quadratic_model(D, alpha=alpha, paired=paired)
+    first = 4 if paired else 2          # se needs two independent draws
+    ms = tuple(range(first, len(D) + 1))
+    settle = tuple(relative_se(quadratic_model(D[:m], alpha=alpha, paired=paired)) for m in ms)
+    return Fit(model=model, settle_m=ms, settle=settle, paired=paired)
+
+
+class Allocations:
+    """IMPQ allocations of a run by (samples, budget), each solved by SCIP once.
+
+    Every new sample needs the allocation at the current budget, and "unchanged for the
+    last k samples" and the frontier ask again for ones solved before; the cache makes
+    those free. Keys hash the samples themselves, so rows arriving out of order (several
+    writers) can never return a stale answer. Worker threads share it."""
+
+    def __init__(self, costs: Costs, paired: bool = False, alpha: float = 0.5) -> None:
+        self.costs, self.paired, self.alpha = costs, paired, alpha
+        self._cache: dict[tuple, Allocation] = {}
+        self._lock = threading.Lock()
+
+    def get(self, D: np.ndarray, bits: float, model: QuadraticModel | None = None) -> Allocation:
+        key = (hashlib.blake2b(np.ascontiguousarray(D).tobytes(), digest_size=16).digest(),
+               D.shape, round(bits, 2))
+        with self._lock:
+            hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        if model is None:
+            model = quadratic_model(D, alpha=self.alpha, paired=self.paired)
+        allocation = solve(model.a, model.K, self.costs, bits=bits)
+        with self._lock:
+            self._cache[key] = allocation
+        return allocation
+
+
+def unchanged_for(D: np.ndarray, allocations: Allocations, bits: float, *,
+                  window: int = STABILITY_WINDOW,
+                  cancelled: Callable[[], bool] = lambda: False) -> int | None:
+    """How many of the last samples (up to `window`) left the allocation at `bits` as it is
+    now: k means the allocations from M-k, ..., M samples are all the same. None when
+    cancelled or fewer than two samples exist."""
+    M = len(D)
+    if M < 2:
+        return None
+    current = allocations.get(D, bits).q
+    k = 0
+    for m in range(M - 1, max(M - 1 - window, 0), -1):
+        if cancelled():
+            return None
+        if allocations.get(D[:m], bits).q != current:
+            break
+        k += 1
+    return k
+
+
+@dataclass(frozen=True)
+class FrontierPoint:
+    bits: float                  # target average bits b
+    avg_bits: float              # effective bits per weight with metadata
+    predicted: float             # Delta(q) of the optimal q at b
+    high_layers: int             # layers at 4 bits
+
+
+def frontier_points(D: np.ndarray, allocations: Allocations, grid=FRONTIER_GRID,
+                    cancelled: Callable[[], bool] = lambda: False) -> list[FrontierPoint] | None:
+    """The IMPQ frontier (as core.solver.frontier, one budget at a time so that it can stop
+    between solves)."""
+    model = quadratic_model(D, alpha=allocations.alpha, paired=allocations.paired)
+    points = []
+    for b in grid:
+        if cancelled():
+            return None
+        alloc = allocations.get(D, float(b), model)
+        points.append(FrontierPoint(bits=float(b), avg_bits=alloc.avg_bits,
+                                    predicted=alloc.predicted_delta_nll,
+                                    high_layers=sum(x == 4 for x in alloc.bits_per_layer)))
+    return points
+
+
+def full_precision_bytes(costs: Costs, dtype: str) -> int:
+    """Bytes of the quantized layers' weights at the run's full precision."""
+    return sum(costs.params) * DTYPE_BYTES.get(dtype, 4)
+
+
+def clamp_bits(bits: float) -> float:
+    return round(min(BITS_MAX, max(BITS_MIN, bits)), 2)
+
+
+def top_interactions(K: np.ndarray, n: int = 3) -> list[tuple[int, int, float]]:
+    """The n largest off-diagonal |K_ij| (i < j), strongest first."""
+    L = K.shape[0]
+    pairs = [(i, j, float(K[i, j])) for i in range(L) for j in range(i + 1, L)]
+    pairs.sort(key=lambda p: -abs(p[2]))
+    return pairs[:n]
+
+
+# ------------------------------------------------------------------ formatting
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+def fmt_nats(x: float) -> str:
+    """A loss value in nats, short enough for a map cell (7 characters)."""
+    if not math.isfinite(x):
+        return "-"
+    return f"{x:+.4f}" if abs(x) >= 1e-3 or x == 0 else f"{x:+.0e}"

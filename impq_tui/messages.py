@@ -1,0 +1,87 @@
+"""Textual messages between the worker threads and the dashboard.
+
+Workers never touch widgets: they post these. The ones that repeat (progress ticks, polls
+of a followed run) override `can_replace`, so a burst that piles up in the queue while
+the screen is busy collapses to the latest one.
+"""
+from __future__ import annotations
+
+from textual.message import Message
+
+from core import events
+from core.solver import Allocation
+
+from impq_tui.analysis import Fit, FrontierPoint
+from impq_tui.follow import Snapshot
+
+
+class EngineProgress(Message):
+    def __init__(self, progress: events.Progress) -> None:
+        super().__init__()
+        self.progress = progress
+
+    def can_replace(self, message: Message) -> bool:
+        return isinstance(message, EngineProgress)
+
+
+class EngineSample(Message):
+    """A finished sample (SampleDone): its marginal vector joins D."""
+
+    def __init__(self, sample: events.SampleDone) -> None:
+        super().__init__()
+        self.sample = sample
+
+
+class EngineLog(Message):
+    def __init__(self, message: str, level: str = "info") -> None:
+        super().__init__()
+        self.message, self.level = message, level
+
+
+class EngineFinished(Message):
+    """status: completed | cancelled | failed (the error itself arrives with the worker)."""
+
+    def __init__(self, status: str, samples: int) -> None:
+        super().__init__()
+        self.status, self.samples = status, samples
+
+
+class RunPolled(Message):
+    """What a followed run directory holds now."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        super().__init__()
+        self.snapshot = snapshot
+
+    def can_replace(self, message: Message) -> bool:
+        return isinstance(message, RunPolled)
+
+
+class Fitted(Message):
+    """The quadratic model of `samples` samples and the allocation at `bits`."""
+
+    def __init__(self, fit: Fit, bits: float, allocation: Allocation, colors: list | None) -> None:
+        super().__init__()
+        self.fit, self.bits, self.allocation = fit, bits, allocation
+        self.colors = colors      # K as RGB cells for the interaction view
+
+
+class Stability(Message):
+    def __init__(self, samples: int, bits: float, unchanged: int | None) -> None:
+        super().__init__()
+        self.samples, self.bits, self.unchanged = samples, bits, unchanged
+
+
+class FrontierReady(Message):
+    def __init__(self, samples: int, points: list[FrontierPoint]) -> None:
+        super().__init__()
+        self.samples, self.points = samples, points
+
+
+class CompareDone(Message):
+    """A comparison with the baselines ended: its result, or the message why not."""
+
+    def __init__(self, result, error: str | None) -> None:
+        super().__init__()
+        self.result = result
+        self.error = error

@@ -1,0 +1,1 @@
+"""Screens of the Textual app: setup, dashboard, export, and small modals."""

@@ -1,0 +1,160 @@
+"""The dashboard's two always-visible panes: SPQE progress, and the budget with what the
+solver made of it."""
+from __future__ import annotations
+
+from rich.text import Text
+from textual import events
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical
+from textual.message import Message
+from textual.reactive import reactive
+from textual.widget import Widget
+from textual.markup import escape
+from textual.widgets import ProgressBar, Static
+
+from core import events as engine_events
+from core.solver import Allocation
+
+from impq_tui.analysis import (BITS_MAX, BITS_MIN, STABILITY_WINDOW, clamp_bits, fmt_bytes,
+                               fmt_duration, fmt_nats)
+from impq_tui.widgets.layer_map import LayerMap
+
+STATE_BADGES = {
+    "preparing": ("◌ preparing", "$accent"),
+    "running": ("● running", "$accent"),
+    "paused": ("‖ paused", "$warning"),
+    "stopping": ("◌ stopping", "$warning"),
+    "following": ("◎ following", "$accent"),
+    "completed": ("✓ completed", "$success"),
+    "cancelled": ("■ stopped", "$warning"),
+    "interrupted": ("■ interrupted", "$warning"),
+    "failed": ("✗ failed", "$error"),
+    "opened": ("○ opened", "$success"),
+}
+
+
+class ProgressPane(Vertical):
+    """sample i/M, step k/L, rates, elapsed, ETA, device and GPU memory."""
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="progress-title")
+        with Horizontal(id="progress-counts-row"):
+            yield Static(id="progress-counts")
+            yield ProgressBar(total=1, show_eta=False, id="progress-bar")
+        yield Static(id="progress-rates")
+
+    def show(self, *, state: str, detail: str, done: int, total: int,
+             progress: engine_events.Progress | None, summary: str) -> None:
+        """summary: the line shown while no evaluation has been timed yet."""
+        badge, color = STATE_BADGES.get(state, (state, "$accent"))
+        self.query_one("#progress-title", Static).update(f"[bold {color}]{badge}[/] {escape(detail)}")
+        if progress is not None and state in ("running", "paused", "stopping", "following"):
+            counts = (f"sample {progress.sample}/{progress.samples}  "
+                      f"step {progress.step:>2}/{progress.steps}")
+            completed = (progress.sample - 1) * progress.steps + progress.step
+            bar_total = progress.samples * progress.steps
+        else:
+            counts = f"samples {done}/{total}"
+            completed, bar_total = done, max(total, 1)
+        self.query_one("#progress-counts", Static).update(counts)
+        self.query_one("#progress-bar", ProgressBar).update(total=bar_total, progress=min(completed, bar_total))
+        self.query_one("#progress-rates", Static).update(
+            rates_line(progress, state) if progress is not None else escape(summary))
+
+
+def rates_line(progress: engine_events.Progress, state: str) -> str:
+    parts = [f"{progress.evals_per_s:.2f} eval/s", f"{progress.tokens_per_s:,.0f} tok/s",
+             f"elapsed {fmt_duration(progress.elapsed_s)}"]
+    if state in ("running", "following"):
+        parts.append(f"ETA {fmt_duration(progress.eta_s)}")
+    parts.append(progress.device)
+    if progress.gpu_mem_bytes is not None:
+        parts.append(f"GPU {progress.gpu_mem_bytes / 2**30:.1f} GiB")
+    return " · ".join(parts)
+
+
+class BudgetSlider(Widget):
+    """Average bits from 2.00 to 4.00: click or scroll with the mouse; the screen's keys
+    step it. Posts BudgetSlider.Changed with the value asked for."""
+
+    COMPONENT_CLASSES = {"budget-slider--track", "budget-slider--fill", "budget-slider--knob"}
+    DEFAULT_CSS = "BudgetSlider { height: 1; width: 1fr; }"
+
+    bits: reactive[float] = reactive(3.0)
+
+    class Changed(Message):
+        def __init__(self, bits: float) -> None:
+            super().__init__()
+            self.bits = bits
+
+    def render(self) -> Text:
+        width = max(self.size.width, 3)
+        inner = width - 2
+        pos = round((self.bits - BITS_MIN) / (BITS_MAX - BITS_MIN) * (inner - 1))
+        text = Text("2", style="dim", no_wrap=True)
+        fill = self.get_component_rich_style("budget-slider--fill")
+        track = self.get_component_rich_style("budget-slider--track")
+        knob = self.get_component_rich_style("budget-slider--knob")
+        text.append("━" * pos, fill)
+        text.append("●", knob)
+        text.append("─" * (inner - 1 - pos), track)
+        text.append("4", style="dim")
+        return text
+
+    def _bits_at(self, x: int) -> float:
+        inner = max(self.size.width - 2, 2)
+        share = min(max((x - 1) / (inner - 1), 0.0), 1.0)
+        return clamp_bits(round((BITS_MIN + share * (BITS_MAX - BITS_MIN)) * 20) / 20)
+
+    def on_click(self, event: events.Click) -> None:
+        self.post_message(self.Changed(self._bits_at(event.x)))
+
+    def on_mouse_scroll_up(self, event: events.MouseScrollUp) -> None:
+        event.stop()
+        self.post_message(self.Changed(clamp_bits(self.bits + 0.05)))
+
+    def on_mouse_scroll_down(self, event: events.MouseScrollDown) -> None:
+        event.stop()
+        self.post_message(self.Changed(clamp_bits(self.bits - 0.05)))
+
+
+class BudgetPane(Vertical):
+    """The budget, the bytes it means, the predicted loss increase, the solver, and the
+    layers in compact form."""
+
+    def compose(self) -> ComposeResult:
+        with Horizontal(id="budget-row"):
+            yield Static(id="budget-value")
+            yield BudgetSlider(id="budget-slider")
+        yield Static(id="budget-bytes")
+        yield Static(id="budget-solver")
+        yield LayerMap(compact=True, id="budget-strip")
+
+    def show_bits(self, bits: float) -> None:
+        self.query_one("#budget-value", Static).update(
+            f"[dim]budget[/] [bold $accent]{bits:.2f}[/] [dim]bits/weight[/] ")
+        self.query_one(BudgetSlider).bits = bits
+
+    def show(self, *, bits: float, allocation: Allocation | None, full_bytes: int | None,
+             dtype: str, solving: bool, unchanged: int | None, relative_se: float | None,
+             samples: int, note: str = "") -> None:
+        self.show_bits(bits)
+        if allocation is None:
+            self.query_one("#budget-bytes", Static).update(
+                note or "the allocation appears after the first finished sample")
+            self.query_one("#budget-solver", Static).update("solving…" if solving else "")
+            return
+        a = allocation
+        high = sum(b == 4 for b in a.bits_per_layer)
+        share = f" ({a.bytes / full_bytes:.0%})" if full_bytes else ""
+        self.query_one("#budget-bytes", Static).update(
+            f"[bold]{fmt_bytes(a.bytes)}[/] ({a.avg_bits:.2f} b/w) of {fmt_bytes(full_bytes)} "
+            f"{dtype}{share} · Δloss [bold]{fmt_nats(a.predicted_delta_nll)}[/] nats/token")
+        took = f" {a.seconds * 1000:.0f} ms" if getattr(self.app, "timings", True) else ""
+        solver = f"SCIP {a.status}{took}" + (" · solving…" if solving else "")
+        parts = [solver, f"[$success]{high}/{len(a.bits_per_layer)} at 4 bits[/]"]
+        if unchanged is not None:
+            parts.append(f"unchanged by last {unchanged}/{min(samples - 1, STABILITY_WINDOW)} samples")
+        if relative_se is not None:
+            parts.append(f"max se/|φ| {relative_se:.2f}")
+        self.query_one("#budget-solver", Static).update(" · ".join(parts))

@@ -1,0 +1,481 @@
+"""The Textual app driven by a Pilot over real SPQE runs on a tiny real checkpoint: start a
+run from the form, watch the panes fill, move the budget and compare with what
+`impq-tui solve` computes, pause, stop, reopen, follow a run another process writes, and
+see errors as messages rather than tracebacks."""
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core.evaluate import allocate
+from core.runs import RunDir
+from impq_tui.analysis import fmt_bytes
+from impq_tui.app import ImpqApp
+from impq_tui.screens.dashboard import Dashboard
+from impq_tui.screens.modals import ErrorModal, HelpScreen
+from impq_tui.screens.setup import SetupDefaults, SetupScreen
+from impq_tui.widgets.layer_map import LayerMap
+from impq_tui.widgets.panes import BudgetPane, BudgetSlider, ProgressPane
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZE = (100, 30)
+PATIENCE_S = 240      # a guard against hanging forever, not a timing assertion
+
+
+def pilot_test(test):
+    """Run an async Pilot test on a fresh event loop (no asyncio plugin needed)."""
+    @functools.wraps(test)
+    def run(*args, **kwargs):
+        return asyncio.run(test(*args, **kwargs))
+    return run
+
+
+def tiny_setup(model, run_dir, samples: int) -> SetupDefaults:
+    return SetupDefaults(model=str(model), samples=samples, windows=4, window_tokens=32,
+                         device="cpu", run_dir=str(run_dir))
+
+
+async def until(pilot, condition, what: str) -> None:
+    """Let the app run until `condition()` holds; an error shown meanwhile fails at once
+    (unless the error is what we wait for)."""
+    deadline = time.monotonic() + PATIENCE_S
+    while not condition():
+        screen = pilot.app.screen
+        if isinstance(screen, ErrorModal):
+            raise AssertionError(f"waiting for {what}, the app showed: {screen.title_text}: "
+                                 f"{screen.message}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        await pilot.pause(0.05)
+
+
+async def settled(pilot) -> None:
+    """Wait until the dashboard shows the current samples and budget, and the solver and
+    poll workers (not the engine) are done."""
+    app = pilot.app
+
+    def idle() -> bool:
+        dash = app.dashboard
+        return ((dash is None or dash.is_current)
+                and not any(w.is_running for w in app.workers if w.group != "engine"))
+
+    await pilot.pause()
+    await until(pilot, idle, "solver workers")
+    await pilot.pause()
+
+
+def text_of(widget) -> str:
+    """What the widget shows on screen, as plain text, wrapped lines joined by spaces."""
+    lines = widget.render_lines(widget.region.reset_offset)
+    return " ".join(" ".join(line.text.split()) for line in lines).strip()
+
+
+def pane_text(app, selector: str) -> str:
+    return " ".join(text_of(w) for w in app.screen.query_one(selector).query("Static"))
+
+
+def check_matches_solve(dash: Dashboard) -> None:
+    """The screen shows what `impq-tui solve DIR --bits B` computes from the saved run."""
+    expected = allocate(dash.run, bits=dash.bits)
+    shown = dash.allocation
+    assert shown.bits_per_layer == expected.bits_per_layer
+    assert shown.bytes == expected.bytes and shown.budget_bytes == expected.budget_bytes
+    assert shown.predicted_delta_nll == pytest.approx(expected.predicted_delta_nll, rel=1e-9, abs=1e-12)
+    assert dash.query_one("#layer-map", LayerMap).bits == expected.bits_per_layer
+    assert dash.query_one("#budget-strip", LayerMap).bits == expected.bits_per_layer
+    budget = pane_text(dash.app, BudgetPane)
+    assert fmt_bytes(expected.bytes) in budget
+    assert f"{dash.bits:.2f}" in budget
+    high = sum(b == 4 for b in expected.bits_per_layer)
+    assert f"{high}/{len(expected.bits_per_layer)} at 4 bits" in budget
+
+
+@pilot_test
+async def test_live_run_budget_stop_and_reopen(tiny_model_dir, tmp_path):
+    run_dir = tmp_path / "live"
+    app = ImpqApp(setup=tiny_setup(tiny_model_dir, run_dir, samples=200), cursor_blink=False)
+    async with app.run_test(size=SIZE) as pilot:
+        assert isinstance(app.screen, SetupScreen)
+        await pilot.press("f5")
+        await until(pilot, lambda: isinstance(app.screen, Dashboard), "the dashboard")
+        dash = app.screen
+        assert (run_dir / "config.json").is_file()
+        await until(pilot, lambda: len(dash.D) >= 3 and dash.fit is not None
+                    and dash.fit.samples >= 3, "three samples on screen")
+
+        # the panes filled: progress counts, estimates with standard errors, the map
+        assert dash.state == "running"
+        progress = pane_text(app, ProgressPane)
+        assert "sample" in progress and "/200" in progress and "eval/s" in progress and "cpu" in progress
+        assert dash.fit.model.phi.shape == (4,) and np.all(dash.fit.model.se > 0)
+        assert len(dash.query_one("#layer-map", LayerMap).bits) == 4
+
+        # pause: the engine waits between evaluations; resume lets it go on
+        await pilot.press("p")
+        assert dash.pause.is_set() and dash.state == "paused"
+        assert "paused" in pane_text(app, ProgressPane)
+        await pilot.press("p")
+        assert not dash.pause.is_set()
+
+        # stop: the engine ends cleanly and everything finished is on disk
+        await pilot.press("s")
+        await until(pilot, lambda: not dash.engine_running, "the engine to stop")
+        await settled(pilot)
+        assert dash.state == "cancelled"
+        saved = RunDir.open(run_dir)
+        assert 3 <= len(saved.samples()) < 200
+        np.testing.assert_array_equal(dash.D, saved.D())
+        assert json.loads((run_dir / "status.json").read_text())["state"] == "cancelled"
+
+        # budget keys re-solve; the map and numbers equal `impq-tui solve`
+        check_matches_solve(dash)
+        seen = {dash.allocation.bits_per_layer}
+        for key, bits in (("left_square_bracket", 2.75), ("left_square_bracket", 2.5),
+                          ("left", 2.45), ("right_square_bracket", 2.7),
+                          ("right_square_bracket", 2.95), ("right_square_bracket", 3.2),
+                          ("right_square_bracket", 3.45), ("right_square_bracket", 3.7)):
+            await pilot.press(key)
+            assert dash.bits == bits
+            await settled(pilot)
+            check_matches_solve(dash)
+            seen.add(dash.allocation.bits_per_layer)
+        assert len(seen) > 1, "moving the budget from 2.45 to 3.7 never changed the allocation"
+        for _ in range(6):
+            await pilot.press("right_square_bracket")
+        assert dash.bits == 4.0
+        await settled(pilot)
+        assert dash.allocation.bits_per_layer == (4, 4, 4, 4)
+        budget_at_4 = dash.allocation
+        assert budget_at_4.status == "all-high"
+
+    # reopen the stopped run: same samples, same allocation, nothing recomputed
+    app = ImpqApp(str(run_dir), bits=2.5)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: isinstance(app.screen, Dashboard), "the dashboard")
+        dash = app.screen
+        await until(pilot, lambda: dash.allocation is not None, "the allocation")
+        await settled(pilot)
+        assert dash.state == "cancelled" and not dash.engine_running
+        np.testing.assert_array_equal(dash.D, RunDir.open(run_dir).D())
+        check_matches_solve(dash)
+
+
+@pilot_test
+async def test_mouse_moves_the_budget(tmp_path):
+    app = ImpqApp(str(ROOT / "tests/fixtures/run-tiny8"), cursor_blink=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: isinstance(app.screen, Dashboard), "the dashboard")
+        dash = app.screen
+        await until(pilot, lambda: dash.allocation is not None, "the allocation")
+        slider = dash.query_one(BudgetSlider)
+        width = slider.size.width
+        await pilot.click(BudgetSlider, offset=(1, 0))
+        assert dash.bits == 2.0
+        await pilot.click(BudgetSlider, offset=(width - 2, 0))
+        assert dash.bits == 4.0
+        await pilot.click(BudgetSlider, offset=(width // 2, 0))
+        assert 2.9 <= dash.bits <= 3.1
+        middle = dash.bits
+        await settled(pilot)
+        check_matches_solve(dash)
+        # typed exactly: b opens a prompt
+        await pilot.press("b")
+        app.screen.query_one("Input").value = "2.35"
+        await pilot.press("enter")
+        assert dash.bits == 2.35 and middle != 2.35
+        await settled(pilot)
+        check_matches_solve(dash)
+        # a value out of range is refused with a message, the prompt stays
+        await pilot.press("b")
+        app.screen.query_one("Input").value = "4.5"
+        await pilot.press("enter")
+        assert app.screen is not dash and "2.0 to 4.0" in text_of(app.screen.query_one("#number-message"))
+        await pilot.press("escape")
+        assert app.screen is dash and dash.bits == 2.35
+
+
+@pilot_test
+async def test_bad_model_path_is_a_message(tmp_path):
+    run_dir = tmp_path / "bad"
+    setup = tiny_setup(tmp_path / "no-such-model", run_dir, samples=3)
+    app = ImpqApp(setup=setup, cursor_blink=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f5")
+        await until(pilot, lambda: isinstance(app.screen, ErrorModal), "the error")
+        message = text_of(app.screen.query_one("#error-message"))
+        assert "does not exist" in message and "no-such-model" in message.replace(" ", "")
+        assert "Traceback" not in message
+        await pilot.press("enter")
+        # back on the form to fix the input; no half-made run folder left behind
+        assert isinstance(app.screen, SetupScreen)
+        assert not run_dir.exists()
+
+
+@pilot_test
+async def test_form_refuses_bad_numbers_and_existing_runs(tmp_path):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "something").write_text("x")
+    app = ImpqApp(setup=tiny_setup("embedded", taken, samples=5), cursor_blink=False)
+    async with app.run_test(size=SIZE) as pilot:
+        form = app.screen
+        form.query_one("#samples").value = "0"
+        await pilot.press("f5")
+        assert isinstance(app.screen, SetupScreen)
+        assert "Samples must be at least 1" in text_of(form.query_one("#setup-message"))
+        form.query_one("#samples").value = "5"
+        await pilot.press("f5")
+        assert isinstance(app.screen, SetupScreen)
+        assert "already exists and is not empty" in text_of(form.query_one("#setup-message"))
+        # F6 opens a saved run instead
+        form.query_one("#run_dir").value = str(ROOT / "tests/fixtures/run-tiny8")
+        await pilot.press("f6")
+        assert isinstance(app.screen, Dashboard)
+        # and a folder that is no run is explained
+        await pilot.press("n")
+        assert isinstance(app.screen, SetupScreen)
+        app.screen.query_one("#run_dir").value = str(tmp_path)
+        await pilot.press("f6")
+        assert "not an impq-tui run directory" in text_of(app.screen.query_one("#setup-message"))
+
+
+@pilot_test
+async def test_opening_a_missing_run_shows_why(tmp_path):
+    app = ImpqApp(str(tmp_path / "nothing-here"))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert isinstance(app.screen, ErrorModal)
+        assert "not an impq-tui run directory" in text_of(app.screen.query_one("#error-message"))
+        await pilot.press("escape")
+        assert isinstance(app.screen, SetupScreen)
+
+
+@pilot_test
+async def test_follows_a_run_another_process_writes(tiny_model_dir, tmp_path):
+    run_dir = tmp_path / "headless"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    writer = subprocess.Popen(
+        [sys.executable, "-m", "impq_tui", "run", "--model", str(tiny_model_dir), "--samples", "5",
+         "--windows", "4", "--window-tokens", "32", "--device", "cpu", "--quiet",
+         "--run-dir", str(run_dir)], env=env, cwd=ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + PATIENCE_S
+        while not (run_dir / "config.json").is_file():
+            assert writer.poll() is None, writer.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        app = ImpqApp(str(run_dir), cursor_blink=False)
+        states = set()
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: isinstance(app.screen, Dashboard), "the dashboard")
+            dash = app.screen
+
+            def done() -> bool:
+                states.add(dash.state)
+                return dash.state == "completed" and len(dash.D) == 5
+
+            await until(pilot, done, "the writer to finish")
+            await settled(pilot)
+            assert "following" in states
+            assert not dash.engine_running      # nothing ran in this process
+            np.testing.assert_array_equal(dash.D, RunDir.open(run_dir).D())
+            check_matches_solve(dash)
+            assert "completed" in pane_text(app, ProgressPane)
+    finally:
+        writer.wait(timeout=PATIENCE_S)
+    assert writer.returncode == 0
+
+
+@pilot_test
+async def test_quit_stops_the_engine_cleanly(tiny_model_dir, tmp_path):
+    run_dir = tmp_path / "quit"
+    app = ImpqApp(setup=tiny_setup(tiny_model_dir, run_dir, samples=500), cursor_blink=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f5")
+        await until(pilot, lambda: isinstance(app.screen, Dashboard), "the dashboard")
+        dash = app.screen
+        await until(pilot, lambda: len(dash.D) >= 1, "a sample")
+        worker = dash.engine_worker
+        await pilot.press("q")
+        await until(pilot, lambda: not worker.is_running, "the engine to stop")
+        await until(pilot, lambda: app.return_code is not None, "the app to exit")
+    assert app.return_code == 0
+    assert worker.result == "cancelled"
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "cancelled"
+    assert len(RunDir.open(run_dir).samples()) >= 1
+
+
+@pilot_test
+async def test_help_lists_the_keys_of_the_screen():
+    app = ImpqApp(str(ROOT / "tests/fixtures/run-tiny8"), cursor_blink=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: isinstance(app.screen, Dashboard), "the dashboard")
+        await pilot.press("f1")
+        assert isinstance(app.screen, HelpScreen)
+        keys = text_of(app.screen.query_one("#help-keys"))
+        for phrase in ("budget +0.05", "budget −0.25", "Export", "Continue", "type a budget", "Quit"):
+            assert phrase in keys
+        await pilot.press("escape")
+        assert isinstance(app.screen, Dashboard)
+        for view in ("bits", "interactions", "frontier", "compare", "log", "estimates"):
+            await pilot.press(str(("estimates", "bits", "interactions", "frontier", "compare", "log").index(view) + 1))
+            assert app.screen.query_one("#views").active == view
+        await pilot.press("q")
+        await until(pilot, lambda: app.return_code is not None, "the app to exit")
+    assert app.return_code == 0
+
+
+@pilot_test
+async def test_export_and_evaluate_the_chosen_allocation(tiny_model_dir, tmp_path):
+    export = pytest.importorskip("core.export")
+    run_dir, out = tmp_path / "run", tmp_path / "exported"
+    subprocess.run([sys.executable, "-m", "impq_tui", "run", "--model", str(tiny_model_dir),
+                    "--samples", "3", "--windows", "4", "--window-tokens", "32", "--device", "cpu",
+                    "--quiet", "--run-dir", str(run_dir)], check=True, cwd=ROOT,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True)
+    app = ImpqApp(str(run_dir), bits=2.5, cursor_blink=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: isinstance(app.screen, Dashboard), "the dashboard")
+        dash = app.screen
+        await settled(pilot)
+        chosen = dash.allocation
+        await pilot.press("e")
+        screen = app.screen
+        assert screen.query_one("#export-backend").value == "quanto"
+        assert "quanto" in export.EXPORT_BACKENDS
+        screen.query_one("#export-out").value = str(out)
+
+        def finished() -> bool:
+            return not screen.busy and "exported to" in text_of(screen.query_one("#export-result"))
+
+        await pilot.press("f5")
+        await until(pilot, finished, "the export")
+        record = json.loads((out / "allocation.json").read_text())
+        assert record["bits_per_layer"] == list(chosen.bits_per_layer)
+        assert str(out) in text_of(screen.query_one("#export-result"))
+
+        # exporting into the same non-empty folder again is refused with a message
+        await pilot.press("f5")
+        await until(pilot, lambda: isinstance(app.screen, ErrorModal), "the refusal")
+        assert "Traceback" not in text_of(app.screen.query_one("#error-message"))
+        await pilot.press("escape")
+        await until(pilot, lambda: not screen.busy, "the screen to be ready")
+
+        # evaluate: perplexity of this allocation with real modules, saved in the run
+        await pilot.press("f6")
+        await until(pilot, lambda: not screen.busy and "perplexity" in text_of(
+            screen.query_one("#export-result")), "the evaluation")
+        saved = json.loads((run_dir / "evals" / "bits-2.50-quanto.json").read_text())
+        assert saved["bits_per_layer"] == list(chosen.bits_per_layer)
+        assert f"perplexity {saved['ppl']:.3f}" in text_of(screen.query_one("#export-result"))
+        await pilot.press("escape")
+        assert app.screen is dash
+
+
+def test_frontier_and_stability_are_the_solvers():
+    """The dashboard's frontier and its "unchanged for the last k samples" come from the
+    same SCIP solves as `impq-tui solve`, cached: check them against core directly."""
+    from core.evaluate import run_frontier
+    from core.interactions import quadratic_model
+    from core.solver import solve
+    from impq_tui import analysis
+
+    run = RunDir.open(ROOT / "tests/fixtures/run-tiny8")
+    D, costs = run.D(), run.costs()
+    allocations = analysis.Allocations(costs)
+    points = analysis.frontier_points(D, allocations)
+    expected = run_frontier(run)
+    assert [p.bits for p in points] == [a.target_bits for a in expected]
+    assert [p.predicted for p in points] == pytest.approx([a.predicted_delta_nll for a in expected])
+    assert [p.high_layers for p in points] == [sum(b == 4 for b in a.bits_per_layer) for a in expected]
+
+    for bits in (2.5, 3.0):
+        qs = [solve(m.a, m.K, costs, bits=bits).q
+              for m in (quadratic_model(D[:n]) for n in range(len(D) - 10, len(D) + 1))]
+        k = 0
+        while k < 10 and qs[-2 - k] == qs[-1]:
+            k += 1
+        assert analysis.unchanged_for(D, allocations, bits) == k
+    # the fixture's allocation at 3 bits held for exactly the last 3 samples (as on screen)
+    assert analysis.unchanged_for(D, allocations, 3.0) == 3
+
+
+@pilot_test
+async def test_compare_view_runs_and_shows_the_comparison(tiny_model_dir, tmp_path):
+    """`c` on the Compare view evaluates IMPQ and the baselines at the preset budgets and
+    the current one, saves them in the run, and shows the same numbers; reopening the run
+    shows the saved table."""
+    from core.compare import LABELS, format_ppl, load_saved
+
+    run_dir = tmp_path / "run"
+    subprocess.run([sys.executable, "-m", "impq_tui", "run", "--model", str(tiny_model_dir),
+                    "--samples", "3", "--windows", "4", "--window-tokens", "32", "--device", "cpu",
+                    "--quiet", "--run-dir", str(run_dir)], check=True, cwd=ROOT,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True)
+    app = ImpqApp(str(run_dir), bits=2.7, cursor_blink=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, lambda: isinstance(app.screen, Dashboard), "the dashboard")
+        dash = app.screen
+        await settled(pilot)
+        await pilot.press("5")
+        assert "Press c" in text_of(dash.query_one("#compare-status"))
+        await pilot.press("c")
+        await until(pilot, lambda: dash.compare_result is not None or "failed" in text_of(
+            dash.query_one("#compare-status")), "the comparison")
+        status = text_of(dash.query_one("#compare-status"))
+        assert "compared" in status, status
+        result = load_saved(dash.run, "quanto")
+        assert result.bits == (2.25, 2.5, 2.7, 3.0, 3.5)
+        table = text_of(dash.query_one("#compare-table"))
+        assert "2.7 bits" in table
+        impq = result.row("impq", 2.7)
+        assert f"{format_ppl(impq.ppl)} @{impq.avg_bits:.2f}" in table
+        assert LABELS["zscore"] in table and "IMPQ /" in table
+        await pilot.press("q")
+        await until(pilot, lambda: app.return_code is not None, "the app to exit")
+
+    app = ImpqApp(str(run_dir), cursor_blink=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, lambda: isinstance(app.screen, Dashboard), "the dashboard")
+        await pilot.press("5")
+        assert "saved comparison" in text_of(app.screen.query_one("#compare-status"))
+        assert f"{format_ppl(impq.ppl)} @{impq.avg_bits:.2f}" in text_of(
+            app.screen.query_one("#compare-table"))
+        await pilot.press("q")
+
+
+@pilot_test
+async def test_a_paused_engine_stops_when_the_app_goes_away(tiny_model_dir, tmp_path):
+    """An app that ends without the quit key (an error, a failing test, a killed terminal)
+    must not leave a paused engine thread behind: it would keep the process alive forever."""
+    run_dir = tmp_path / "paused"
+    app = ImpqApp(setup=tiny_setup(tiny_model_dir, run_dir, samples=500), cursor_blink=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f5")
+        await until(pilot, lambda: isinstance(app.screen, Dashboard), "the dashboard")
+        dash = app.screen
+        await until(pilot, lambda: len(dash.D) >= 1, "a sample")
+        await pilot.press("p")
+        assert dash.pause.is_set()
+        worker = dash.engine_worker
+        app.exit()
+    assert dash.cancel.is_set() and not dash.pause.is_set()
+
+    def state() -> str:
+        return json.loads((run_dir / "status.json").read_text())["state"]
+
+    deadline = time.monotonic() + 60      # the engine thread itself ends: it writes the state
+    while state() != "cancelled" and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert state() == "cancelled"
+    assert not worker.is_running

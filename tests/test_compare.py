@@ -1,0 +1,181 @@
+"""`impq-tui compare` on a real tiny run: every method at the same memory, all evaluated on
+the same tokens with the real backend's modules, the JSON schema, files and errors."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from core.backends import get_backend
+from core.compare import (METHODS, UNIFORM_HIGH, UNIFORM_LOW, calibration_windows, compare,
+                          format_ppl, tokens_sha256)
+from core.evaluate import eval_windows, perplexity
+from core.models import load_model
+from core.runs import RunDir
+from core.solver import Costs, budget_bytes
+from test_cli import ENV, ROOT, TINY_RUN, cli
+
+BITS = [2.25, 2.5, 3.0, 3.5]
+EVAL = {"windows": 3, "window_tokens": 32}
+
+
+def compare_command() -> list[str]:
+    """`impq-tui compare`; until impq_tui/cli.py wires it in, the module's own entry point."""
+    from impq_tui.cli import build_parser
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            build_parser().parse_args(["compare", "DIR"])
+        return ["compare"]
+    except SystemExit:
+        return []
+
+
+def compare_cli(*args, check: bool = False) -> subprocess.CompletedProcess:
+    command = compare_command()
+    module = ["-m", "impq_tui", *command] if command else ["-m", "impq_tui.cli_compare"]
+    proc = subprocess.run([sys.executable, *module, *map(str, args)], env=ENV, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("compare") / "run"
+    cli("run", "--model", tiny_model_dir, "--samples", 3, "--run-dir", path, *TINY_RUN, check=True)
+    return RunDir.open(path)
+
+
+@pytest.fixture(scope="module")
+def result(tiny_run):
+    return compare(tiny_run, BITS, **EVAL)
+
+
+def test_every_method_meets_the_same_budget(result, tiny_run):
+    costs = tiny_run.costs()
+    assert len(result.results) == len(BITS) * len(METHODS) + 2
+    for b in BITS:
+        rows = [result.row(m, b) for m in METHODS]
+        assert {r.budget_bytes for r in rows} == {budget_bytes(costs, b)}
+        for r in rows:
+            assert r.bytes <= r.budget_bytes
+            assert r.bytes == costs.bytes_used([x == 2 for x in r.bits_per_layer])
+            assert r.avg_bits == pytest.approx(8 * r.bytes / sum(costs.params))
+            assert r.layers_high == r.bits_per_layer.count(4)
+    low, high = result.row(UNIFORM_LOW, 2.0), result.row(UNIFORM_HIGH, 4.0)
+    assert low.bits_per_layer == (2,) * 4 and low.bytes == costs.B_lo
+    assert high.bits_per_layer == (4,) * 4 and high.bytes == costs.B_hi
+    assert result.costs_source == "run"
+
+
+def test_all_methods_are_evaluated_on_identical_tokens(result, tiny_run, tiny_model_dir):
+    loaded = load_model(str(tiny_model_dir), torch.device("cpu"))
+    tokens = eval_windows(loaded, "builtin", EVAL["windows"], EVAL["window_tokens"], tiny_run.config.seed)
+    assert {r.eval_tokens_sha256 for r in result.results} == {tokens_sha256(tokens)}
+    assert {r.eval_tokens for r in result.results} == {3 * 31}
+    assert result.eval["tokens"] == 3 * 31 and result.eval["tokens_sha256"] == tokens_sha256(tokens)
+    # the evaluation half of the builtin text, not the calibration windows
+    calib = calibration_windows(loaded, tiny_run.config)
+    assert tokens_sha256(calib) != tokens_sha256(tokens)
+
+
+def test_swapped_modules_give_the_perplexity_of_a_freshly_quantized_model(result, tiny_run, tiny_model_dir):
+    """Assembling allocations by swapping prebuilt modules, evaluated in prefix-cached
+    order, must equal quantizing a fresh model and running its full forward."""
+    for method, b in (("impq", 2.5), ("lim", 3.0), (UNIFORM_HIGH, 4.0)):
+        row = result.row(method, b)
+        loaded = load_model(str(tiny_model_dir), torch.device("cpu"))
+        tokens = eval_windows(loaded, "builtin", EVAL["windows"], EVAL["window_tokens"], tiny_run.config.seed)
+        names = [n for layer in loaded.linear_names for n in layer]
+        bits = [x for layer, x in zip(loaded.linear_names, row.bits_per_layer) for _ in layer]
+        with torch.inference_mode():
+            get_backend("quanto").quantize_linears(loaded.model, names, bits)
+        assert row.ppl == pytest.approx(perplexity(loaded, tokens, 8), rel=1e-5)
+        assert row.nll == pytest.approx(math.log(row.ppl))
+
+
+def test_impq_row_is_the_runs_own_allocation(result, tiny_run):
+    from core.evaluate import allocate
+
+    for b in BITS:
+        assert result.row("impq", b).bits_per_layer == allocate(tiny_run, bits=b).bits_per_layer
+
+
+def test_other_backend_budgets_in_its_own_bytes(tiny_run, tiny_model_dir):
+    other = compare(tiny_run, [2.5], backend="hqq", save=False, **EVAL)
+    assert other.backend == "hqq" and other.costs_source == "measured"
+    assert other.files == ()
+    hqq = get_backend("hqq")
+    loaded = load_model(str(tiny_model_dir), torch.device("cpu"))
+    modules = dict(loaded.model.named_modules())
+    m_lo, m_hi = ([sum(hqq.quantize_weight(modules[n].weight.data, bits).nbytes for n in layer)
+                   for layer in loaded.linear_names] for bits in (2, 4))
+    costs = Costs(m_lo=m_lo, m_hi=m_hi, params=tiny_run.costs().params)
+    assert {other.row(m, 2.5).budget_bytes for m in METHODS} == {budget_bytes(costs, 2.5)}
+    assert all(r.bytes <= r.budget_bytes for r in other.results)
+
+
+def test_compare_json_schema_and_files(tiny_run):
+    proc = compare_cli(tiny_run.path, "--bits", "2.5", "3", "--json", "--quiet",
+                       "--eval-windows", 2, "--eval-window-tokens", 32, check=True)
+    out = json.loads(proc.stdout)
+    assert {"results", "bits", "ppl_original", "impq_vs_best_baseline", "scores", "eval",
+            "calib", "backend", "samples", "files"} <= set(out)
+    assert out["bits"] == [2.5, 3.0] and out["samples"] == 3
+    rows = out["results"]
+    assert len(rows) == 2 * len(METHODS) + 2
+    assert {(r["method"], r["target_bits"]) for r in rows} == (
+        {(m, b) for m in METHODS for b in (2.5, 3.0)} | {(UNIFORM_LOW, 2.0), (UNIFORM_HIGH, 4.0)})
+    for r in rows:
+        assert {"method", "target_bits", "avg_bits", "weight_bits", "ppl", "bytes",
+                "budget_bytes", "bits_per_layer", "eval_tokens", "eval_tokens_sha256"} <= set(r)
+        assert r["ppl"] > 1 and r["bytes"] <= r["budget_bytes"]
+        assert r["eval_tokens"] == 2 * 31 and r["eval_tokens_sha256"] == out["eval"]["tokens_sha256"]
+    assert set(out["scores"]) == {"sensitivity", "lim", "zscore", "activation"}
+    assert all(len(v) == 4 for v in out["scores"].values())
+    saved = tiny_run.path / "compare" / "quanto.json"
+    assert json.loads(saved.read_text()) == out
+    for suffix in (".png", ".svg"):
+        path = saved.with_suffix(suffix)
+        assert str(path) in out["files"] and path.stat().st_size > 1000
+
+
+def test_table_has_every_method_and_budget(result):
+    headers, rows = result.table()
+    assert headers == ["method", "2.25 bits", "2.5 bits", "3 bits", "3.5 bits"]
+    assert [r[0] for r in rows[:5]] == ["IMPQ", "Sensitivity", "LIM", "Z-score", "Activation"]
+    assert all(len(r) == len(headers) for r in rows)
+    impq = result.row("impq", 2.5)
+    assert rows[0][2] == f"{format_ppl(impq.ppl)} @{impq.avg_bits:.2f}"
+    assert format_ppl(12.3456) == "12.35" and format_ppl(123456.7) == "123,457"
+
+
+def compare_main(*args: str) -> int:
+    """The command in this process (argparse errors raise SystemExit)."""
+    if compare_command():
+        from impq_tui.cli import main
+
+        return main(["compare", *map(str, args)])
+    from impq_tui.cli_compare import main
+
+    return main(list(map(str, args)))
+
+
+def test_user_errors(tiny_run, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        compare_main(tiny_run.path, "--bits", "4.5")
+    assert exit_info.value.code == 2 and "outside [2, 4]" in capsys.readouterr().err
+    assert compare_main(tmp_path) == 2
+    assert "not an impq-tui run directory" in capsys.readouterr().err
+    empty = RunDir.create(tmp_path / "empty", tiny_run.config)
+    empty.unlock()
+    assert compare_main(empty.path) == 2
+    assert "no finished SPQE sample" in capsys.readouterr().err

@@ -1,0 +1,436 @@
+"""Faults a long run must survive, on real SPQE runs of a tiny real checkpoint: out of
+GPU memory (injected: CI has no GPU), NaN/inf losses, a full disk (a real 256 KiB tmpfs
+where mounting is allowed, and an injected ENOSPC everywhere), edited or truncated run
+files, a second writer, a stale lock, SIGTERM and SIGHUP. SIGKILL at random moments is
+bench/kill_trials.py (20 trials); test_cli.py kills once."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from core import events
+from core.engine import run_spqe
+from core.errors import UserError
+from core.evaluate import allocate
+from core.models import load_model
+from core.runs import SAMPLES, RunConfig, RunDir
+from core.switching import PrefixEvaluator
+from test_cli import ENV, ROOT, TINY_RUN, cli
+
+
+def tiny_config(model_dir, samples: int = 3, **kw) -> RunConfig:
+    return RunConfig(model=str(model_dir), samples=samples, windows=4, window_tokens=32,
+                     device="cpu", micro_batch=4, **kw)
+
+
+class Events(list):
+    def __call__(self, event) -> None:
+        self.append(event)
+
+    def warnings(self) -> list[str]:
+        return [e.message for e in self if isinstance(e, events.Log) and e.level == "warning"]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, tmp_path_factory):
+    """An uninterrupted 3-sample run, in process, with no fault."""
+    run = RunDir.create(tmp_path_factory.mktemp("ref") / "run", tiny_config(tiny_model_dir))
+    assert run_spqe(run.config, run) == "completed"
+    return run
+
+
+# ---------------------------------------------------------------- out of GPU memory
+
+def _oom_above(limit: int, calls: list):
+    """A layer call that runs out of memory for micro-batches above `limit` windows, as
+    torch.cuda does (the same exception class)."""
+    from core.switching import _layer_call
+
+    def call(layer, h, kwargs):
+        calls.append(h.shape[0])
+        if h.shape[0] > limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return _layer_call(layer, h, kwargs)
+    return call
+
+
+def _oom_hook(layer, limit: int):
+    """A decoder layer that runs out of memory for more than `limit` windows, in the full
+    forward pass and in the cached re-evaluation alike."""
+    def hook(_module, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        if h.shape[0] > limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+    return layer.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_oom_halves_the_micro_batch_and_measures_the_same(tiny_model_dir):
+    """Two evaluators over one model; between evaluations a layer changes (as SPQE's
+    switch does). The one that runs out of memory measures what the other does."""
+    loaded = load_model(str(tiny_model_dir), torch.device("cpu"), torch.float32)
+    windows = torch.randint(0, 400, (8, 32), generator=torch.Generator().manual_seed(0))
+    clean = PrefixEvaluator(loaded, windows, 8)
+    retries = []
+    faulty = PrefixEvaluator(loaded, windows, 8, on_retry=retries.append)
+    expected, got = [clean.evaluate()], []
+    for k, layer in enumerate((2, 1, 3)):
+        with torch.no_grad():
+            for p in loaded.layers[layer].parameters():
+                p.mul_(0.7)
+        expected.append(clean.evaluate(layer))
+        hook = _oom_hook(loaded.layers[1], limit=2) if k == 1 else None
+        if k == 0:
+            got.append(faulty.evaluate())             # its first pass, at this state
+            faulty.evaluate(layer)
+        else:
+            got.append(faulty.evaluate(layer))
+        if hook:
+            hook.remove()
+    expected = expected[1:]
+    assert faulty.micro_batch == 2
+    assert [r.split(" (")[0] for r in retries] == [
+        "out of GPU memory at micro-batch 8: continuing with micro-batch 4",
+        "out of GPU memory at micro-batch 4: continuing with micro-batch 2"]
+    assert len(set(expected)) == 3                       # each change moved the loss
+    assert got == pytest.approx(expected, rel=1e-6)
+
+
+def test_oom_with_one_window_stops_with_a_message(tiny_model_dir):
+    loaded = load_model(str(tiny_model_dir), torch.device("cpu"), torch.float32)
+    windows = torch.randint(0, 400, (2, 32), generator=torch.Generator().manual_seed(0))
+    evaluator = PrefixEvaluator(loaded, windows, 2)
+    evaluator.evaluate()                       # the cache is built; now memory runs out
+    _oom_hook(loaded.layers[1], limit=0)
+    with pytest.raises(UserError, match="even with one window of 32 tokens.*--window-tokens"):
+        evaluator.evaluate(1)
+
+
+def test_engine_continues_after_oom(tiny_model_dir, tmp_path, reference, monkeypatch):
+    import core.switching
+
+    calls = []
+    monkeypatch.setattr(core.switching, "_layer_call", _oom_above(1, calls))
+    run = RunDir.create(tmp_path / "run", tiny_config(tiny_model_dir))
+    seen = Events()
+    assert run_spqe(run.config, run, seen) == "completed"
+    assert any("out of GPU memory at micro-batch 2: continuing with micro-batch 1" in w
+               for w in seen.warnings())
+    assert "out of GPU memory at micro-batch" in (run.path / "events.log").read_text()
+    # other micro-batches sum the float32 losses in another order: v (about 6 nats/token)
+    # agrees to a few float32 ulps, so the marginals agree to 5e-6 nats/token
+    np.testing.assert_allclose(run.D(), reference.D(), rtol=0, atol=5e-6)
+
+
+# ---------------------------------------------------------------- NaN and infinity
+
+def _poison(monkeypatch, layer: int, when=None):
+    """Give `layer`'s 2-bit weights an infinite entry, as an overflowing quantizer would:
+    a real forward pass then yields a non-finite loss whenever that layer is at 2 bits."""
+    import core.engine
+    from core.switching import LOW, LayerSwitch
+
+    class Poisoned(LayerSwitch):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            w = self.weights[LOW][layer][0]
+            w.data = w.data.clone()
+            w.data[0, 0] = float("inf")
+
+    monkeypatch.setattr(core.engine, "LayerSwitch", Poisoned)
+
+
+def test_a_layer_that_breaks_the_loss_is_named_and_the_run_stops(tiny_model_dir, tmp_path, monkeypatch):
+    _poison(monkeypatch, layer=2)
+    run = RunDir.create(tmp_path / "run", tiny_config(tiny_model_dir))
+    seen = Events()
+    with pytest.raises(UserError) as e:
+        run_spqe(run.config, run, seen)
+    message = str(e.value)
+    assert "layer 2 at 2 bits alone gives a non-finite loss" in message
+    assert "all-2-bit state" in message and "--group-size" in message
+    assert any(isinstance(x, events.Failed) for x in seen)
+    # recorded as such: on disk, flagged, with nulls (valid JSON), out of every estimate
+    line = (run.path / SAMPLES).read_text().splitlines()[0]
+    record = json.loads(line)
+    assert record["nonfinite"]["value"] in ("nan", "inf") and 2 in record["nonfinite"]["low_layers"]
+    assert None in record["d"] and record["v_low"] is None and record["v_high"] is not None
+    assert len(run.samples()) == 1 and run.D().shape == (0, 4)
+    assert json.loads((run.path / "status.json").read_text())["state"] == "failed"
+    with pytest.raises(UserError, match="no finished SPQE sample"):
+        allocate(run, bits=3.0)
+
+
+def test_a_transient_nonfinite_state_is_flagged_and_the_run_goes_on(tiny_model_dir, tmp_path,
+                                                                    monkeypatch, reference):
+    """A loss that is infinite in one intermediate state only (all-2-bit is finite): that
+    sample is kept flagged, left out of D, the user told; the others are the reference's."""
+    import core.engine
+    from core.spqe import permutation
+    from core.switching import LOW, LayerSwitch
+
+    first = [int(permutation(0, 0, 4)[0])]          # sample 0's first state: this layer low
+    original = PrefixEvaluator.evaluate
+    switch = {}
+
+    class Tracking(LayerSwitch):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            switch["s"] = self
+
+    def evaluate(self, from_layer=0):
+        v = original(self, from_layer)
+        low = [i for i, b in enumerate(switch["s"].bits) if b == LOW]
+        return float("inf") if low == first else v
+
+    monkeypatch.setattr(core.engine, "LayerSwitch", Tracking)
+    monkeypatch.setattr(PrefixEvaluator, "evaluate", evaluate)
+    run = RunDir.create(tmp_path / "run", tiny_config(tiny_model_dir))
+    seen = Events()
+    assert run_spqe(run.config, run, seen) == "completed"
+    warning = next(w for w in seen.warnings() if w.startswith("sample 0:"))
+    assert f"the loss became inf (layers at 2 bits then: {first[0]})" in warning
+    assert f"layer {first[0]} at 2 bits alone gives a non-finite loss" in warning
+    assert len(run.samples()) == 3
+    # every sample whose permutation starts with that layer passes through that state
+    good = [m for m in range(3) if int(permutation(0, m, 4)[0]) != first[0]]
+    assert 0 not in good and good
+    assert [r["m"] for r in run.finite_samples()] == good
+    np.testing.assert_array_equal(run.D(), reference.D()[good])
+    assert next(e for e in seen if isinstance(e, events.SampleDone) and e.index == 0).finite is False
+
+
+def test_nonfinite_marginals_never_reach_the_solver():
+    from core.interactions import quadratic_model
+
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        quadratic_model(np.array([[0.1, np.nan], [0.2, 0.3]]))
+
+
+# ---------------------------------------------------------------- a full disk
+
+def _enospc_after(n_ok: int, partial: bool):
+    """os.write that works n_ok times, then (optionally) writes half the bytes and fails."""
+    real = os.write
+    count = [0]
+
+    def write(fd, data):
+        count[0] += 1
+        if count[0] <= n_ok:
+            return real(fd, data)
+        if partial:
+            real(fd, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return write
+
+
+@pytest.mark.parametrize("partial", [False, True], ids=["nothing-written", "half-a-line"])
+def test_disk_full_while_appending_loses_only_that_sample(tiny_model_dir, tmp_path, reference,
+                                                          monkeypatch, partial):
+    import core.runs
+
+    run = RunDir.create(tmp_path / "run", tiny_config(tiny_model_dir))
+    monkeypatch.setattr(core.runs.os, "write", _enospc_after(1, partial))
+    with pytest.raises(UserError) as e:
+        run_spqe(run.config, run)
+    assert "no space left on device (sample 1 was not saved)" in str(e.value)
+    assert "--resume" in str(e.value)
+    monkeypatch.undo()
+    data = (run.path / SAMPLES).read_bytes()
+    assert data.endswith(b"\n") != partial            # a torn half line, or nothing
+    assert [r["m"] for r in run.samples()] == [0]      # that half line never reads as a sample
+    again = RunDir.open(run.path)
+    assert run_spqe(again.config, again) == "completed"
+    assert (run.path / SAMPLES).read_bytes().count(b"\n") == 3
+    np.testing.assert_array_equal(again.D(), reference.D())
+
+
+def test_a_failed_json_write_keeps_the_old_file(tmp_path, monkeypatch):
+    import core.runs
+
+    run = RunDir.create(tmp_path / "run", RunConfig())
+    before = (run.path / "config.json").read_bytes()
+
+    def fail(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(core.runs.os, "fsync", fail)
+    with pytest.raises(UserError, match="cannot write .*config.json: no space left on device"):
+        run.update_config(RunConfig(samples=7))
+    monkeypatch.undo()
+    assert (run.path / "config.json").read_bytes() == before
+    assert sorted(p.name for p in run.path.iterdir()) == ["config.json", "run.lock"]
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A real 256 KiB tmpfs, where this process may mount one (root); skipped elsewhere."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+                          capture_output=True)
+    if done.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+ENDLESS = 100_000      # samples: a tiny sample takes milliseconds, so faults land mid-run
+
+
+def _resume_past(path, done: list, reference: RunDir) -> None:
+    """Resume a few samples past what was done; the vectors are the uninterrupted run's."""
+    target = max(len(done) + 2, 3)
+    cli("run", "--resume", path, "--samples", target, "--quiet", check=True)
+    D = RunDir.open(path).D()
+    assert D.shape == (target, 4)
+    np.testing.assert_array_equal(D[:3], reference.D())
+
+
+def test_a_really_full_disk(tiny_model_dir, small_fs, reference):
+    """The run's folder on a 256 KiB filesystem that a ballast file fills up mid-run:
+    the CLI stops with the reason, nothing invalid is left, and after freeing space the
+    resumed run equals the uninterrupted one."""
+    path = small_fs / "run"
+    ballast = small_fs / "ballast"
+    proc = subprocess.Popen([sys.executable, "-m", "impq_tui", "run", "--model", str(tiny_model_dir),
+                             "--samples", str(ENDLESS), "--run-dir", str(path), *TINY_RUN],
+                            env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if (path / SAMPLES).exists() and (path / SAMPLES).read_bytes().count(b"\n") >= 1:
+            break
+        time.sleep(0.02)
+    fd = os.open(ballast, os.O_WRONLY | os.O_CREAT)    # fill the disk to the last byte
+    try:
+        for size in (65536, 4096, 512, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * size)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    _, stderr = proc.communicate(timeout=240)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the disk filled up")
+    assert "no space left on device" in stderr and "Traceback" not in stderr, stderr
+    done = [r["m"] for r in RunDir.open(path).samples()]
+    assert done == list(range(len(done))) and len(done) >= 1
+    ballast.unlink()
+    _resume_past(path, done, reference)
+
+
+# ---------------------------------------------------------------- integrity
+
+def test_an_edited_sample_line_is_reported_with_its_number(reference, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(reference.path, copy)
+    lines = (copy / SAMPLES).read_text().splitlines(True)
+    lines[1] = lines[1].replace('"m": 1', '"m": 7')
+    (copy / SAMPLES).write_text("".join(lines))
+    proc = cli("solve", copy, "--bits", "3")
+    assert proc.returncode != 0 and "line 2 is damaged" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_truncated_samples_file_keeps_the_whole_lines(reference, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(reference.path, copy)
+    data = (copy / SAMPLES).read_bytes()
+    (copy / SAMPLES).write_bytes(data[:-40])                # a crash mid-way through line 3
+    assert [r["m"] for r in RunDir.open(copy).samples()] == [0, 1]
+    proc = cli("run", "--resume", copy, "--quiet", check=True)
+    assert proc.returncode == 0
+    np.testing.assert_array_equal(RunDir.open(copy).D(), reference.D())
+
+
+def test_edited_costs_are_refused(reference, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(reference.path, copy)
+    costs = json.loads((copy / "costs.json").read_text())
+    costs["m_lo"][0] //= 2                                 # a layer that looks cheaper
+    (copy / "costs.json").write_text(json.dumps(costs))
+    proc = cli("solve", copy, "--bits", "3")
+    assert proc.returncode != 0 and "costs.json was edited or is damaged" in proc.stderr
+
+
+def test_a_run_never_continues_with_another_config(reference, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(reference.path, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["seed"] = 1                                      # hash left as it was
+    (copy / "config.json").write_text(json.dumps(config))
+    before = (copy / SAMPLES).read_bytes()
+    proc = cli("run", "--resume", copy, "--samples", 5, "--quiet")
+    assert proc.returncode != 0 and "config_hash does not match" in proc.stderr
+    assert (copy / SAMPLES).read_bytes() == before
+
+
+# ---------------------------------------------------------------- one writer, stale locks
+
+def _start(model_dir, path, samples: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "impq_tui", "run", "--model", str(model_dir),
+                             "--samples", str(samples), "--run-dir", str(path), *TINY_RUN],
+                            env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _wait_for_samples(proc, path, n: int) -> None:
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if (path / SAMPLES).exists() and (path / SAMPLES).read_bytes().count(b"\n") >= n:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"no {n} samples (exit {proc.poll()})")
+
+
+def test_second_writer_refused_then_stale_lock_taken_over(tiny_model_dir, tmp_path, reference):
+    path = tmp_path / "run"
+    writer = _start(tiny_model_dir, path, ENDLESS)
+    try:
+        _wait_for_samples(writer, path, 1)
+        second = cli("run", "--resume", path, "--quiet")
+        assert second.returncode != 0
+        assert f"is being written by pid {writer.pid} on" in second.stderr
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(timeout=60)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+    assert f"pid {writer.pid}" in (path / "run.lock").read_text()   # the dead writer's name
+    _resume_past(path, RunDir.open(path).samples(), reference)
+    assert f"took over run.lock from pid {writer.pid}" in (path / "events.log").read_text()
+    assert (path / "run.lock").read_text() == ""                  # released cleanly this time
+
+
+# ---------------------------------------------------------------- SIGTERM, SIGHUP
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_signal_stops_cleanly_and_the_run_resumes(tiny_model_dir, tmp_path, reference, sig):
+    """A dropped SSH session (SIGHUP) or a scheduler (SIGTERM): the sample in flight is
+    abandoned, everything finished is on disk, the exit says how to resume."""
+    path = tmp_path / "run"
+    proc = _start(tiny_model_dir, path, ENDLESS)
+    _wait_for_samples(proc, path, 1)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "--resume" in stderr and "Traceback" not in stderr
+    status = json.loads((path / "status.json").read_text())
+    assert status["state"] == "cancelled"
+    assert (path / "run.lock").read_text() == ""                  # no lock left behind
+    done = RunDir.open(path).samples()
+    assert 1 <= len(done) < ENDLESS
+    _resume_past(path, done, reference)
