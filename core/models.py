@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -174,7 +175,8 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-    except (ValueError, KeyError, OSError) as exc:
+    except (ValueError, KeyError, OSError, EOFError, struct.error) as exc:
+        # struct.error: a file cut short after its magic bytes.
         raise UserError(f"could not read the GGUF file {path}: {exc}. transformers de-quantizes "
                         "GGUF for the Llama, Mistral, Qwen2/3, Gemma2 and Phi3 families.") from exc
     # The weights are de-quantized now; drop the GGUF marker so the model saves and
@@ -233,13 +235,24 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _config_errors() -> tuple[type[BaseException], ...]:
+    """What reading a config.json can raise for a file that is missing or malformed:
+    huggingface_hub validates some fields strictly (a string where a number belongs)."""
+    errors: tuple[type[BaseException], ...] = (OSError, ValueError, TypeError)
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:
+        return errors
+    return (*errors, StrictDataclassError)
+
+
 def _check_architecture(source: str) -> None:
     """Refuse unsupported or non-causal models before loading gigabytes of weights."""
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(source)
-    except (OSError, ValueError) as exc:
+    except _config_errors() as exc:
         hint = ("" if os.path.isdir(source) else
                 " It is not a local directory, and the Hugging Face hub has no such model or "
                 "could not be reached (no network?).")
@@ -300,7 +313,7 @@ def parameter_counts(spec: str | None):
         source = str(embedded_checkpoint()) if spec == EMBEDDED else os.path.expanduser(spec)
         try:
             config = AutoConfig.from_pretrained(source)
-        except (OSError, ValueError):
+        except _config_errors():
             return None      # load_model reports this with the full message
     if getattr(config, "model_type", None) not in DECODER_LAYERS:
         return None

@@ -88,15 +88,23 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def write_error(path: Path, exc: OSError, lost: str = "nothing was changed") -> UserError:
-    """A failed write as a message that says what happened and what was kept."""
+def write_error(path: Path, exc: OSError, lost: str = "nothing was changed",
+                run_dir: Path | None = None) -> UserError:
+    """A failed write as a message that says what happened and what was kept. Writes of
+    the run's own state (samples, costs, config) end with the resume hint; writes of
+    derived files (allocations/, evals/, compare/) only ask to run the command again."""
     why = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
            errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
            errno.EPERM: "permission denied", errno.EIO: "input/output error"}.get(
         exc.errno, exc.strerror or str(exc))
-    return UserError(f"cannot write {path}: {why} ({lost}). Every sample finished before is "
-                     "safe on disk; make room or fix the permissions, then continue with "
-                     f"`impq-tui run --resume {path.parent}`.")
+    run_dir = run_dir or path.parent
+    if path.parent == run_dir:
+        hint = ("Every sample finished before is safe on disk; make room or fix the "
+                f"permissions, then continue with `impq-tui run --resume {run_dir}`.")
+    else:
+        hint = (f"The run in {run_dir} is unchanged; make room or fix the permissions, then "
+                "run the command again.")
+    return UserError(f"cannot write {path}: {why} ({lost}). {hint}")
 
 
 def _crc(record: dict) -> str:
@@ -229,7 +237,7 @@ class RunDir:
         try:
             write_atomic(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
         except OSError as exc:
-            raise write_error(path, exc) from None
+            raise write_error(path, exc, run_dir=self.path) from None
         return path
 
     def has(self, name: str) -> bool:

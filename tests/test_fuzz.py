@@ -1023,19 +1023,8 @@ def test_export_refuses_bad_input_before_loading_a_model(scratch, data):
     assert not partial, f"half-written export left behind: {partial}"
 
 
-# ------------------------------------------------------------------- known, not fixed here
+# ------------------------------------------------------------------- damaged model files
 
-def _model_file_errors():
-    import struct
-
-    from huggingface_hub.errors import StrictDataclassError
-    return (struct.error, StrictDataclassError)
-
-
-@pytest.mark.xfail(strict=True, raises=_model_file_errors(), reason="core/models.py: _load_gguf catches ValueError, KeyError "
-                   "and OSError, not the struct.error that a GGUF file cut short after its magic "
-                   "bytes raises; _check_architecture misses huggingface_hub's "
-                   "StrictDataclassFieldValidationError for a config.json field of the wrong type")
 @pytest.mark.parametrize("damage", ["truncated-gguf", "config-field-type"])
 def test_damaged_model_files_are_a_clear_error(tmp_path, damage):
     if damage == "truncated-gguf":

@@ -271,6 +271,30 @@ def test_a_failed_json_write_keeps_the_old_file(tmp_path, monkeypatch):
     assert sorted(p.name for p in run.path.iterdir()) == ["config.json", "run.lock"]
 
 
+def test_a_failed_write_of_a_derived_file_says_to_run_the_command_again(tmp_path, monkeypatch):
+    """allocations/ and evals/ are derived: the hint is to repeat the command, not to resume."""
+    import core.runs
+
+    run = RunDir.create(tmp_path / "run", RunConfig())
+
+    def fail(*args, **kwargs):
+        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+
+    monkeypatch.setattr(core.runs.os, "fsync", fail)
+    (run.path / "allocations").mkdir()
+    with pytest.raises(UserError) as e:
+        run.write_json("allocations/bits-2.50.json", {"q": [0, 1]})
+    message = str(e.value)
+    assert "allocations/bits-2.50.json: disk quota exceeded" in message
+    assert "--resume" not in message and "run the command again" in message
+    assert f"run in {run.path} is unchanged" in message
+    with pytest.raises(UserError) as e:
+        run.write_json("status.json", {"state": "running"})
+    assert f"--resume {run.path}`" in str(e.value)
+    monkeypatch.undo()
+    assert list((run.path / "allocations").iterdir()) == []
+
+
 @pytest.fixture
 def small_fs(tmp_path):
     """A real 256 KiB tmpfs, where this process may mount one (root); skipped elsewhere."""
