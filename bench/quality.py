@@ -70,6 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench-quality"))
+    p.add_argument("--replot", action="store_true",
+                   help="only redraw the figure and quality.md from OUT/quality.json")
     return p.parse_args(argv)
 
 
@@ -255,6 +257,34 @@ def write_figure(results: list[CompareResult], stem: Path) -> list[Path]:
     return paths
 
 
+def write_report(report: dict, results: list[CompareResult], out: Path, console) -> None:
+    """quality.json and quality.md, and the figure where matplotlib is installed (a bare
+    GPU box may lack it: `--replot` draws it later from quality.json)."""
+    try:
+        figure = write_figure(results, out / "quality")
+    except ImportError:
+        console.print("[yellow]matplotlib is not installed: no figure; draw it later with "
+                      f"`python bench/quality.py --replot --out {out}`[/]")
+        figure = []
+    report["files"] = [str(out / "quality.json"), str(out / "quality.md"), *map(str, figure)]
+    (out / "quality.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "quality.md").write_text(markdown(report) + "\n")
+
+
+def replot(out: Path, console) -> int:
+    """Redraw quality.png/.svg and quality.md from OUT/quality.json (no model, no GPU)."""
+    path = out / "quality.json"
+    if not path.is_file():
+        console.print(f"[red]{path} does not exist: run the benchmark first.[/]")
+        return 2
+    report = json.loads(path.read_text())
+    results = [CompareResult.from_json(b["compare"]) for b in report["backends"]]
+    write_report(report, results, out, console)
+    for f in report["files"]:
+        console.print(f"wrote {f}")
+    return 0
+
+
 def main(argv=None) -> int:
     from rich.console import Console
 
@@ -266,20 +296,20 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     console = Console()
     out = Path(args.out)
+    if args.replot:
+        return replot(out, console)
     out.mkdir(parents=True, exist_ok=True)
     command = "python bench/quality.py " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
     t0 = time.perf_counter()
-    backends = [run_backend(args, b, console) for b in args.backends]
-    results = [b.pop("_result") for b in backends]
-    for b, result in zip(backends, results):
-        b["verdicts"] = verdicts(result)
-    report = {"command": command, "hardware": hardware(), "wall_s": time.perf_counter() - t0,
-              "bar": {str(k): v for k, v in BAR.items()}, "backends": backends}
-    figure = write_figure(results, out / "quality")
-    report["files"] = [str(out / "quality.json"), str(out / "quality.md"), *map(str, figure)]
-    (out / "quality.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "quality.md").write_text(markdown(report) + "\n")
-
+    backends, results = [], []
+    for name in args.backends:      # the report is rewritten after each backend: a run cut
+        b = run_backend(args, name, console)   # short keeps what it finished
+        results.append(b.pop("_result"))
+        b["verdicts"] = verdicts(results[-1])
+        backends.append(b)
+        report = {"command": command, "hardware": hardware(), "wall_s": time.perf_counter() - t0,
+                  "bar": {str(k): v for k, v in BAR.items()}, "backends": backends}
+        write_report(report, results, out, console)
     console.rule("summary")
     for b in backends:
         s = b["settling"]

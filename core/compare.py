@@ -417,7 +417,12 @@ def save_result(run: RunDir, result: CompareResult) -> CompareResult:
     from dataclasses import replace
 
     stem = Path(COMPARE_DIR) / result.backend
-    pngs = plot(result, run.path / stem)
+    try:
+        pngs = plot(result, run.path / stem)
+    except ImportError:     # a bare GPU box may lack matplotlib: the numbers still count
+        pngs = []
+        result = replace(result, warnings=(*result.warnings, "matplotlib is not installed: no "
+                                           "plot was drawn; the JSON holds every number."))
     files = (str(run.path / stem.with_suffix(".json")), *map(str, pngs))
     result = replace(result, files=files)
     run.write_json(str(stem.with_suffix(".json")), result.to_json())

@@ -7,6 +7,9 @@ which appends them in index order. The vectors are the ones a single GPU compute
 
     run_multi_gpu(config, run, callback, cancel, gpus)   # `impq-tui run --gpus N`, one host
     run_rank(...)                                        # one rank; also under torchrun
+
+Under torchrun on hosts without CUDA the ranks talk over gloo and compute on the CPU
+(how the tests check the torchrun path on a CI machine).
 """
 from __future__ import annotations
 
@@ -78,9 +81,13 @@ def run_rank(rank: int, world: int, local_rank: int, config: RunConfig | None, r
     """One rank of a multi-GPU SPQE run. Rank 0 passes the run and config; the others
     receive them. Cancellation is decided by rank 0 between rounds: each GPU finishes
     the sample in flight, and rank 0 writes it."""
-    torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl", init_method=init, rank=rank, world_size=world,
-                            device_id=torch.device("cuda", local_rank))
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl", init_method=init, rank=rank, world_size=world,
+                                device_id=torch.device("cuda", local_rank))
+    else:   # a host without CUDA (torchrun on CPUs): the same protocol over gloo
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         shared = [config, str(run.path) if run else None, None]
         if rank == 0:
@@ -89,7 +96,7 @@ def run_rank(rank: int, world: int, local_rank: int, config: RunConfig | None, r
             ensure_model_files(config)
         dist.broadcast_object_list(shared, src=0)
         config, path, todo = shared
-        config = replace(config, device=f"cuda:{local_rank}")
+        config = replace(config, device=f"cuda:{local_rank}" if on_gpu else "cpu")
         prepared = prepare(config, callback if rank == 0 else events.ignore)
         if rank == 0:
             save_costs(run, costs_record(prepared))
@@ -130,7 +137,7 @@ def run_rank(rank: int, world: int, local_rank: int, config: RunConfig | None, r
                 return "failed"
             if stop[0]:
                 return _finish(run, callback, "cancelled", "cancelled after a round") if rank == 0 else "cancelled"
-        return _finish(run, callback, "completed", f"completed on {world} GPUs") if rank == 0 else "completed"
+        return _finish(run, callback, "completed", f"completed on {world} {'GPUs' if on_gpu else 'CPU processes'}") if rank == 0 else "completed"
     except Exception as exc:
         if rank == 0:
             write_status(run, "failed", message=str(exc))

@@ -122,6 +122,7 @@ async def test_live_run_budget_stop_and_reopen(tiny_model_dir, tmp_path):
         # pause: the engine waits between evaluations; resume lets it go on
         await pilot.press("p")
         assert dash.pause.is_set() and dash.state == "paused"
+        await pilot.pause()
         assert "paused" in pane_text(app, ProgressPane)
         await pilot.press("p")
         assert not dash.pause.is_set()

@@ -315,3 +315,22 @@ def test_gptq_round_trip(run_dir, eval_tokens, tmp_path):
     probe = load_back(out, eval_tokens, tmp_path)
     assert probe["ppl"] == pytest.approx(result["ppl"], rel=RTOL_BF16)
     assert probe["bits"] == {n: layer["bits"] for layer in record["layers"] for n in layer["modules"]}
+
+
+def test_the_engine_never_exports_over_the_current_or_home_folder(run_dir, tmp_path, monkeypatch):
+    """The app calls export_model with the folder as typed: '.', '..' or '~' with force
+    would replace the working directory or the home folder. Refused before any work."""
+    from core.errors import UserError
+    from core.export import export_model
+
+    work = tmp_path / "work" / "here"
+    work.mkdir(parents=True)
+    (work / "keep.txt").write_text("earlier work")
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HOME", str(tmp_path / "work"))
+    run = RunDir.open(run_dir)
+    for target in (".", "..", str(work), "~", "/"):
+        with pytest.raises(UserError, match="current folder, a folder above it, the home folder"):
+            export_model(run, [2] * run.costs().L, "hqq", target, force=True)
+    assert (work / "keep.txt").read_text() == "earlier work"
+    assert sorted(p.name for p in work.iterdir()) == ["keep.txt"]

@@ -230,6 +230,14 @@ def _check_bits(bits_per_layer, L: int) -> list[int]:
 
 
 def _check_target(out: Path, run_path: Path, force: bool) -> None:
+    resolved = out.resolve()
+    protected = {Path.home().resolve(), Path(resolved.anchor)}
+    cwd = Path.cwd().resolve()
+    if resolved in protected or resolved == cwd or resolved in cwd.parents:
+        # --force replaces the folder: never the working directory, a folder above it,
+        # the home folder or the file-system root (the app passes paths as typed too).
+        raise UserError(f"{out} is the current folder, a folder above it, the home folder or the "
+                        "root; export into a new folder below it.")
     if out == run_path or out in run_path.parents:
         # With --force this would replace the run directory, or a folder holding it.
         raise UserError(f"{out} is or holds the run directory {run_path}; export into another folder.")

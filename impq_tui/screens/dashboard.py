@@ -580,13 +580,13 @@ class Dashboard(Screen):
     def action_pause(self) -> None:
         self.pause.set()
         self.state = "paused"
-        self._dirty_progress = True
+        self._refresh_progress()      # at once: a key press deserves an answer before the next tick
         self.refresh_bindings()
 
     def action_resume(self) -> None:
         self.pause.clear()
         self.state = "running" if self.progress else "preparing"
-        self._dirty_progress = True
+        self._refresh_progress()
         self.refresh_bindings()
 
     def action_stop(self) -> None:
