@@ -99,6 +99,11 @@ async def session(samples: int, device: str, size: tuple[int, int], prefix: str,
         await pilot.press("escape", "e")
         await s.shot("13-export")
         await pilot.press("escape")
+        await pilot.press("c")       # IMPQ against the baselines, real backend perplexity
+        await s.until(lambda: dash.compare_result is not None and not dash.compare_running,
+                      "the comparison")
+        await s.settled()
+        await s.shot("14-compare")
         await pilot.press("ctrl+q")
     return s.saved
 
