@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from textual.widgets import TabbedContent
 
 from core.evaluate import allocate
 from core.runs import RunDir
@@ -430,7 +431,9 @@ async def test_compare_view_runs_and_shows_the_comparison(tiny_model_dir, tmp_pa
         await settled(pilot)
         await pilot.press("5")
         assert "Press c" in text_of(dash.query_one("#compare-status"))
+        await pilot.press("2")                     # from another view, c brings the table forward
         await pilot.press("c")
+        assert dash.query_one(TabbedContent).active == "compare"
         await until(pilot, lambda: dash.compare_result is not None or "failed" in text_of(
             dash.query_one("#compare-status")), "the comparison")
         status = text_of(dash.query_one("#compare-status"))

@@ -658,6 +658,7 @@ class Dashboard(Screen):
 
         bits = self.compare_bits()
         self.compare_cancel.clear()
+        self.action_view("compare")     # the key's answer is on screen at once
         self.query_one(CompareView).show_status(
             f"comparing at {', '.join(f'{b:g}' for b in bits)} bits with {len(self.D)} samples "
             "(progress in the log, 6)…", "bold")
