@@ -68,7 +68,12 @@ class GptqExporter(Exporter):
         from transformers import AutoConfig, AutoTokenizer
 
         source = self._checkpoint(config)
-        model_type = AutoConfig.from_pretrained(source).model_type
+        try:
+            model_type = AutoConfig.from_pretrained(source).model_type
+        except (OSError, ValueError) as exc:   # the run's model moved or is gone
+            raise UserError(f"GPTQModel cannot read the run's model {source!r}: "
+                            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}. "
+                            "Export from the machine that has it, or put it back at that path.") from None
         prefix = re.escape(DECODER_LAYERS.get(model_type, "model.layers"))
         dynamic = {rf"+:^{prefix}\.{i}\.": {"bits": 2}
                    for i, bits in enumerate(bits_per_layer) if bits == 2}
