@@ -77,7 +77,13 @@ BUGS_FIXED = [
     {"found_by": "hypothesis", "where": "core/models.py _load_gguf, _check_architecture",
      "what": "a GGUF file cut short after its magic bytes raised struct.error, and a config.json "
              "field of the wrong type huggingface_hub's StrictDataclassFieldValidationError "
-             "(tracebacks); both are clear model errors now (test_damaged_model_files_are_a_clear_error)"}
+             "(tracebacks); both are clear model errors now (test_damaged_model_files_are_a_clear_error)"},
+    {"found_by": "hypothesis", "where": "impq_tui/cli.py Parser",
+     "what": "argparse's 'unrecognized arguments' echoed a pasted value in full (a message of "
+             "thousands of characters); every word over 60 characters is cut short now"},
+    {"found_by": "hypothesis", "where": "core/export/gptq.py load",
+     "what": "with GPTQModel installed, exporting a run whose model path is gone raised "
+             "huggingface_hub's HFValidationError (traceback); a clear error now"}
 ]
 
 

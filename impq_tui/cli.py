@@ -21,6 +21,16 @@ def _shown(text: str, limit: int = 40) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with every very long word of its messages cut short: `unrecognized
+    arguments: ...` would otherwise echo a pasted megabyte back at the user."""
+
+    def error(self, message: str):
+        import re
+
+        super().error(re.sub(r"\S{61,}", lambda m: m.group()[:60] + "...", message))
+
+
 def _bits(text: str) -> float:
     try:
         value = float(text)
@@ -110,7 +120,7 @@ def _budget_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="impq-tui",
         description="Interaction-aware mixed-precision quantization (SPQE + IMPQ). With no "
                     "sub-command, opens the terminal app.")

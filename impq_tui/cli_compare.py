@@ -11,7 +11,7 @@ import json
 import sys
 import threading
 
-from impq_tui.cli import (EXIT_CANCELLED, _bits, _device, _on_signals, _positive, _real,
+from impq_tui.cli import (EXIT_CANCELLED, Parser, _bits, _device, _on_signals, _positive, _real,
                           _whole, check_text_early, check_window_tokens)
 
 
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     from core.compare import DEFAULT_BITS
     from impq_tui.cli import run_reporting_errors
 
-    parser = argparse.ArgumentParser(prog="impq-tui compare", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="impq-tui compare", description=__doc__.split("\n\n")[0])
     add_compare_arguments(parser, DEFAULT_BITS)
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     return run_reporting_errors(cmd_compare, parser.parse_args(argv))
