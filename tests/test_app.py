@@ -440,6 +440,9 @@ async def test_compare_view_runs_and_shows_the_comparison(tiny_model_dir, tmp_pa
         assert "compared" in status, status
         result = load_saved(dash.run, "quanto")
         assert result.bits == (2.25, 2.5, 2.7, 3.0, 3.5)
+        # the table is drawn by the message that follows the result: wait for it
+        await until(pilot, lambda: "2.7 bits" in text_of(dash.query_one("#compare-table")),
+                    "the comparison table")
         table = text_of(dash.query_one("#compare-table"))
         assert "2.7 bits" in table
         impq = result.row("impq", 2.7)
