@@ -22,8 +22,8 @@ import torch
 from core.data import load_text, token_windows
 from core.errors import UserError
 from core.export.base import DTYPES, Exporter, Written, check_all_written, import_error, safetensors_bytes
-from core.models import (DECODER_LAYERS, EMBEDDED, LoadedModel, decoder_layers, embedded_checkpoint,
-                         load_model)
+from core.models import (DECODER_LAYERS, EMBEDDED, LoadedModel, _first_line, decoder_layers,
+                         embedded_checkpoint, load_model)
 
 # GPTQ's Hessians want more tokens than SPQE's evaluations: up to this many windows of
 # the run's window length are cut from its calibration text.
@@ -72,7 +72,7 @@ class GptqExporter(Exporter):
             model_type = AutoConfig.from_pretrained(source).model_type
         except (OSError, ValueError) as exc:   # the run's model moved or is gone
             raise UserError(f"GPTQModel cannot read the run's model {source!r}: "
-                            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}. "
+                            f"{_first_line(exc)}. "
                             "Export from the machine that has it, or put it back at that path.") from None
         prefix = re.escape(DECODER_LAYERS.get(model_type, "model.layers"))
         dynamic = {rf"+:^{prefix}\.{i}\.": {"bits": 2}
