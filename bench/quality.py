@@ -196,9 +196,9 @@ def run_backend(args, backend: str, console) -> dict:
 
 # ------------------------------------------------------------------ report
 
-def verdicts(result: CompareResult) -> list[dict]:
+def verdicts(result: CompareResult, method: str = "impq") -> list[dict]:
     out = []
-    for r in result.versus_best_baseline():
+    for r in result.versus_best_baseline(method):
         bar = BAR.get(r["target_bits"])
         out.append({**r, "bar": bar, "meets_bar": None if bar is None else r["ratio"] <= bar})
     return out
@@ -218,13 +218,17 @@ def markdown(report: dict) -> str:
         lines.append("|---|" + "---:|" * len(bits))
         rows = {(r["method"], r["target_bits"]): r for r in c["results"]}
         for m in METHODS:
+            if (m, bits[0]) not in rows:     # a report from before IMPQ-local
+                continue
             cells = [f"{format_ppl(rows[(m, x)]['ppl'])} ({rows[(m, x)]['avg_bits']:.2f})" for x in bits]
             name = f"**{LABELS[m]}**" if m == "impq" else LABELS[m]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        lines.append("| IMPQ / best baseline | " + " | ".join(
-            f"{v['ratio']:.3f}" + ("" if v["bar"] is None else
-                                   f" {'✓' if v['meets_bar'] else '✗'} (bar {v['bar']})")
-            for v in b["verdicts"]) + " |")
+        for label, key in (("IMPQ", "verdicts"), ("IMPQ-local", "verdicts_local")):
+            if b.get(key):
+                lines.append(f"| {label} / best baseline | " + " | ".join(
+                    f"{v['ratio']:.3f}" + ("" if v["bar"] is None else
+                                           f" {'✓' if v['meets_bar'] else '✗'} (bar {v['bar']})")
+                    for v in b[key]) + " |")
         low, high = rows[("uniform-2", 2.0)], rows[("uniform-4", 4.0)]
         lines += ["", f"All 2-bit: {format_ppl(low['ppl'])} ({low['avg_bits']:.2f} bits); all 4-bit: "
                       f"{format_ppl(high['ppl'])} ({high['avg_bits']:.2f} bits); unquantized: "
@@ -306,6 +310,7 @@ def main(argv=None) -> int:
         b = run_backend(args, name, console)   # short keeps what it finished
         results.append(b.pop("_result"))
         b["verdicts"] = verdicts(results[-1])
+        b["verdicts_local"] = verdicts(results[-1], "impq-local")
         backends.append(b)
         report = {"command": command, "hardware": hardware(), "wall_s": time.perf_counter() - t0,
                   "bar": {str(k): v for k, v in BAR.items()}, "backends": backends}
@@ -316,10 +321,11 @@ def main(argv=None) -> int:
         console.print(f"{b['backend']}: {s['samples']} SPQE samples ({b['seconds_per_sample']:.1f} s "
                       f"each); the allocations at every budget were unchanged for the last "
                       f"{s['unchanged_for']} samples (median se/|phi| {s['median_rel_se']:.2f})")
-        for v in b["verdicts"]:
+        for label, v in [("IMPQ", v) for v in b["verdicts"]] + \
+                [("IMPQ-local", v) for v in b.get("verdicts_local", [])]:
             mark = ("" if v["bar"] is None else
                     f", {'meets' if v['meets_bar'] else 'misses'} the bar of {v['bar']}")
-            console.print(f"  {v['target_bits']:g} bits: IMPQ {v['impq_ppl']:.3f} vs best baseline "
+            console.print(f"  {v['target_bits']:g} bits: {label} {v['impq_ppl']:.3f} vs best baseline "
                           f"{LABELS[v['best_baseline']]} {v['best_baseline_ppl']:.3f}: ratio "
                           f"{v['ratio']:.3f}{mark}")
     console.print(f"hardware: {report['hardware']['summary']}; {report['wall_s']:.0f} s in all")

@@ -5,7 +5,8 @@
 loads the run's model once, computes the baselines' scores on the unquantized model
 over the run's calibration windows, builds every linear's real quantized module once
 per precision (2 and 4 bits), solves each method's allocation at each budget (IMPQ by
-its quadratic model, the baselines by the knapsack, all with the same costs and SCIP),
+its quadratic model, IMPQ-local by the budget-local model of core.interactions, our
+extension, the baselines by the knapsack, all with the same costs and SCIP),
 and evaluates each distinct allocation by swapping module references, on one set of
 evaluation tokens shared by every method. Allocations are evaluated in lexicographic
 order of their bit vectors, so consecutive ones share the longest prefix of layers
@@ -17,7 +18,7 @@ import hashlib
 import math
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,18 +31,19 @@ from core.data import describe, load_text, token_windows
 from core.engine import DTYPES, device_defaults
 from core.errors import UserError
 from core.evaluate import eval_windows
-from core.interactions import quadratic_model
+from core.interactions import budget_local_model, predicted_delta, quadratic_model
 from core.models import LoadedModel, default_dtype, load_model, pick_device
 from core.runs import RunDir
-from core.solver import HIGH_BITS, LOW_BITS, Allocation, Costs, solve, solve_knapsack
+from core.solver import (HIGH_BITS, LOW_BITS, Allocation, Costs, budget_bytes, low_share, solve,
+                         solve_knapsack)
 from core.spqe import Cancelled
 from core.switching import PrefixEvaluator
 
 DEFAULT_BITS = (2.25, 2.5, 3.0, 3.5)
-IMPQ = "impq"
+IMPQ, IMPQ_LOCAL = "impq", "impq-local"
 UNIFORM_LOW, UNIFORM_HIGH = "uniform-2", "uniform-4"
-METHODS = (IMPQ, *baselines.BASELINES)
-LABELS = {IMPQ: "IMPQ", "sensitivity": "Sensitivity", "lim": "LIM", "zscore": "Z-score",
+METHODS = (IMPQ, IMPQ_LOCAL, *baselines.BASELINES)
+LABELS = {IMPQ: "IMPQ", IMPQ_LOCAL: "IMPQ-local", "sensitivity": "Sensitivity", "lim": "LIM", "zscore": "Z-score",
           "activation": "Activation", UNIFORM_LOW: "all 2-bit", UNIFORM_HIGH: "all 4-bit"}
 COMPARE_DIR = "compare"
 
@@ -102,14 +104,23 @@ class CompareResult:
                 return r
         raise KeyError((method, bits))
 
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """METHODS that have rows (a comparison saved before IMPQ-local lacks its rows)."""
+        present = {r.method for r in self.results}
+        return tuple(m for m in METHODS if m in present)
+
     def best_baseline(self, bits: float) -> MethodResult:
         return min((self.row(m, bits) for m in baselines.BASELINES), key=lambda r: r.ppl)
 
-    def versus_best_baseline(self) -> list[dict]:
-        """IMPQ's perplexity over the best baseline's at each budget (< 1: IMPQ wins)."""
+    def versus_best_baseline(self, method: str = IMPQ) -> list[dict]:
+        """IMPQ's (or IMPQ-local's) perplexity over the best baseline's at each budget
+        (< 1: it wins). The keys keep the impq_ names for either."""
+        if method not in self.methods:
+            return []
         out = []
         for b in self.bits:
-            impq, best = self.row(IMPQ, b), self.best_baseline(b)
+            impq, best = self.row(method, b), self.best_baseline(b)
             out.append({"target_bits": b, "impq_ppl": impq.ppl, "best_baseline": best.method,
                         "best_baseline_ppl": best.ppl, "ratio": impq.ppl / best.ppl})
         return out
@@ -119,6 +130,7 @@ class CompareResult:
             "results": [r.to_json() for r in self.results],
             "bits": list(self.bits), "ppl_original": self.ppl_original,
             "impq_vs_best_baseline": self.versus_best_baseline(),
+            "impq_local_vs_best_baseline": self.versus_best_baseline(IMPQ_LOCAL),
             "scores": {k: list(map(float, v)) for k, v in self.scores.items()},
             "model": self.model, "backend": self.backend, "group_size": self.group_size,
             "samples": self.samples, "alpha": self.alpha, "costs_source": self.costs_source,
@@ -141,11 +153,12 @@ class CompareResult:
         effective bits beside it): what the CLI prints and the app shows."""
         headers = ["method", *(f"{b:g} bits" for b in self.bits)]
         rows = []
-        for m in METHODS:
+        for m in self.methods:
             rows.append([LABELS[m], *(_cell(self.row(m, b)) for b in self.bits)])
-        ratios = self.versus_best_baseline()
-        rows.append(["IMPQ / best baseline",
-                     *(f"{r['ratio']:.3f} ({LABELS[r['best_baseline']]})" for r in ratios)])
+        for m in (IMPQ, IMPQ_LOCAL):
+            if ratios := self.versus_best_baseline(m):
+                rows.append([f"{LABELS[m]} / best baseline",
+                             *(f"{r['ratio']:.3f} ({LABELS[r['best_baseline']]})" for r in ratios)])
         for m, b in ((UNIFORM_LOW, float(LOW_BITS)), (UNIFORM_HIGH, float(HIGH_BITS))):
             rows.append([LABELS[m], *([_cell(self.row(m, b))] * len(self.bits))])
         rows.append(["unquantized", *([format_ppl(self.ppl_original)] * len(self.bits))])
@@ -252,7 +265,7 @@ def compare(run: RunDir, bits_list=DEFAULT_BITS, *, eval_text: str = "builtin",
     t_scores = time.perf_counter() - t
 
     costs, costs_source = _costs(run, real, backend_impl, config, log)
-    allocations = _allocations(qmodel, scores, costs, bits_list)
+    allocations = _allocations(qmodel, (D, run.P(), alpha), scores, costs, bits_list)
     t = time.perf_counter()
     evaluator = PrefixEvaluator(loaded, tokens, micro)
     measured, ppl_original, passes = _evaluate_all(evaluator, real, allocations, log, cancel)
@@ -375,11 +388,18 @@ def _costs(run: RunDir, real: RealModules, backend, config, log) -> tuple[Costs,
     return costs, "run"
 
 
-def _allocations(qmodel, scores: dict, costs: Costs, bits_list) -> dict[tuple[str, float], Allocation]:
+def _allocations(qmodel, walks, scores: dict, costs: Costs,
+                 bits_list) -> dict[tuple[str, float], Allocation]:
+    """Every method's allocation at every budget. walks = (D, perms, alpha) for IMPQ-local;
+    every predicted_delta_nll is the run's (paper) quadratic model's, for comparability."""
     a, K = qmodel.a, qmodel.K
+    D, perms, alpha = walks
     out: dict[tuple[str, float], Allocation] = {}
     for b in bits_list:
         out[(IMPQ, b)] = solve(a, K, costs, bits=b)
+        local = budget_local_model(D, perms, low_share(costs, budget_bytes(costs, b)), alpha=alpha)
+        alloc = solve(local.a, local.K, costs, bits=b)
+        out[(IMPQ_LOCAL, b)] = replace(alloc, predicted_delta_nll=predicted_delta((a, K), alloc.q))
         for m in baselines.BASELINES:
             out[(m, b)] = baselines.allocation(scores[m], costs, b, a=a, K=K)
     zeros = np.zeros(costs.L)
@@ -414,8 +434,6 @@ def _evaluate_all(evaluator: PrefixEvaluator, real: RealModules, allocations: di
 
 def save_result(run: RunDir, result: CompareResult) -> CompareResult:
     """Write compare/<backend>.json, .png and .svg into the run directory."""
-    from dataclasses import replace
-
     stem = Path(COMPARE_DIR) / result.backend
     try:
         pngs = plot(result, run.path / stem)
@@ -460,15 +478,17 @@ def plot(result: CompareResult, stem: Path, title: str | None = None) -> list[Pa
     return paths
 
 
-MARKERS = {IMPQ: "o", "sensitivity": "s", "lim": "^", "zscore": "D", "activation": "v"}
+MARKERS = {IMPQ: "o", IMPQ_LOCAL: "P", "sensitivity": "s", "lim": "^", "zscore": "D", "activation": "v"}
 
 
 def draw(ax, result: CompareResult) -> None:
     """One method per line on a matplotlib Axes (also used by bench/quality's figure)."""
-    for m in METHODS:
+    for m in result.methods:
         rows = sorted((result.row(m, b) for b in result.bits), key=lambda r: r.avg_bits)
+        ours = m in (IMPQ, IMPQ_LOCAL)
         ax.plot([r.avg_bits for r in rows], [r.ppl for r in rows], marker=MARKERS[m],
-                label=LABELS[m], linewidth=2.2 if m == IMPQ else 1.2, zorder=3 if m == IMPQ else 2)
+                label=LABELS[m], linewidth=2.2 if ours else 1.2, zorder=3 if ours else 2,
+                linestyle="--" if m == IMPQ_LOCAL else "-")
     for m, b, marker in ((UNIFORM_LOW, float(LOW_BITS), "x"), (UNIFORM_HIGH, float(HIGH_BITS), "+")):
         r = result.row(m, b)
         ax.scatter([r.avg_bits], [r.ppl], marker=marker, color="black", s=60, label=LABELS[m], zorder=4)

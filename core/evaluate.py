@@ -17,23 +17,40 @@ from core import events
 from core.backends import get_backend
 from core.data import load_text, token_windows
 from core.errors import UserError
-from core.interactions import quadratic_model
+from core.interactions import budget_local_model, quadratic_model
 from core.models import LoadedModel, load_model, pick_device
 from core.runs import RunDir
-from core.solver import Allocation, frontier, solve
+from core.solver import Allocation, frontier, low_share, resolve_budget, solve
 from core.switching import PrefixEvaluator
 
 
 def allocate(run: RunDir, *, bits: float | None = None, budget: int | None = None,
-             alpha: float = 0.5) -> Allocation:
+             alpha: float = 0.5, local: bool = False) -> Allocation:
+    """IMPQ's allocation; with local, from the budget-local model (our extension)."""
     D = run.D()
     if len(D) == 0:
         raise UserError(f"run {run.path} has no finished SPQE sample yet: nothing to solve. "
                         f"Continue it with `impq-tui run --resume {run.path}`.")
     if not 0 <= alpha <= 1:
         raise UserError(f"--alpha must lie in [0, 1] (got {alpha}).")
+    costs = run.costs()
+    if local:
+        B = resolve_budget(costs, bits, budget)
+        model = budget_local_model(D, run.P(), low_share(costs, B), alpha=alpha)
+        return solve(model.a, model.K, costs, bits=bits, budget=budget)
     model = quadratic_model(D, alpha=alpha, paired=run.config.antithetic)
-    return solve(model.a, model.K, run.costs(), bits=bits, budget=budget)
+    return solve(model.a, model.K, costs, bits=bits, budget=budget)
+
+
+def result_stem(bits: float | None, budget: int | None = None, method: str = "impq") -> str:
+    """The file name stem of an allocation or evaluation: bits-2.50, bits-2.125, bytes-N,
+    with -local for IMPQ-local. Two decimals unless the target has more (2.125 and 2.13
+    are different budgets and must not share a file)."""
+    if bits is None:
+        stem = f"bytes-{budget}"
+    else:
+        stem = f"bits-{bits:.2f}" if float(f"{bits:.2f}") == bits else f"bits-{bits!r}"
+    return stem + ("-local" if method == "impq-local" else "")
 
 
 def run_frontier(run: RunDir, alpha: float = 0.5, bits_grid=None) -> list[Allocation]:

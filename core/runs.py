@@ -319,6 +319,11 @@ class RunDir:
             return np.empty((0, len(self.read_json(COSTS)["m_lo"]) if self.has(COSTS) else 0))
         return np.asarray(rows, dtype=np.float64)
 
+    def P(self) -> np.ndarray:
+        """The [M, L] permutations behind the rows of D(), in the same order."""
+        rows = [r["perm"] for r in self.finite_samples()]
+        return np.asarray(rows, dtype=np.int64) if rows else np.empty((0, self.D().shape[1]), np.int64)
+
     def write_costs(self, costs: dict) -> None:
         self.write_json(COSTS, {**costs, "crc": _crc(costs)})
 

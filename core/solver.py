@@ -73,6 +73,13 @@ def budget_bytes(costs: Costs, bits: float) -> int:
     return costs.B_lo + math.floor(share * (costs.B_hi - costs.B_lo))
 
 
+def low_share(costs: Costs, B: int) -> float:
+    """(B_hi - B) / (B_hi - B_lo) in [0, 1]: the share of the 2-to-4-bit bytes the budget
+    leaves out, about the share of layers it keeps at 2 bits."""
+    span = costs.B_hi - costs.B_lo
+    return 0.0 if span <= 0 else min(1.0, max(0.0, (costs.B_hi - B) / span))
+
+
 @dataclass(frozen=True)
 class Allocation:
     q: tuple[int, ...]               # 1 = layer at low precision (2-bit), 0 = high (4-bit)
@@ -99,7 +106,7 @@ def solve(a, K, costs: Costs, *, bits: float | None = None, budget: int | None =
           time_limit: float | None = None) -> Allocation:
     """The q minimizing Delta(q) = a.q + q.K.q within the budget (METHOD.md, "Solving")."""
     a, K = _check_model(a, K, costs.L)
-    B = _resolve_budget(costs, bits, budget)
+    B = resolve_budget(costs, bits, budget)
     start = time.perf_counter()
     if B >= costs.B_hi:
         return _allocation([0] * costs.L, costs, bits, B, (a, K), "all-high", time.perf_counter() - start)
@@ -128,7 +135,7 @@ def solve_knapsack(scores, costs: Costs, *, bits: float | None = None, budget: i
     if s.shape != (costs.L,):
         raise ValueError(f"scores has shape {s.shape}, expected ({costs.L},)")
     aK = None if a is None or K is None else _check_model(a, K, costs.L)
-    B = _resolve_budget(costs, bits, budget)
+    B = resolve_budget(costs, bits, budget)
     start = time.perf_counter()
     if B >= costs.B_hi:
         return _allocation([0] * costs.L, costs, bits, B, aK, "all-high", time.perf_counter() - start)
@@ -154,7 +161,8 @@ def _check_model(a, K, L: int) -> tuple[np.ndarray, np.ndarray]:
     return a, K
 
 
-def _resolve_budget(costs: Costs, bits: float | None, budget: int | None) -> int:
+def resolve_budget(costs: Costs, bits: float | None, budget: int | None) -> int:
+    """The budget in bytes from a target in bits or a byte count (exactly one of them)."""
     if (bits is None) == (budget is None):
         raise UserError("Give either a target in bits per weight or a budget in bytes, not both or neither.")
     B = budget_bytes(costs, bits) if budget is None else int(budget)

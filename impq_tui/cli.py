@@ -116,7 +116,18 @@ def _budget_args(p: argparse.ArgumentParser) -> None:
                        help="memory budget for the decoder layers' quantized weights, in bytes")
     p.add_argument("--alpha", type=_real, default=0.5,
                    help="shrinkage of the covariance toward its diagonal (default 0.5)")
+    add_local_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+
+
+def add_local_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--local", action="store_true",
+                   help="IMPQ-local, our extension: weight each marginal by how close its step "
+                        "is to the budget's number of 2-bit layers (README, Quality)")
+
+
+def method_name(args) -> str:
+    return "impq-local" if getattr(args, "local", False) else "impq"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -397,19 +408,24 @@ def cmd_solve(args) -> int:
     from core.runs import RunDir
 
     run = RunDir.open(args.run_dir)
-    alloc = allocate(run, bits=args.bits, budget=args.budget_bytes, alpha=args.alpha)
-    record = {**alloc.to_json(), "samples": len(run.samples()), "alpha": args.alpha,
-              "run": str(run.path)}
-    name = f"bits-{args.bits:.2f}.json" if args.bits else f"bytes-{args.budget_bytes}.json"
-    run.write_json(f"allocations/{name}", record)
+    alloc = allocate(run, bits=args.bits, budget=args.budget_bytes, alpha=args.alpha, local=args.local)
+    record = {**alloc.to_json(), "method": method_name(args), "samples": len(run.samples()),
+              "alpha": args.alpha, "run": str(run.path)}
+    run.write_json(f"allocations/{_file_stem(args)}.json", record)
     if args.json:
         print(json.dumps(record))
     else:
-        _print_allocation(run, alloc, args.alpha)
+        _print_allocation(run, alloc, args.alpha, args.local)
     return 0
 
 
-def _print_allocation(run, alloc, alpha: float) -> None:
+def _file_stem(args) -> str:
+    from core.evaluate import result_stem
+
+    return result_stem(args.bits, args.budget_bytes, method_name(args))
+
+
+def _print_allocation(run, alloc, alpha: float, local: bool = False) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -417,7 +433,9 @@ def _print_allocation(run, alloc, alpha: float) -> None:
 
     model = quadratic_model(run.D(), alpha=alpha, paired=run.config.antithetic)
     costs = run.costs()
-    table = Table(title=f"IMPQ allocation, {run.path} ({model.samples} samples)")
+    kind = "IMPQ-local" if local else "IMPQ"
+    table = Table(title=f"{kind} allocation, {run.path} ({model.samples} samples); phi and se "
+                        "are the Shapley estimates")
     for col in ("layer", "bits", "phi (nats)", "se", "bytes"):
         table.add_column(col, justify="right")
     for i, bits in enumerate(alloc.bits_per_layer):
@@ -441,14 +459,14 @@ def cmd_eval(args) -> int:
 
     check_window_tokens(args.eval_window_tokens, "--eval-window-tokens")
     run = RunDir.open(args.run_dir)
-    alloc = allocate(run, bits=args.bits, budget=args.budget_bytes, alpha=args.alpha)
+    alloc = allocate(run, bits=args.bits, budget=args.budget_bytes, alpha=args.alpha, local=args.local)
     check_text_early(args.eval_text, "--eval-text")
     result = evaluate_allocation(run, list(alloc.bits_per_layer), eval_text=args.eval_text,
                                  windows=args.eval_windows, window_tokens=args.eval_window_tokens,
                                  backend=args.backend, device=args.device)
-    record = {**result.to_json(), "allocation": alloc.to_json(), "run": str(run.path)}
-    name = f"bits-{args.bits:.2f}" if args.bits else f"bytes-{args.budget_bytes}"
-    run.write_json(f"evals/{name}-{result.backend}.json", record)
+    record = {**result.to_json(), "method": method_name(args), "allocation": alloc.to_json(),
+              "run": str(run.path)}
+    run.write_json(f"evals/{_file_stem(args)}-{result.backend}.json", record)
     if args.json:
         print(json.dumps(record))
     else:

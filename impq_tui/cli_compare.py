@@ -79,17 +79,16 @@ def result_table(result):
     """The comparison as a rich Table: what the CLI prints and the app's Compare view shows."""
     from rich.table import Table
 
-    from core.compare import METHODS
-
     headers, rows = result.table()
     table = Table(title=f"perplexity @ effective bits: {result.model}, {result.backend} "
                         f"(group {result.group_size}), IMPQ from {result.samples} samples")
     for k, h in enumerate(headers):
         table.add_column(h, justify="left" if k == 0 else "right")
-    n = len(METHODS)   # then the ratio row, then the references
+    n = len(result.methods)   # then the ratio rows, then the references
+    r = n + sum(row[0].endswith("/ best baseline") for row in rows)
     for k, row in enumerate(rows):
-        style = "bold" if k == 0 else ("dim" if k > n else None)
-        table.add_row(*row, style=style, end_section=k in (n - 1, n))
+        style = "bold" if k == 0 else ("dim" if k >= r else None)
+        table.add_row(*row, style=style, end_section=k in (n - 1, r - 1))
     return table
 
 

@@ -10,7 +10,7 @@ import sys
 
 
 def add_export_parser(subparsers) -> argparse.ArgumentParser:
-    from impq_tui.cli import _bits, _device, _positive, _real
+    from impq_tui.cli import _bits, _device, _positive, _real, add_local_argument
 
     p = subparsers.add_parser(
         "export", help="write a run's allocation as a quantized model (quanto, hqq or gptq)",
@@ -26,6 +26,7 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
     p.add_argument("--alpha", type=_real, default=0.5,
                    help="shrinkage of the covariance toward its diagonal (default 0.5)")
+    add_local_argument(p)
     p.add_argument("--eval", action="store_true",
                    help="measure perplexity of the quantized model on the evaluation text")
     p.add_argument("--verify", action="store_true",
@@ -46,12 +47,12 @@ def cmd_export(args) -> int:
     from core.evaluate import allocate
     from core.export import export_model
     from core.runs import RunDir
-    from impq_tui.cli import check_text_early, check_window_tokens
+    from impq_tui.cli import check_text_early, check_window_tokens, method_name
 
     check_window_tokens(args.eval_window_tokens, "--eval-window-tokens")
     _check_out(args.out)
     run = RunDir.open(args.run_dir)
-    alloc = allocate(run, bits=args.bits, alpha=args.alpha)
+    alloc = allocate(run, bits=args.bits, alpha=args.alpha, local=args.local)
     if args.eval or args.verify:    # before the model is loaded, quantized and written
         check_text_early(args.eval_text, "--eval-text")
     console = Console(stderr=True)
@@ -65,7 +66,7 @@ def cmd_export(args) -> int:
                           args.out, force=args.force, target_bits=args.bits, evaluate=args.eval,
                           verify=args.verify, eval_text=args.eval_text, eval_windows=args.eval_windows,
                           eval_window_tokens=args.eval_window_tokens, device=args.device,
-                          callback=callback)
+                          method=method_name(args), callback=callback)
     if args.json:
         print(json.dumps({**result.to_json(), "allocation": alloc.to_json(), "run": str(run.path)}))
         return 0

@@ -216,7 +216,9 @@ class ExportScreen(Screen):
                                      callback=callback)
         record = {**result.to_json(), "allocation": self.allocation.to_json(),
                   "run": str(self.run.path)}
-        self.run.write_json(f"evals/bits-{self.bits:.2f}-{result.backend}.json", record)
+        from core.evaluate import result_stem
+
+        self.run.write_json(f"evals/{result_stem(self.bits)}-{result.backend}.json", record)
         self.post_message(TaskDone("eval", (
             f"perplexity {result.ppl:.3f} with {result.backend} modules, "
             f"{result.ppl_simulated:.3f} simulated, {result.ppl_original:.3f} unquantized "
