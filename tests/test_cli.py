@@ -72,6 +72,26 @@ def test_solve_json_schema_and_budget(finished_run):
     assert low["avg_bits"] < out["avg_bits"] < full["avg_bits"]
 
 
+def test_solve_local_writes_its_own_file(finished_run):
+    """--local solves the budget-local model (our extension), says so in the JSON, and
+    does not overwrite the paper IMPQ's allocation file; 2.125 and 2.13 get two files."""
+    from core.evaluate import allocate
+
+    plain = json.loads(cli("solve", finished_run, "--bits", "2.5", "--json", check=True).stdout)
+    local = json.loads(cli("solve", finished_run, "--bits", "2.5", "--json", "--local",
+                           check=True).stdout)
+    assert plain["method"] == "impq" and local["method"] == "impq-local"
+    assert local["bytes"] <= local["budget_bytes"] == plain["budget_bytes"]
+    run = RunDir.open(finished_run)
+    assert local["bits_per_layer"] == list(allocate(run, bits=2.5, local=True).bits_per_layer)
+    folder = finished_run / "allocations"
+    assert json.loads((folder / "bits-2.50.json").read_text())["method"] == "impq"
+    assert json.loads((folder / "bits-2.50-local.json").read_text())["method"] == "impq-local"
+    for bits in ("2.125", "2.13"):
+        cli("solve", finished_run, "--bits", bits, "--json", check=True)
+    assert (folder / "bits-2.125.json").is_file() and (folder / "bits-2.13.json").is_file()
+
+
 def test_eval_json(finished_run):
     out = json.loads(cli("eval", finished_run, "--bits", "3", "--json", "--eval-windows", 3,
                          "--eval-window-tokens", 32, check=True).stdout)

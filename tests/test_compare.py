@@ -128,7 +128,8 @@ def test_compare_json_schema_and_files(tiny_run):
                        "--eval-windows", 2, "--eval-window-tokens", 32, check=True)
     out = json.loads(proc.stdout)
     assert {"results", "bits", "ppl_original", "impq_vs_best_baseline", "scores", "eval",
-            "calib", "backend", "samples", "files"} <= set(out)
+            "calib", "backend", "samples", "files", "impq_local_vs_best_baseline"} <= set(out)
+    assert [v["target_bits"] for v in out["impq_local_vs_best_baseline"]] == [2.5, 3.0]
     assert out["bits"] == [2.5, 3.0] and out["samples"] == 3
     rows = out["results"]
     assert len(rows) == 2 * len(METHODS) + 2
@@ -151,7 +152,9 @@ def test_compare_json_schema_and_files(tiny_run):
 def test_table_has_every_method_and_budget(result):
     headers, rows = result.table()
     assert headers == ["method", "2.25 bits", "2.5 bits", "3 bits", "3.5 bits"]
-    assert [r[0] for r in rows[:5]] == ["IMPQ", "Sensitivity", "LIM", "Z-score", "Activation"]
+    assert [r[0] for r in rows[:6]] == ["IMPQ", "IMPQ-local", "Sensitivity", "LIM", "Z-score",
+                                        "Activation"]
+    assert [r[0] for r in rows[6:8]] == ["IMPQ / best baseline", "IMPQ-local / best baseline"]
     assert all(len(r) == len(headers) for r in rows)
     impq = result.row("impq", 2.5)
     assert rows[0][2] == f"{format_ppl(impq.ppl)} @{impq.avg_bits:.2f}"
@@ -179,3 +182,34 @@ def test_user_errors(tiny_run, tmp_path, capsys):
     empty.unlock()
     assert compare_main(empty.path) == 2
     assert "no finished SPQE sample" in capsys.readouterr().err
+
+
+def test_impq_local_rows_are_the_budget_local_solutions(result, tiny_run):
+    """IMPQ-local's allocation at each budget is what `solve --local` gives, its predicted
+    loss is the paper model's (comparable with IMPQ's), and it never beats IMPQ on that
+    model (IMPQ is that model's optimum)."""
+    from core.evaluate import allocate
+    from core.interactions import predicted_delta, quadratic_model
+
+    paper = quadratic_model(tiny_run.D())
+    for b in BITS:
+        local, impq = result.row("impq-local", b), result.row("impq", b)
+        assert local.bits_per_layer == allocate(tiny_run, bits=b, local=True).bits_per_layer
+        assert local.predicted_delta_nll == pytest.approx(
+            predicted_delta(paper, [x == 2 for x in local.bits_per_layer]))
+        assert impq.predicted_delta_nll <= local.predicted_delta_nll + 1e-9
+
+
+def test_a_comparison_saved_before_impq_local_still_reads(tiny_run, result):
+    """compare/<backend>.json written before IMPQ-local existed has no such rows: the table,
+    ratios and plot use the methods present."""
+    from core.compare import CompareResult
+
+    old = result.to_json()
+    old["results"] = [r for r in old["results"] if r["method"] != "impq-local"]
+    del old["impq_local_vs_best_baseline"]
+    back = CompareResult.from_json(old)
+    assert "impq-local" not in back.methods and back.versus_best_baseline("impq-local") == []
+    headers, rows = back.table()
+    assert [r[0] for r in rows[:2]] == ["IMPQ", "Sensitivity"]
+    assert sum(r[0].endswith("best baseline") for r in rows) == 1
