@@ -30,12 +30,11 @@ from core.backends import get_backend
 from core.data import describe, load_text, token_windows
 from core.engine import DTYPES, device_defaults
 from core.errors import UserError
-from core.evaluate import eval_windows
-from core.interactions import budget_local_model, predicted_delta, quadratic_model
+from core.evaluate import eval_windows, solve_local
+from core.interactions import predicted_delta, quadratic_model
 from core.models import LoadedModel, default_dtype, load_model, pick_device
 from core.runs import RunDir
-from core.solver import (HIGH_BITS, LOW_BITS, Allocation, Costs, budget_bytes, low_share, solve,
-                         solve_knapsack)
+from core.solver import HIGH_BITS, LOW_BITS, Allocation, Costs, solve, solve_knapsack
 from core.spqe import Cancelled
 from core.switching import PrefixEvaluator
 
@@ -265,7 +264,7 @@ def compare(run: RunDir, bits_list=DEFAULT_BITS, *, eval_text: str = "builtin",
     t_scores = time.perf_counter() - t
 
     costs, costs_source = _costs(run, real, backend_impl, config, log)
-    allocations = _allocations(qmodel, (D, run.P(), alpha), scores, costs, bits_list)
+    allocations = _allocations(qmodel, scores, costs, bits_list, D=D, perms=run.P(), alpha=alpha)
     t = time.perf_counter()
     evaluator = PrefixEvaluator(loaded, tokens, micro)
     measured, ppl_original, passes = _evaluate_all(evaluator, real, allocations, log, cancel)
@@ -388,17 +387,15 @@ def _costs(run: RunDir, real: RealModules, backend, config, log) -> tuple[Costs,
     return costs, "run"
 
 
-def _allocations(qmodel, walks, scores: dict, costs: Costs,
-                 bits_list) -> dict[tuple[str, float], Allocation]:
-    """Every method's allocation at every budget. walks = (D, perms, alpha) for IMPQ-local;
-    every predicted_delta_nll is the run's (paper) quadratic model's, for comparability."""
+def _allocations(qmodel, scores: dict, costs: Costs, bits_list, *, D, perms,
+                 alpha: float) -> dict[tuple[str, float], Allocation]:
+    """Every method's allocation at every budget (D and perms for IMPQ-local). Every
+    predicted_delta_nll is the run's (paper) quadratic model's, for comparability."""
     a, K = qmodel.a, qmodel.K
-    D, perms, alpha = walks
     out: dict[tuple[str, float], Allocation] = {}
     for b in bits_list:
         out[(IMPQ, b)] = solve(a, K, costs, bits=b)
-        local = budget_local_model(D, perms, low_share(costs, budget_bytes(costs, b)), alpha=alpha)
-        alloc = solve(local.a, local.K, costs, bits=b)
+        alloc = solve_local(D, perms, costs, bits=b, alpha=alpha)
         out[(IMPQ_LOCAL, b)] = replace(alloc, predicted_delta_nll=predicted_delta((a, K), alloc.q))
         for m in baselines.BASELINES:
             out[(m, b)] = baselines.allocation(scores[m], costs, b, a=a, K=K)

@@ -35,10 +35,17 @@ def allocate(run: RunDir, *, bits: float | None = None, budget: int | None = Non
         raise UserError(f"--alpha must lie in [0, 1] (got {alpha}).")
     costs = run.costs()
     if local:
-        B = resolve_budget(costs, bits, budget)
-        model = budget_local_model(D, run.P(), low_share(costs, B), alpha=alpha)
-        return solve(model.a, model.K, costs, bits=bits, budget=budget)
+        return solve_local(D, run.P(), costs, bits=bits, budget=budget, alpha=alpha)
     model = quadratic_model(D, alpha=alpha, paired=run.config.antithetic)
+    return solve(model.a, model.K, costs, bits=bits, budget=budget)
+
+
+def solve_local(D, perms, costs, *, bits: float | None = None, budget: int | None = None,
+                alpha: float = 0.5) -> Allocation:
+    """IMPQ-local's allocation (our extension): the model weighted toward this budget's
+    number of 2-bit layers, solved by SCIP under the same budget as IMPQ."""
+    share = low_share(costs, resolve_budget(costs, bits, budget))
+    model = budget_local_model(D, perms, share, alpha=alpha)
     return solve(model.a, model.K, costs, bits=bits, budget=budget)
 
 
