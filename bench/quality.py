@@ -39,11 +39,13 @@ import torch  # noqa: E402
 from core import events  # noqa: E402
 from core.compare import (DEFAULT_BITS, LABELS, METHODS, CompareResult, compare, draw,  # noqa: E402
                           format_ppl)
-from core.engine import device_defaults, run_spqe  # noqa: E402
+from core.engine import run_spqe  # noqa: E402
+from core.settings import device_defaults  # noqa: E402
 from core.interactions import quadratic_model  # noqa: E402
 from core.models import pick_device  # noqa: E402
 from core.runs import CONFIG, RunConfig, RunDir  # noqa: E402
 from core.solver import solve  # noqa: E402
+from impq_tui.report import compare_report, log_line, markdown_table  # noqa: E402
 
 # The bar: IMPQ perplexity at most this times the best baseline's.
 BAR = {2.25: 0.8, 2.5: 0.8, 3.0: 1.0, 3.5: 1.0}
@@ -157,7 +159,7 @@ def run_backend(args, backend: str, console) -> dict:
                           f"{now - last[0]:.1f} s[/]")
             last[0] = now
         elif isinstance(event, events.Log):
-            console.print(f"[dim]{event.message}[/]")
+            console.print(log_line(event))
 
     M = config.samples
     while True:
@@ -178,15 +180,12 @@ def run_backend(args, backend: str, console) -> dict:
 
     def log(event) -> None:
         if isinstance(event, events.Log):
-            console.print(f"[dim]{event.message}[/]" if event.level == "info"
-                          else f"[yellow]warning: {event.message}[/]")
+            console.print(log_line(event))
 
     result = compare(run, args.bits, eval_text=args.eval_text, windows=args.eval_windows,
                      window_tokens=args.eval_window_tokens or config.window_tokens,
                      alpha=args.alpha, callback=log)
-    from impq_tui.cli_compare import print_result
-
-    print_result(result, console)
+    console.print(compare_report(result))
     sample_s = [r["seconds"] for r in run.samples()]
     return {"backend": backend, "run_dir": str(run.path), "config": run.config.to_json(),
             "settling": settle, "spqe_wall_s": spqe_s,
@@ -214,21 +213,20 @@ def markdown(report: dict) -> str:
                   f"{c['eval']['description']}, the same for every method. Allocations last changed "
                   f"at sample {s['settled_at_max']} of {s['samples']}. Perplexity (effective bits):", ""]
         bits = c["bits"]
-        lines.append("| method | " + " | ".join(f"{x:g} bits" for x in bits) + " |")
-        lines.append("|---|" + "---:|" * len(bits))
         rows = {(r["method"], r["target_bits"]): r for r in c["results"]}
+        table = []
         for m in METHODS:
             if (m, bits[0]) not in rows:     # a report from before IMPQ-local
                 continue
             cells = [f"{format_ppl(rows[(m, x)]['ppl'])} ({rows[(m, x)]['avg_bits']:.2f})" for x in bits]
-            name = f"**{LABELS[m]}**" if m == "impq" else LABELS[m]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            table.append([f"**{LABELS[m]}**" if m == "impq" else LABELS[m], *cells])
         for label, key in (("IMPQ", "verdicts"), ("IMPQ-local", "verdicts_local")):
             if b.get(key):
-                lines.append(f"| {label} / best baseline | " + " | ".join(
+                table.append([f"{label} / best baseline", *(
                     f"{v['ratio']:.3f}" + ("" if v["bar"] is None else
                                            f" {'✓' if v['meets_bar'] else '✗'} (bar {v['bar']})")
-                    for v in b[key]) + " |")
+                    for v in b[key])])
+        lines += markdown_table(["method", *(f"{x:g} bits" for x in bits)], table)
         low, high = rows[("uniform-2", 2.0)], rows[("uniform-4", 4.0)]
         lines += ["", f"All 2-bit: {format_ppl(low['ppl'])} ({low['avg_bits']:.2f} bits); all 4-bit: "
                       f"{format_ppl(high['ppl'])} ({high['avg_bits']:.2f} bits); unquantized: "

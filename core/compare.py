@@ -27,16 +27,16 @@ from torch import nn
 
 from core import baselines, events
 from core.backends import get_backend
-from core.data import describe, load_text, token_windows
-from core.engine import DTYPES, device_defaults
+from core.data import describe, eval_tokens, load_text, token_windows
 from core.errors import UserError
-from core.evaluate import eval_windows, solve_local
+from core.evaluate import solve_local
 from core.interactions import predicted_delta, quadratic_model
-from core.models import LoadedModel, default_dtype, load_model, pick_device
+from core.models import LoadedModel, load_model, pick_device
 from core.runs import RunDir
+from core.settings import eval_settings
 from core.solver import HIGH_BITS, LOW_BITS, Allocation, Costs, solve, solve_knapsack
 from core.spqe import Cancelled
-from core.switching import PrefixEvaluator
+from core.switching import LayerSwitch, PrefixEvaluator
 
 DEFAULT_BITS = (2.25, 2.5, 3.0, 3.5)
 IMPQ, IMPQ_LOCAL = "impq", "impq-local"
@@ -177,53 +177,9 @@ def tokens_sha256(tokens: torch.Tensor) -> str:
     return hashlib.sha256(tokens.to("cpu", torch.int64).numpy().tobytes()).hexdigest()
 
 
-# ------------------------------------------------------------------ the real modules
-
-class RealModules:
-    """Every decoder linear's real quantized module at 2 and 4 bits, and the original,
-    put in place by reference: any allocation is assembled without re-quantizing."""
-
-    def __init__(self, loaded: LoadedModel, backend, cancel: threading.Event | None = None):
-        self.model, self.linear_names = loaded.model, loaded.linear_names
-        names = [n for layer in self.linear_names for n in layer]
-        self.modules: dict[object, dict[str, nn.Module]] = {
-            None: {n: loaded.model.get_submodule(n) for n in names}}
-        for bits in (LOW_BITS, HIGH_BITS):
-            self.modules[bits] = {}
-            for layer in self.linear_names:
-                if cancel is not None and cancel.is_set():
-                    raise Cancelled
-                # quantize_linears replaces the originals; harvest its modules, put them back.
-                # Built under inference mode like the evaluation that uses them: quanto's
-                # weight subclass otherwise fails there ("Cannot set version_counter for
-                # inference tensor", torch 2.13).
-                with torch.inference_mode():
-                    backend.quantize_linears(loaded.model, layer, [bits] * len(layer))
-                for n in layer:
-                    self.modules[bits][n] = loaded.model.get_submodule(n)
-                    self._put(n, self.modules[None][n])
-        self.state: list[int | None] = [None] * len(self.linear_names)
-        self.nbytes = {bits: [sum(backend.module_nbytes(self.modules[bits][n]) for n in layer)
-                              for layer in self.linear_names] for bits in (LOW_BITS, HIGH_BITS)}
-
-    def _put(self, name: str, module: nn.Module) -> None:
-        parent, _, child = name.rpartition(".")
-        setattr(self.model.get_submodule(parent), child, module)
-
-    def apply(self, bits_per_layer) -> int | None:
-        """Put layer i's modules at bits_per_layer[i] (None: original); return the first
-        layer that changed, None if none did."""
-        changed = [i for i, b in enumerate(bits_per_layer) if b != self.state[i]]
-        for i in changed:
-            for n in self.linear_names[i]:
-                self._put(n, self.modules[bits_per_layer[i]][n])
-            self.state[i] = bits_per_layer[i]
-        return changed[0] if changed else None
-
-
 # ------------------------------------------------------------------ compare
 
-def compare(run: RunDir, bits_list=DEFAULT_BITS, *, eval_text: str = "builtin",
+def compare(run: RunDir, bits_list=DEFAULT_BITS, *, eval_text: str | None = None,
             windows: int | None = None, window_tokens: int | None = None,
             backend: str | None = None, device: str | None = None, alpha: float = 0.5,
             callback: events.Callback = events.ignore, cancel: threading.Event | None = None,
@@ -248,15 +204,18 @@ def compare(run: RunDir, bits_list=DEFAULT_BITS, *, eval_text: str = "builtin",
             warnings.append(message)
         callback(events.Log(message, level))
 
-    loaded, backend_impl, dev = _load(run, device, backend, log)
+    loaded, backend_impl, settings = _load(run, device, backend, eval_text, windows,
+                                           window_tokens, log)
     micro = max(1, config.micro_batch)
     calib = calibration_windows(loaded, config)
-    tokens = _eval_tokens(loaded, config, eval_text, windows, window_tokens, dev, log)
+    tokens = eval_tokens(loaded.tokenizer, settings, config.calib_text, log)
     _check_cancel(cancel)
 
     t = time.perf_counter()
     log(f"quantizing {sum(map(len, loaded.linear_names))} linears to 2 and 4 bits ({backend_impl.name})")
-    real = RealModules(loaded, backend_impl, cancel)
+    real = LayerSwitch(loaded, backend_impl, real=True, keep_original=True,
+                       on_layer=lambda i, L: _check_cancel(cancel))
+    real.restore_original()
     t_quantize = time.perf_counter() - t
     t = time.perf_counter()
     log(f"baseline scores on {calib.shape[0]} x {calib.shape[1]} calibration tokens")
@@ -279,54 +238,42 @@ def compare(run: RunDir, bits_list=DEFAULT_BITS, *, eval_text: str = "builtin",
         samples=len(D), alpha=alpha, costs_source=costs_source,
         calib={"text": config.calib_text, "windows": config.windows,
                "window_tokens": config.window_tokens, "seed": config.seed},
-        eval={"text": eval_text, "description": describe(eval_text), "windows": tokens.shape[0],
-              "window_tokens": tokens.shape[1], "tokens": evaluator.predicted,
-              "tokens_sha256": sha},
+        eval={"text": settings.text, "description": describe(settings.text),
+              "windows": tokens.shape[0], "window_tokens": tokens.shape[1], "dtype": settings.dtype,
+              "tokens": evaluator.predicted, "tokens_sha256": sha},
         timings={"scores_s": t_scores, "quantize_s": t_quantize, "eval_s": t_eval,
                  "evaluations": len(measured) + 1, "rows": len(results),
                  "layer_passes": passes, "total_s": time.perf_counter() - t0},
-        device=str(dev), warnings=tuple(warnings))
+        device=str(loaded.device), warnings=tuple(warnings))
     return save_result(run, result) if save else result
 
 
-def _load(run: RunDir, device: str | None, backend: str | None, log):
-    """The run's model, in the run's dtype where it runs on the run's kind of device (so
-    the baselines' calibration matches SPQE's), and the backend to evaluate."""
+def _load(run: RunDir, device: str | None, backend: str | None, text, windows, window_tokens,
+          log):
+    """The run's model in the evaluation dtype of core.settings (the run's own where it runs
+    on the run's kind of device, so the baselines' calibration matches SPQE's), the
+    backend to evaluate, and the evaluation settings."""
     config = run.config
     dev = pick_device(device or config.device)
-    same_kind = dev.type == torch.device(config.device).type
-    dtype = DTYPES[config.dtype] if same_kind else default_dtype(dev)
+    settings = eval_settings(config, dev, text=text, windows=windows, window_tokens=window_tokens)
     backend_impl = get_backend(backend or config.backend, config.group_size)
-    log(f"loading {config.model} on {dev} ({str(dtype).removeprefix('torch.')})")
-    loaded = load_model(config.model, dev, dtype)
+    log(f"loading {config.model} on {dev} ({settings.dtype})")
+    loaded = load_model(config.model, dev, settings.torch_dtype)
     L, samples_L = len(loaded.layers), run.D().shape[1]
     if samples_L != L:
         raise UserError(f"run {run.path} has samples for {samples_L} layers; {config.model} "
                         f"has {L}. The run belongs to another model.")
-    return loaded, backend_impl, dev
+    return loaded, backend_impl, settings
 
 
-def _eval_tokens(loaded: LoadedModel, config, eval_text: str, windows: int | None,
-                 window_tokens: int | None, dev: torch.device, log) -> torch.Tensor:
-    """The evaluation windows every method is measured on (defaults as `impq-tui eval`)."""
-    defaults = device_defaults(dev)
-    window_tokens = window_tokens or defaults["window_tokens"]
-    windows = windows or _default_eval_windows(loaded, eval_text, 2 * defaults["windows"],
-                                               window_tokens, log)
-    if eval_text == config.calib_text and eval_text not in ("builtin", "wikitext2", "c4"):
-        log(f"evaluation and calibration both read {eval_text}: the tokens may overlap, and "
-            "perplexity then flatters every method. Pass another --eval-text.", "warning")
-    return eval_windows(loaded, eval_text, windows, window_tokens, config.seed)
-
-
-def _baseline_scores(loaded: LoadedModel, calib: torch.Tensor, real: RealModules, backend,
+def _baseline_scores(loaded: LoadedModel, calib: torch.Tensor, real: LayerSwitch, backend,
                      micro: int) -> dict[str, np.ndarray]:
-    """Every baseline's scores, on the original modules (RealModules leaves them in place).
+    """Every baseline's scores, on the original modules (in place while they are scored).
     Sensitivity's Q(W) is the weight the real 2-bit module computes with: no second
     quantization of every matrix."""
-    low = real.modules[LOW_BITS]
     return baselines.all_scores(
-        loaded, calib, lambda name, W: backend._dequantize(low[name]).to(W.dtype), micro)
+        loaded, calib, lambda name, W: backend.dequantize(real.module(name, LOW_BITS)).to(W.dtype),
+        micro)
 
 
 def _row(method: str, b: float, alloc: Allocation, nll: float, tokens: int, sha: str) -> MethodResult:
@@ -360,20 +307,7 @@ def _check_cancel(cancel: threading.Event | None) -> None:
         raise Cancelled
 
 
-def _default_eval_windows(loaded: LoadedModel, text: str, wanted: int, window_tokens: int,
-                          log) -> int:
-    """The default count, or as many windows as the text holds when it is shorter."""
-    ids = loaded.tokenizer(load_text(text, "evaluation"), add_special_tokens=False,
-                           verbose=False)["input_ids"]
-    available = len(ids) // window_tokens
-    if 0 < available < wanted:
-        log(f"the evaluation text holds {available} windows of {window_tokens} tokens; using "
-            f"all of them (the default is {wanted})")
-        return available
-    return wanted
-
-
-def _costs(run: RunDir, real: RealModules, backend, config, log) -> tuple[Costs, str]:
+def _costs(run: RunDir, real: LayerSwitch, backend, config, log) -> tuple[Costs, str]:
     """The run's costs when evaluating its own backend (so every budget is the one SPQE's
     allocations were solved for); the measured bytes of the modules built here otherwise."""
     costs = run.costs()
@@ -405,11 +339,11 @@ def _allocations(qmodel, scores: dict, costs: Costs, bits_list, *, D, perms,
     return out
 
 
-def _evaluate_all(evaluator: PrefixEvaluator, real: RealModules, allocations: dict, log,
+def _evaluate_all(evaluator: PrefixEvaluator, real: LayerSwitch, allocations: dict, log,
                   cancel) -> tuple[dict[tuple, float], float, int]:
     """Mean NLL of every distinct allocation, walked in lexicographic order so each
     evaluation recomputes only from the first layer that differs from the previous one."""
-    real.apply([None] * len(real.state))
+    real.restore_original()
     log(f"perplexity of the unquantized model on {evaluator.predicted:,} tokens")
     evaluator.reset()
     ppl_original = math.exp(evaluator.evaluate())
@@ -423,7 +357,7 @@ def _evaluate_all(evaluator: PrefixEvaluator, real: RealModules, allocations: di
         passes += len(bits) - first
         log(f"evaluated allocation {k}/{len(distinct)}: {sum(x == HIGH_BITS for x in bits)} "
             f"layers at 4 bits, ppl {math.exp(measured[bits]):.3f}")
-    real.apply([None] * len(real.state))   # leave the model as it was loaded
+    real.restore_original()   # leave the model as it was loaded
     return measured, ppl_original, passes
 
 

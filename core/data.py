@@ -251,3 +251,22 @@ def token_windows(text: str, tokenizer, n_windows: int, window_tokens: int,
     chunks = torch.tensor(ids[: n_chunks * T], dtype=torch.long).view(n_chunks, T)
     chosen = np.sort(np.random.default_rng(seed).choice(n_chunks, size=N, replace=False))
     return chunks[torch.from_numpy(chosen)]
+
+
+def eval_tokens(tokenizer, settings, calib_text: str | None = None,
+                log=lambda message, level="info": None) -> torch.LongTensor:
+    """The evaluation windows of core.settings.EvalSettings: the one token set eval,
+    compare and export measure. A text shorter than the windows asked for gives all the
+    windows it holds, with a note; one that overlaps the calibration text, a warning."""
+    text = load_text(settings.text, "evaluation")
+    T = settings.window_tokens
+    available = len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]) // T
+    windows = settings.windows
+    if 0 < available < windows:
+        log(f"the evaluation text holds {available} windows of {T} tokens; using all of them "
+            f"(asked for {windows})")
+        windows = available
+    if settings.text == calib_text and settings.text not in TEXT_CHOICES:
+        log(f"evaluation and calibration both read {settings.text}: the tokens may overlap, and "
+            "perplexity then flatters every method. Evaluate on another text.", "warning")
+    return token_windows(text, tokenizer, windows, T, settings.seed)

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from core import events
-from core.engine import (_Meter, _finish, costs_record, ensure_model_files, estimates,
+from core.engine import (_Meter, _finish, costs_record, ensure_model_files,
                          handle_nonfinite, prepare, save_costs, warner,
                          write_status)
 from core.errors import UserError
@@ -128,7 +128,6 @@ def run_rank(rank: int, world: int, local_rank: int, config: RunConfig | None, r
                         except UserError as exc:
                             error = exc
                 meter.sample += len(round_)
-                callback(estimates(run, config.antithetic))
                 stop = [cancel.is_set() or error is not None, str(error) if error else None]
             dist.broadcast_object_list(stop, src=0)
             if stop[1] is not None:       # every rank leaves; rank 0 reports it

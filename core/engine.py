@@ -24,24 +24,11 @@ from core import events
 from core.backends import get_backend
 from core.data import load_text, token_windows
 from core.errors import UserError
-from core.interactions import quadratic_model
 from core.models import EMBEDDED, LoadedModel, embedded_checkpoint, load_model, parameter_counts, pick_device
 from core.runs import COSTS, STATUS, RunConfig, RunDir
+from core.settings import DTYPES
 from core.spqe import Cancelled, Sampler
 from core.switching import LayerSwitch, PrefixEvaluator
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def device_defaults(device: torch.device) -> dict:
-    """Calibration sizes that finish a first run quickly where it runs.
-
-    CPU: 8 windows of 128 tokens (1,024 tokens per evaluation). GPU: 16 windows of 2,048
-    tokens (32,768 per evaluation), the size the speed targets are set for."""
-    if device.type == "cuda":
-        return {"windows": 16, "window_tokens": 2048, "micro_batch": 4, "dtype": "bfloat16"}
-    return {"windows": 8, "window_tokens": 128, "micro_batch": 8, "dtype": "float32"}
-
 
 @dataclass
 class Prepared:
@@ -115,15 +102,6 @@ def prepare(config: RunConfig, callback: events.Callback = events.ignore,
 def costs_record(prepared: Prepared) -> dict:
     return {"m_lo": prepared.switch.m_lo, "m_hi": prepared.switch.m_hi,
             "params": prepared.switch.params, "layers": prepared.loaded.linear_names}
-
-
-def estimates(run: RunDir, antithetic: bool) -> events.Estimates | None:
-    D = run.D()
-    if len(D) == 0:
-        return None
-    model = quadratic_model(D, paired=antithetic)
-    return events.Estimates(samples=len(D), phi=tuple(map(float, model.phi)),
-                            se=tuple(map(float, model.se)))
 
 
 class _Meter:
@@ -226,8 +204,6 @@ def _run(config, run, callback, cancel, pause, indices) -> str:
     meter = _Meter(callback, config, run, device, prepared.switch.L, prepared.windows.numel(), len(done))
     sampler = Sampler(prepared.switch, evaluator, config.seed, config.antithetic,
                       on_eval=meter.on_eval, cancel=cancel, pause=pause)
-    if (first := estimates(run, config.antithetic)) is not None:
-        callback(first)
     try:
         sampler.start()
         for m in todo:
@@ -240,7 +216,6 @@ def _run(config, run, callback, cancel, pause, indices) -> str:
                                        finite=sample.nonfinite is None))
             if sample.nonfinite is not None:
                 handle_nonfinite(run, callback, sample.to_record(), sampler.nonfinite_alone)
-            callback(estimates(run, config.antithetic))
     except Cancelled:
         return _finish(run, callback, "cancelled", "cancelled; the sample in flight was dropped")
     return _finish(run, callback, "completed", "completed")

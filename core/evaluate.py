@@ -1,27 +1,25 @@
 """Allocations of a run, and the perplexity they give.
 
 allocate(): the IMPQ allocation of a run at a budget (SCIP, METHOD.md).
-evaluate_allocation(): perplexity of an allocation on evaluation text, with the real
-backend's quantized modules, and beside it the simulated perplexity (de-quantized
-weights swapped in, as SPQE sees the model) and the unquantized model's.
+evaluate_allocation(): perplexity of an allocation on evaluation text, with the model an
+export of it holds, and beside it the simulated perplexity (de-quantized weights
+swapped in, as SPQE sees the model) and the unquantized model's.
 """
 from __future__ import annotations
 
-import math
+import threading
 import time
 from dataclasses import asdict, dataclass
 
-import torch
-
 from core import events
-from core.backends import get_backend
-from core.data import load_text, token_windows
+from core.data import eval_tokens
 from core.errors import UserError
 from core.interactions import budget_local_model, quadratic_model
-from core.models import LoadedModel, load_model, pick_device
+from core.models import LoadedModel, pick_device
 from core.runs import RunDir
 from core.solver import Allocation, frontier, low_share, resolve_budget, solve
-from core.switching import PrefixEvaluator
+from core.spqe import Cancelled
+from core.switching import LayerSwitch, perplexity
 
 
 def allocate(run: RunDir, *, bits: float | None = None, budget: int | None = None,
@@ -67,13 +65,14 @@ def run_frontier(run: RunDir, alpha: float = 0.5, bits_grid=None) -> list[Alloca
 
 @dataclass(frozen=True)
 class EvalResult:
-    ppl: float                # real backend modules
-    ppl_simulated: float      # de-quantized weights, as SPQE evaluates
-    ppl_original: float       # the unquantized model, for reference
-    eval_tokens: int          # tokens predicted (windows x (window_tokens - 1))
+    ppl: float                    # the backend's real quantized model: what an export holds
+    ppl_simulated: float | None   # de-quantized weights, as SPQE evaluates (None for GPTQ)
+    ppl_original: float           # the unquantized model, for reference
+    eval_tokens: int              # tokens predicted (windows x (window_tokens - 1))
     eval_text: str
     windows: int
     window_tokens: int
+    dtype: str
     backend: str
     bits_per_layer: tuple[int, ...]
     seconds: float
@@ -84,64 +83,58 @@ class EvalResult:
         return d
 
 
-def eval_windows(loaded: LoadedModel, text: str, windows: int, window_tokens: int,
-                 seed: int) -> torch.Tensor:
-    return token_windows(load_text(text, "evaluation"), loaded.tokenizer, windows, window_tokens, seed)
-
-
-def perplexity(loaded: LoadedModel, windows: torch.Tensor, micro_batch: int) -> float:
-    return math.exp(PrefixEvaluator(loaded, windows, micro_batch).evaluate())
-
-
-def evaluate_allocation(run: RunDir, bits_per_layer: list[int], *, eval_text: str = "builtin",
+def evaluate_allocation(run: RunDir, bits_per_layer: list[int], *, eval_text: str | None = None,
                         windows: int | None = None, window_tokens: int | None = None,
                         backend: str | None = None, device: str | None = None,
-                        callback: events.Callback = events.ignore) -> EvalResult:
+                        callback: events.Callback = events.ignore,
+                        cancel: threading.Event | None = None) -> EvalResult:
+    """Perplexity of the run's model with `bits_per_layer`, built exactly as
+    `export_model` builds it (core.export: same loader, quantizer, dtype and tokens)."""
+    from core.export import get_exporter
+
     config = run.config
     start = time.perf_counter()
     dev = pick_device(device or config.device)
-    from core.engine import device_defaults
-
-    defaults = device_defaults(dev)
-    windows = windows or 16   # the builtin evaluation half holds 27 windows of 2,048 tokens
-    window_tokens = window_tokens or defaults["window_tokens"]
-    backend_impl = get_backend(backend or config.backend, config.group_size)
-    callback(events.Log(f"loading {config.model} for evaluation"))
-    loaded = load_model(config.model, dev)
-    if len(bits_per_layer) != len(loaded.layers):
-        raise UserError(f"the allocation has {len(bits_per_layer)} layers, the model "
-                        f"{len(loaded.layers)}.")
-    tokens = eval_windows(loaded, eval_text, windows, window_tokens, config.seed)
+    exporter = get_exporter(backend or config.backend)
+    exporter.check_available()
+    settings = exporter.eval_settings(config, dev, text=eval_text, windows=windows,
+                                      window_tokens=window_tokens)
     micro = max(1, config.micro_batch)
 
-    callback(events.Log("perplexity of the unquantized model"))
-    ppl_original = perplexity(loaded, tokens, micro)
-    callback(events.Log("perplexity with simulated (de-quantized) weights"))
-    ppl_simulated = _simulated(loaded, backend_impl, bits_per_layer, tokens, micro)
-    callback(events.Log(f"perplexity with real {backend_impl.name} modules"))
-    names = [n for layer in loaded.linear_names for n in layer]
-    bits = [b for layer, b in zip(loaded.linear_names, bits_per_layer) for _ in layer]
-    with torch.inference_mode():   # quanto's modules must be built in the mode they run in
-        backend_impl.quantize_linears(loaded.model, names, bits)
-    ppl = perplexity(loaded, tokens, micro)
-    return EvalResult(ppl=ppl, ppl_simulated=ppl_simulated, ppl_original=ppl_original,
-                      eval_tokens=tokens.shape[0] * (tokens.shape[1] - 1), eval_text=eval_text,
-                      windows=tokens.shape[0], window_tokens=tokens.shape[1],
-                      backend=backend_impl.name, bits_per_layer=tuple(bits_per_layer),
-                      seconds=time.perf_counter() - start)
+    def step(message: str) -> None:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled
+        callback(events.Log(message))
 
-
-def _simulated(loaded: LoadedModel, backend, bits_per_layer, tokens, micro) -> float:
-    modules = dict(loaded.model.named_modules())
-    saved = []
-    for names, bits in zip(loaded.linear_names, bits_per_layer):
-        for name in names:
-            lin = modules[name]
-            saved.append((lin, lin.weight))
-            lin.weight = torch.nn.Parameter(backend.quantize_weight(lin.weight.data, bits).weight,
-                                            requires_grad=False)
     try:
-        return perplexity(loaded, tokens, micro)
+        step(f"loading {config.model} on {dev} ({settings.dtype}) for evaluation")
+        loaded = exporter.load(config, dev, settings.torch_dtype)
+        check_layers(loaded, len(bits_per_layer))
+        tokens = eval_tokens(loaded.tokenizer, settings, config.calib_text,
+                             lambda message, level="info": callback(events.Log(message, level)))
+        step("perplexity of the unquantized model")
+        ppl_original = perplexity(loaded, tokens, micro)
+        ppl_simulated = None
+        if exporter.simulates:
+            step("perplexity with simulated (de-quantized) weights, as SPQE measures")
+            simulated = LayerSwitch(loaded, exporter.backend(config), keep_original=True,
+                                    levels=[[b] for b in bits_per_layer])
+            ppl_simulated = perplexity(loaded, tokens, micro)
+            simulated.restore_original()
+            del simulated
+        step(f"perplexity with real {exporter.name} modules")
+        loaded = exporter.quantize(loaded, list(bits_per_layer), config, step)
+        ppl = perplexity(loaded, tokens, micro)
     finally:
-        for lin, weight in saved:
-            lin.weight = weight
+        exporter.close()
+    return EvalResult(ppl=ppl, ppl_simulated=ppl_simulated, ppl_original=ppl_original,
+                      eval_tokens=tokens.shape[0] * (tokens.shape[1] - 1), eval_text=settings.text,
+                      windows=tokens.shape[0], window_tokens=tokens.shape[1],
+                      dtype=settings.dtype, backend=exporter.name,
+                      bits_per_layer=tuple(bits_per_layer), seconds=time.perf_counter() - start)
+
+
+def check_layers(loaded: LoadedModel, L: int) -> None:
+    if len(loaded.layers) != L:
+        raise UserError(f"the allocation has {L} layers, the model {len(loaded.layers)}: the "
+                        "model changed since the run.")

@@ -38,14 +38,6 @@ class SampleDone:
 
 
 @dataclass(frozen=True)
-class Estimates:
-    """Running Shapley estimates after M finished samples."""
-    samples: int
-    phi: tuple[float, ...]
-    se: tuple[float, ...]
-
-
-@dataclass(frozen=True)
 class Log:
     message: str
     level: str = "info"    # info | warning | error
@@ -66,7 +58,7 @@ class Finished:
     run_dir: str = ""
 
 
-Event = Union[Progress, SampleDone, Estimates, Log, Failed, Finished]
+Event = Union[Progress, SampleDone, Log, Failed, Finished]
 Callback = Callable[[Event], None]
 
 

@@ -1,18 +1,21 @@
-"""Per-layer precision switching and the prefix-cached loss evaluation behind v(S).
+"""Per-layer precision switching and the loss evaluation behind v(S) and perplexity.
 
 LayerSwitch quantizes every decoder layer once per precision and changes a layer's
-precision by swapping weight references. PrefixEvaluator caches the hidden states
-entering every layer, so after a change at layer j only layers j..L-1 run again.
+precision by swapping module references. PrefixEvaluator caches the hidden states
+entering every layer, so after a change at layer j only layers j..L-1 run again; it is
+also the one perplexity measurement (`nll`), and chunked_nll the one NLL.
 """
 from __future__ import annotations
 
 import gc
+import math
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.backends.base import linear_holding
 from core.errors import UserError
 from core.models import LoadedModel, final_norm
 
@@ -20,32 +23,46 @@ LOW, HIGH = 2, 4
 
 
 class LayerSwitch:
-    """Both quantized versions of every decoder layer, swapped in by reference."""
+    """Every decoder layer's linear modules at each precision, put in place by reference.
 
-    def __init__(self, loaded: LoadedModel, backend,
+    This is the one way a layer changes precision, for SPQE, eval, compare and export:
+    nothing is re-quantized after construction. `real` keeps the backend's quantized
+    modules (what an export holds); otherwise each is an nn.Linear holding the weight that
+    module computes with (what SPQE swaps in: a plain matmul, same values). `levels` lists,
+    per layer, the precisions to build (default both); `keep_original` keeps the
+    unquantized linears so that apply(None per layer) puts them back (baselines, the
+    unquantized perplexity). Real modules are built under inference mode, the mode every
+    evaluation runs in (quanto's weight subclass fails there otherwise: "Cannot set
+    version_counter for inference tensor"); SPQE's plain weights stay ordinary tensors."""
+
+    def __init__(self, loaded: LoadedModel, backend, *, real: bool = False,
+                 levels: Sequence[Sequence[int]] | None = None, keep_original: bool = False,
                  on_layer: Callable[[int, int], None] | None = None):
-        modules = dict(loaded.model.named_modules())
-        self.linears: list[list[nn.Linear]] = [[modules[n] for n in names]
-                                               for names in loaded.linear_names]
-        self.L = len(self.linears)
-        offload = loaded.device.type == "cuda"   # originals are only needed for baselines and eval
-        self.original: list[list[torch.Tensor]] = []
-        self.weights: dict[int, list[list[nn.Parameter]]] = {LOW: [], HIGH: []}
-        self.nbytes: dict[int, list[int]] = {LOW: [], HIGH: []}
-        self.params = [sum(lin.weight.numel() for lin in layer) for layer in self.linears]
-        for i, layer in enumerate(self.linears):
-            for bits in (LOW, HIGH):
-                quantized = [backend.quantize_weight(lin.weight.data, bits) for lin in layer]
-                self.weights[bits].append([nn.Parameter(q.weight, requires_grad=False)
-                                           for q in quantized])
-                self.nbytes[bits].append(sum(q.nbytes for q in quantized))
-            self.original.append([lin.weight.data.to("cpu") if offload else lin.weight.data
-                                  for lin in layer])
-            for lin, weight in zip(layer, self.weights[HIGH][i]):
-                lin.weight = weight
-            if on_layer:
-                on_layer(i + 1, self.L)
-        self.bits = [HIGH] * self.L
+        self.model, self.names = loaded.model, loaded.linear_names
+        self.L = len(self.names)
+        levels = levels or [(LOW, HIGH)] * self.L
+        originals = [[self.model.get_submodule(n) for n in layer] for layer in self.names]
+        self.params = [sum(lin.weight.numel() for lin in layer) for layer in originals]
+        # modules[i][bits] = layer i's linears at bits (None: the unquantized ones)
+        self.modules: list[dict[int | None, list[nn.Module]]] = []
+        self.nbytes: dict[int, list[int]] = {LOW: [0] * self.L, HIGH: [0] * self.L}
+        self.bits: list[int | None] = [None] * self.L
+        with torch.inference_mode() if real else torch.no_grad():
+            for i, layer in enumerate(originals):
+                built: dict[int | None, list[nn.Module]] = {}
+                for bits in levels[i]:
+                    quantized = [backend.quantize_linear(lin, bits) for lin in layer]
+                    self.nbytes[bits][i] = sum(backend.module_nbytes(m) for m in quantized)
+                    built[bits] = quantized if real else [
+                        linear_holding(backend.dequantize(m).to(lin.weight.dtype), lin.bias)
+                        for m, lin in zip(quantized, layer)]
+                if keep_original:
+                    built[None] = layer
+                originals[i] = None     # else freed once replaced below: never two full copies
+                self.modules.append(built)
+                self.set(i, HIGH if HIGH in built else levels[i][0])
+                if on_layer:
+                    on_layer(i + 1, self.L)
 
     @property
     def m_lo(self) -> list[int]:
@@ -55,24 +72,29 @@ class LayerSwitch:
     def m_hi(self) -> list[int]:
         return self.nbytes[HIGH]
 
-    def set(self, i: int, bits: int) -> None:
-        for lin, weight in zip(self.linears[i], self.weights[bits][i]):
-            lin.weight = weight
+    def set(self, i: int, bits: int | None) -> None:
+        for name, module in zip(self.names[i], self.modules[i][bits]):
+            parent, _, child = name.rpartition(".")
+            setattr(self.model.get_submodule(parent), child, module)
         self.bits[i] = bits
 
-    def apply(self, bits_per_layer: Sequence[int]) -> int | None:
-        """Set every layer's precision; return the first layer that changed (None if none)."""
+    def apply(self, bits_per_layer: Sequence[int | None]) -> int | None:
+        """Set every layer's precision (None: unquantized); return the first layer that
+        changed (None if none did)."""
         changed = [i for i, b in enumerate(bits_per_layer) if b != self.bits[i]]
         for i in changed:
             self.set(i, bits_per_layer[i])
         return changed[0] if changed else None
 
     def restore_original(self) -> None:
-        """Put the unquantized weights back (baselines and perplexity of the original model)."""
-        for layer, originals in zip(self.linears, self.original):
-            for lin, weight in zip(layer, originals):
-                lin.weight = nn.Parameter(weight.to(lin.weight.device), requires_grad=False)
-        self.bits = [None] * self.L
+        self.apply([None] * self.L)
+
+    def module(self, name: str, bits: int | None) -> nn.Module:
+        """The linear called `name` at `bits`."""
+        for i, layer in enumerate(self.names):
+            if name in layer:
+                return self.modules[i][bits][layer.index(name)]
+        raise KeyError(name)
 
 
 def loss_chunk_tokens(vocab: int, budget_elements: int = 1 << 26) -> int:
@@ -185,6 +207,16 @@ class PrefixEvaluator:
     def reset(self) -> None:
         """Forget the cache (after the layers were changed behind the evaluator's back)."""
         self.inputs = None
+
+
+def nll(loaded: LoadedModel, tokens: torch.Tensor, micro_batch: int) -> float:
+    """Mean next-token NLL of the model as it is now on token windows [N, T]: the one
+    measurement behind every perplexity (eval, compare, export and its round trip)."""
+    return PrefixEvaluator(loaded, tokens, micro_batch).evaluate()
+
+
+def perplexity(loaded: LoadedModel, tokens: torch.Tensor, micro_batch: int) -> float:
+    return math.exp(nll(loaded, tokens, micro_batch))
 
 
 def _layer_call(layer: nn.Module, h: torch.Tensor, kwargs: dict) -> torch.Tensor:

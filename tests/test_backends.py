@@ -26,9 +26,7 @@ def seeded_linear(dtype=torch.float32, seed=0) -> nn.Linear:
 
 
 def quantized_copy(backend, linear: nn.Linear, bits: int) -> nn.Module:
-    model = nn.Sequential(linear)
-    backend.quantize_linears(model, ["0"], [bits])
-    return model[0]
+    return backend.quantize_linear(linear, bits)
 
 
 def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
@@ -114,7 +112,7 @@ def test_draws_no_random_numbers(backend):
     expected = torch.rand(3)
     torch.manual_seed(1)
     backend.quantize_weight(weight, 2)
-    backend.quantize_linears(model, ["0"], [4])
+    backend.quantize_linear(model[0], 4)
     assert torch.equal(torch.rand(3), expected)
 
 
@@ -147,15 +145,15 @@ def check_bfloat16_real_module_matches_simulation(backend, linear: nn.Linear):
     assert (real_output.float() - simulated_output.float()).abs().max() <= 1e-2 * simulated_output.float().abs().max()
 
 
-def test_quantize_linears_replaces_only_the_named_layers(backend):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(IN_FEATURES, 192), nn.ReLU(), nn.Sequential(nn.Linear(192, 64)), nn.Linear(64, 8))
-    replaced, kept = model[0], model[3]
-    backend.quantize_linears(model, ["0", "2.0"], [2, 4])
-    assert type(model[0]) is not nn.Linear and type(model[2][0]) is not nn.Linear
-    assert model[3] is kept
-    assert replaced.weight is not None  # HQQ would have emptied it
-    assert model(torch.randn(2, IN_FEATURES)).shape == (2, 8)
+def test_quantize_linear_leaves_the_linear_intact(backend):
+    linear = seeded_linear()
+    weight = linear.weight.detach().clone()
+    module = backend.quantize_linear(linear, 2)
+    assert type(module) is not nn.Linear
+    assert torch.equal(linear.weight, weight)   # HQQ empties the linear it is given
+    assert module(torch.randn(2, IN_FEATURES)).shape == (2, OUT_FEATURES)
+    with pytest.raises(TypeError, match="not an nn.Linear"):
+        backend.quantize_linear(nn.ReLU(), 2)
 
 
 def test_unknown_backend_names_the_choices():
@@ -168,7 +166,7 @@ def test_group_size_that_does_not_divide_in_features(backend):
     with pytest.raises(UserError, match="does not divide the 128 input features"):
         misfit.quantize_weight(seeded_linear().weight, 4)
     with pytest.raises(UserError, match="does not divide"):
-        misfit.quantize_linears(nn.Sequential(seeded_linear()), ["0"], [2])
+        misfit.quantize_linear(seeded_linear(), 2)
 
 
 @pytest.mark.parametrize("bits", [3, 8])

@@ -2,8 +2,6 @@
 the same tokens with the real backend's modules, the JSON schema, files and errors."""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import subprocess
@@ -15,7 +13,10 @@ import torch
 from core.backends import get_backend
 from core.compare import (METHODS, UNIFORM_HIGH, UNIFORM_LOW, calibration_windows, compare,
                           format_ppl, tokens_sha256)
-from core.evaluate import eval_windows, perplexity
+from core.data import eval_tokens
+from core.export import get_exporter
+from core.settings import eval_settings
+from core.switching import perplexity
 from core.models import load_model
 from core.runs import RunDir
 from core.solver import Costs, budget_bytes
@@ -25,23 +26,15 @@ BITS = [2.25, 2.5, 3.0, 3.5]
 EVAL = {"windows": 3, "window_tokens": 32}
 
 
-def compare_command() -> list[str]:
-    """`impq-tui compare`; until impq_tui/cli.py wires it in, the module's own entry point."""
-    from impq_tui.cli import build_parser
-
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            build_parser().parse_args(["compare", "DIR"])
-        return ["compare"]
-    except SystemExit:
-        return []
+def eval_windows(loaded, run):
+    """The evaluation windows compare measures with EVAL (core.settings' one path)."""
+    settings = eval_settings(run.config, torch.device("cpu"), **EVAL)
+    return eval_tokens(loaded.tokenizer, settings)
 
 
 def compare_cli(*args, check: bool = False) -> subprocess.CompletedProcess:
-    command = compare_command()
-    module = ["-m", "impq_tui", *command] if command else ["-m", "impq_tui.cli_compare"]
-    proc = subprocess.run([sys.executable, *module, *map(str, args)], env=ENV, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "impq_tui", "compare", *map(str, args)], env=ENV,
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -78,7 +71,7 @@ def test_every_method_meets_the_same_budget(result, tiny_run):
 
 def test_all_methods_are_evaluated_on_identical_tokens(result, tiny_run, tiny_model_dir):
     loaded = load_model(str(tiny_model_dir), torch.device("cpu"))
-    tokens = eval_windows(loaded, "builtin", EVAL["windows"], EVAL["window_tokens"], tiny_run.config.seed)
+    tokens = eval_windows(loaded, tiny_run)
     assert {r.eval_tokens_sha256 for r in result.results} == {tokens_sha256(tokens)}
     assert {r.eval_tokens for r in result.results} == {3 * 31}
     assert result.eval["tokens"] == 3 * 31 and result.eval["tokens_sha256"] == tokens_sha256(tokens)
@@ -93,11 +86,9 @@ def test_swapped_modules_give_the_perplexity_of_a_freshly_quantized_model(result
     for method, b in (("impq", 2.5), ("lim", 3.0), (UNIFORM_HIGH, 4.0)):
         row = result.row(method, b)
         loaded = load_model(str(tiny_model_dir), torch.device("cpu"))
-        tokens = eval_windows(loaded, "builtin", EVAL["windows"], EVAL["window_tokens"], tiny_run.config.seed)
-        names = [n for layer in loaded.linear_names for n in layer]
-        bits = [x for layer, x in zip(loaded.linear_names, row.bits_per_layer) for _ in layer]
-        with torch.inference_mode():
-            get_backend("quanto").quantize_linears(loaded.model, names, bits)
+        tokens = eval_windows(loaded, tiny_run)
+        loaded = get_exporter("quanto").quantize(loaded, list(row.bits_per_layer), tiny_run.config,
+                                                 lambda message: None)
         assert row.ppl == pytest.approx(perplexity(loaded, tokens, 8), rel=1e-5)
         assert row.nll == pytest.approx(math.log(row.ppl))
 
@@ -163,13 +154,9 @@ def test_table_has_every_method_and_budget(result):
 
 def compare_main(*args: str) -> int:
     """The command in this process (argparse errors raise SystemExit)."""
-    if compare_command():
-        from impq_tui.cli import main
+    from impq_tui.cli import main
 
-        return main(["compare", *map(str, args)])
-    from impq_tui.cli_compare import main
-
-    return main(list(map(str, args)))
+    return main(["compare", *map(str, args)])
 
 
 def test_user_errors(tiny_run, tmp_path, capsys):

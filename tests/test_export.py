@@ -85,11 +85,14 @@ with open("probe.json", "w") as f:
 '''
 
 
+ODD = "it's a füll name"   # a quote, a space and non-ASCII: paths are literals, never code
+
+
 def load_back(out: Path, tokens: torch.Tensor, tmp_path: Path) -> dict:
-    """Run the export's README snippet in a fresh process without our code on the path."""
-    work = tmp_path / "fresh"
+    """Run the export's README snippet in a fresh process without our code on the path,
+    from an unrelated working directory."""
+    work = tmp_path / f"elsewhere {ODD}"
     work.mkdir()
-    os.symlink(out, work / out.name)
     torch.save(tokens, work / "tokens.pt")
     readme = (out / "README.md").read_text()
     snippet = readme.split("```python\n", 1)[1].split("```", 1)[0]
@@ -111,7 +114,8 @@ def export(run_dir, out, backend, *extra):
 def exports(run_dir, tmp_path_factory):
     """One verified export per fast backend, shared by the tests that read them."""
     root = tmp_path_factory.mktemp("exports")
-    return {backend: (root / backend, export(run_dir, root / backend, backend, "--verify", *EVAL))
+    return {backend: (root / f"{backend} {ODD}",
+                      export(run_dir, root / f"{backend} {ODD}", backend, "--verify", *EVAL))
             for backend in ("quanto", "hqq")}
 
 
@@ -131,6 +135,18 @@ def test_round_trip_in_a_fresh_process(exports, eval_tokens, backend, tmp_path):
     expected = {name: layer["bits"] for layer in record["layers"] for name in layer["modules"]}
     assert probe["bits"] == expected
     assert sorted(set(expected.values())) == [2, 4]   # a real mix at 3 bits
+
+
+@pytest.mark.parametrize("backend", ["quanto", "hqq"])
+def test_the_export_is_the_model_eval_measures(exports, run_dir, backend):
+    """`eval` and `export --eval` of one allocation on one text: one model, one number."""
+    _, exported = exports[backend]
+    proc = cli("eval", run_dir, "--bits", BITS, "--backend", backend, "--json", *EVAL, check=True)
+    evaluated = json.loads(proc.stdout)
+    assert evaluated["bits_per_layer"] == exported["bits_per_layer"]
+    assert evaluated["eval_tokens"] == exported["eval_tokens"] == 3 * 31
+    assert evaluated["ppl"] == pytest.approx(exported["ppl"], rel=RTOL_FP32)
+    assert evaluated["ppl"] == pytest.approx(exported["ppl_reloaded"], rel=RTOL_FP32)
 
 
 def test_quanto_and_hqq_differ(exports):
@@ -173,24 +189,25 @@ def test_hqq_bytes_are_what_the_backend_measures(exports, tiny_model_dir):
         assert layer["bytes"] == expected
 
 
-def test_quanto_bytes_follow_its_group_sizes(exports):
-    """Packed codes (bits/8 bytes a weight) plus a float32 scale and shift per group, with
-    the group size quanto's loader will use: in_features if <= 128 (per channel)."""
+def test_quanto_keeps_the_runs_group_size(exports, run_dir):
+    """quanto's loader would derive another group size (per output channel for these
+    tiny layers): the export records the run's, the snippet sets it, and the bytes are
+    packed codes (bits/8 a weight) plus a float32 scale and shift per group of it."""
     out, result = exports["quanto"]
+    group = RunDir(run_dir).config.group_size
     record = json.loads((out / "allocation.json").read_text())
-    groups = record["quantization"]["group_size_by_module"]
+    assert record["quantization"]["group_size"] == group
+    saved = json.loads((out / "group_sizes.json").read_text())
     shapes = {"q_proj": (64, 64), "k_proj": (32, 64), "v_proj": (32, 64), "o_proj": (64, 64),
               "gate_proj": (128, 64), "up_proj": (128, 64), "down_proj": (64, 128)}
     for layer in record["layers"]:
         expected = 0
         for name in layer["modules"]:
+            assert saved[name] == group
             rows, cols = shapes[name.rsplit(".", 1)[1]]
-            assert groups[name] == cols            # tiny layers: one group per output channel
-            expected += rows * cols * layer["bits"] // 8 + 2 * rows * (cols // groups[name]) * 4
+            expected += rows * cols * layer["bits"] // 8 + 2 * rows * (cols // group) * 4
         assert layer["bytes"] == expected
-    # the run estimated with groups of 64; the down projections differ, and the card says so
-    assert any("group size" in note for note in result["notes"])
-    assert "group size" in (out / "README.md").read_text()
+    assert "group_sizes.json" in (out / "README.md").read_text()
 
 
 # ---------------------------------------------------------------- what lies beside the weights
@@ -207,10 +224,11 @@ def test_folder_contents(exports, run_dir):
         assert record["target_bits"] == 3.0 and record["weight_bits"] == pytest.approx(3.0)
         assert record["ppl"]["value"] == result["ppl"] and record["ppl_reloaded"] == result["ppl_reloaded"]
         card = (out / "README.md").read_text()
-        assert f'path = "{backend}"' in card and f"{result['bytes']:,}" in card
+        assert f"path = Path({str(out)!r})" in card or f"path = {str(out)!r}" in card
+        assert f"{result['bytes']:,}" in card
         assert {"quanto": "requantize(", "hqq": "from_quantized("}[backend] in card
         assert (out / "README.md").stat().st_mode & 0o044 == 0o044   # readable by others, like cp
-    assert (run_dir / "exports" / "quanto.json").is_file()
+    assert (run_dir / "exports" / f"quanto {ODD}.json").is_file()
 
 
 # ---------------------------------------------------------------- refusals
@@ -303,8 +321,12 @@ def test_killed_export_leaves_no_complete_looking_folder(run_dir, tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_GPTQ, reason="GPTQModel is not installed (pip install 'impq-tui[gptq]')")
 def test_gptq_round_trip(run_dir, eval_tokens, tmp_path):
-    out = tmp_path / "gptq"
+    out = tmp_path / f"gptq {ODD}"
     result = export(run_dir, out, "gptq", "--verify", *EVAL)
+    evaluated = json.loads(cli("eval", run_dir, "--bits", BITS, "--backend", "gptq", "--json", *EVAL,
+                               check=True).stdout)
+    assert evaluated["ppl"] == pytest.approx(result["ppl"], rel=RTOL_BF16)
+    assert evaluated["ppl_simulated"] is None and evaluated["dtype"] == "float16"
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     record = json.loads((out / "allocation.json").read_text())
     low = [i for i, b in enumerate(result["bits_per_layer"]) if b == 2]

@@ -142,7 +142,7 @@ def _poison(monkeypatch, layer: int, when=None):
     class Poisoned(LayerSwitch):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            w = self.weights[LOW][layer][0]
+            w = self.modules[layer][LOW][0].weight
             w.data = w.data.clone()
             w.data[0, 0] = float("inf")
 

@@ -1,9 +1,9 @@
 """The interface every PTQ backend offers the engine.
 
-A backend quantizes one weight matrix to a dequantized copy plus its storage size (what
-SPQE swaps in and what the memory budget counts), and replaces nn.Linear modules by the
-library's real quantized modules (what the final evaluation runs). Both go through the
-same real module, so the simulation cannot drift from the model that is evaluated.
+A backend turns one nn.Linear into the library's real quantized module and says how many
+bytes that module stores (what the memory budget counts) and which weight it computes
+with (what SPQE swaps in). core.switching.LayerSwitch builds every quantized model from
+these modules, so the simulation cannot drift from the model that is evaluated or exported.
 """
 from __future__ import annotations
 
@@ -34,25 +34,23 @@ class Backend(ABC):
         self.group_size = group_size
 
     def quantize_weight(self, weight: torch.Tensor, bits: int) -> QuantizedWeight:
-        """Quantize one [out_features, in_features] weight exactly as quantize_linears would."""
-        self._check(weight.shape, bits, "a weight")
+        """Quantize one [out_features, in_features] weight exactly as quantize_linear does."""
         with torch.no_grad():
-            module = self._quantize_linear(linear_holding(weight), bits)
-            dequantized = self._dequantize(module)
+            module = self.quantize_linear(linear_holding(weight), bits)
+            dequantized = self.dequantize(module)
         return QuantizedWeight(weight=dequantized, nbytes=self.module_nbytes(module))
 
-    def quantize_linears(self, model: nn.Module, names: list[str], bits: list[int]) -> None:
-        """In place: replace each named nn.Linear by the backend's real quantized module."""
-        if len(names) != len(bits):
-            raise ValueError(f"{len(names)} module names but {len(bits)} bit-widths")
+    def quantize_linear(self, linear: nn.Linear, bits: int, name: str = "a weight") -> nn.Module:
+        """The library's real quantized module for `linear` (left unchanged), on its device."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"{name} is a {type(linear).__name__}, not an nn.Linear")
+        self._check(linear.weight.shape, bits, name)
         with torch.no_grad():
-            for name, layer_bits in zip(names, bits):
-                linear = model.get_submodule(name)
-                if not isinstance(linear, nn.Linear):
-                    raise TypeError(f"{name} is a {type(linear).__name__}, not an nn.Linear")
-                self._check(linear.weight.shape, layer_bits, name)
-                parent_name, _, child_name = name.rpartition(".")
-                setattr(model.get_submodule(parent_name), child_name, self._quantize_linear(linear, layer_bits))
+            return self._quantize_linear(linear, bits)
+
+    def dequantize(self, module: nn.Module) -> torch.Tensor:
+        """The weight the real module computes with, in the original weight's dtype."""
+        return self._dequantize(module)
 
     @abstractmethod
     def module_nbytes(self, module: nn.Module) -> int:

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from core import events
-from core.data import load_text, token_windows
+from core.data import eval_tokens
 from core.errors import UserError
 from core.export.base import Exporter, Written, layer_bytes
 from core.export.card import model_card
@@ -37,6 +37,7 @@ from core.models import LoadedModel, pick_device
 from core.runs import RunDir, write_atomic
 from core.solver import HIGH_BITS, LOW_BITS, budget_bytes
 from core.spqe import Cancelled
+from core.switching import perplexity
 
 ALLOCATION, README = "allocation.json", "README.md"
 PARTIAL, PID = ".partial-", ".pid"
@@ -102,17 +103,18 @@ def get_exporter(name: str) -> Exporter:
 
 def export_model(run: RunDir, bits_per_layer: list[int], backend: str, out_dir: str, *,
                  force: bool = False, target_bits: float | None = None, method: str = "impq",
-                 evaluate: bool = False, verify: bool = False, eval_text: str = "builtin",
+                 evaluate: bool = False, verify: bool = False, eval_text: str | None = None,
                  eval_windows: int | None = None, eval_window_tokens: int | None = None,
                  device: str | None = None, callback: events.Callback = events.ignore,
                  cancel: threading.Event | None = None) -> ExportResult:
     """Quantize the run's model with `bits_per_layer` (2 or 4 per decoder layer) through
     `backend` and write it to `out_dir`, with tokenizer, allocation.json and README.md.
 
-    `evaluate` measures perplexity of the in-memory quantized model on the evaluation
-    text; `verify` also loads the written export back in a fresh process with the
-    README's snippet, measures it on the same tokens and publishes nothing if the two
-    differ by more than ROUND_TRIP_RTOL. `cancel` stops the export between its steps
+    The model written is the one `evaluate_allocation` measures: same loader, quantizer,
+    dtype (core.settings) and evaluation tokens. `evaluate` measures its perplexity;
+    `verify` also loads the written export back in a fresh process with the README's
+    snippet, measures it on the same tokens and publishes nothing if the two differ by
+    more than ROUND_TRIP_RTOL. `cancel` stops the export between its steps
     (core.spqe.Cancelled); nothing is left behind then, nor on any error."""
     start = time.perf_counter()
     exporter = get_exporter(backend)
@@ -123,7 +125,9 @@ def export_model(run: RunDir, bits_per_layer: list[int], backend: str, out_dir: 
     out = Path(out_dir).expanduser().absolute()
     _check_target(out, run.path.absolute(), force)
     exporter.check_available()
-    dev = pick_device(device)
+    dev = pick_device(device or config.device)
+    settings = exporter.eval_settings(config, dev, text=eval_text, windows=eval_windows,
+                                      window_tokens=eval_window_tokens)
 
     def checkpoint(message: str) -> None:
         if cancel is not None and cancel.is_set():
@@ -132,33 +136,36 @@ def export_model(run: RunDir, bits_per_layer: list[int], backend: str, out_dir: 
 
     tmp = _partial_folder(out)
     try:
-        checkpoint(f"loading {config.model_name or config.model} on {dev} for the {backend} export")
-        loaded = exporter.load(config, dev, bits)
+        checkpoint(f"loading {config.model_name or config.model} on {dev} ({settings.dtype}) "
+                   f"for the {backend} export")
+        loaded = exporter.load(config, dev, settings.torch_dtype)
         if len(loaded.layers) != costs.L:
             raise UserError(f"the run measured {costs.L} decoder layers, the model {config.model} "
                             f"now has {len(loaded.layers)}: the model changed since the run.")
         module_bits = {name: b for names, b in zip(loaded.linear_names, bits) for name in names}
         checkpoint(f"quantizing {len(module_bits)} linear modules ({bits.count(HIGH_BITS)} of "
-                   f"{len(bits)} layers at {HIGH_BITS} bits) and writing them")
+                   f"{len(bits)} layers at {HIGH_BITS} bits)")
+        loaded = exporter.quantize(loaded, bits, config, checkpoint)
         written = exporter.write(loaded, module_bits, tmp, config, checkpoint)
         loaded.tokenizer.save_pretrained(tmp)
         _check_budget(written, budget, target_bits, exporter, config)
         ppl = tokens = None
         if evaluate or verify:
-            checkpoint(f"perplexity of the quantized model on {eval_text}")
-            tokens = _eval_tokens(loaded, config, dev, eval_text, eval_windows, eval_window_tokens)
-            ppl = exporter.perplexity(loaded, tokens, max(1, config.micro_batch))
+            checkpoint(f"perplexity of the quantized model on {settings.text}")
+            tokens = eval_tokens(loaded.tokenizer, settings, config.calib_text,
+                                 lambda message, level="info": callback(events.Log(message, level)))
+            ppl = perplexity(loaded, tokens, max(1, config.micro_batch))
         result = _result(out, backend, bits, target_bits, budget, costs, written, tmp, ppl, tokens)
-        record = _allocation_record(run, result, loaded, written, costs, method, eval_text)
-        _write_card(tmp, exporter, record, out.name)
+        record = _allocation_record(run, result, loaded, written, costs, method, settings)
+        _write_card(tmp, exporter, record, out)
         del loaded
         exporter.close()   # free the model before a second copy loads in the fresh process
         if verify:
             checkpoint("loading the export back in a fresh process (README snippet)")
-            reloaded = _verify(tmp, out.name, tokens, ppl, written.dtype, backend, config)
+            reloaded = _verify(tmp, exporter, tokens, ppl, written.dtype, backend, config)
             result = replace(result, ppl_reloaded=reloaded)
             record["ppl_reloaded"] = reloaded
-            _write_card(tmp, exporter, record, out.name)
+            _write_card(tmp, exporter, record, out)
         checkpoint(f"moving the finished export into {out}")
         _publish(tmp, out, force)
     except BaseException:
@@ -196,13 +203,17 @@ def _result(out: Path, backend: str, bits: list[int], target_bits, budget: int, 
         notes=tuple(written.notes))
 
 
-def _write_card(folder: Path, exporter: Exporter, record: dict, name: str) -> None:
+def _write_card(folder: Path, exporter: Exporter, record: dict, out: Path) -> None:
     write_atomic(folder / ALLOCATION, json.dumps(record, indent=1) + "\n")
-    write_atomic(folder / README, model_card(exporter, record, name))
+    write_atomic(folder / README, model_card(exporter, record, str(out)))
 
 
-def _verify(folder: Path, name: str, tokens, ppl: float, dtype: str, backend: str, config) -> float:
-    reloaded = verify_export(folder, tokens, max(1, config.micro_batch), folder_name=name)
+def _verify(folder: Path, exporter: Exporter, tokens, ppl: float, dtype: str, backend: str,
+            config) -> float:
+    # The card's snippet with the folder's present (temporary) path: the same code, the
+    # path being a literal.
+    snippet = exporter.snippet(str(folder), dtype)
+    reloaded = verify_export(folder, tokens, max(1, config.micro_batch), snippet=snippet)
     tolerance = ROUND_TRIP_RTOL[dtype]
     if rel_diff(reloaded, ppl) > tolerance:
         # The files do not give back the model that was quantized: a library bug, not
@@ -311,17 +322,8 @@ def _publish(tmp: Path, out: Path, force: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _eval_tokens(loaded: LoadedModel, config, dev, eval_text, windows, window_tokens) -> torch.Tensor:
-    from core.engine import device_defaults
-
-    defaults = device_defaults(dev)
-    return token_windows(load_text(eval_text, "evaluation"), loaded.tokenizer,
-                         windows or 2 * defaults["windows"], window_tokens or defaults["window_tokens"],
-                         config.seed)
-
-
 def _allocation_record(run: RunDir, result: ExportResult, loaded: LoadedModel, written: Written,
-                       costs, method: str, eval_text: str) -> dict:
+                       costs, method: str, settings) -> dict:
     config = run.config
     per_layer = layer_bytes(loaded.linear_names, written.module_bytes)
     q = [int(b == LOW_BITS) for b in result.bits_per_layer]
@@ -352,8 +354,9 @@ def _allocation_record(run: RunDir, result: ExportResult, loaded: LoadedModel, w
                                                            costs.params, loaded.linear_names))],
         "quantization": written.details,
         "ppl": None if result.ppl is None else {
-            "value": result.ppl, "eval_text": eval_text, "eval_tokens": result.eval_tokens,
-            "model": "the in-memory quantized model that was written"},
+            "value": result.ppl, "eval_text": settings.text, "eval_tokens": result.eval_tokens,
+            "windows": settings.windows, "window_tokens": settings.window_tokens,
+            "dtype": settings.dtype, "model": "the in-memory quantized model that was written"},
         "notes": list(result.notes),
     }
 
@@ -377,24 +380,21 @@ def _record_in_run(run: RunDir, result: ExportResult, callback) -> None:
 # ------------------------------------------------------------------ the round trip
 
 def verify_export(folder: str | os.PathLike, tokens: torch.Tensor, micro_batch: int = 8, *,
-                  folder_name: str | None = None, timeout: float = 3600) -> float:
-    """Perplexity of an export loaded in a fresh Python process by the README's snippet.
-
-    The snippet refers to the export by its folder name, relative to the working
-    directory; `folder_name` is that name when the folder still has a temporary one."""
+                  snippet: str | None = None, timeout: float = 3600) -> float:
+    """Perplexity of an export loaded in a fresh Python process (none of our code on its
+    path) by the README's snippet, or by `snippet` (the same code for another path), run
+    from an unrelated working directory."""
     import subprocess
     import sys
 
     folder = Path(folder).absolute()
-    name = folder_name or folder.name
-    snippet = snippet_of(folder / README)
+    snippet = snippet if snippet is not None else snippet_of(folder / README)
     with tempfile.TemporaryDirectory(prefix="impq-verify-") as work:
         work = Path(work)
-        os.symlink(folder, work / name)
         torch.save(tokens.cpu(), work / "tokens.pt")
         script = snippet + "\n\n" + _PPL_SCRIPT.format(micro_batch=micro_batch)
         (work / "roundtrip.py").write_text(script)
-        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
         env.pop("PYTHONPATH", None)       # the loader must not reach our own code
         proc = subprocess.run([sys.executable, "roundtrip.py"], cwd=work, env=env,
                               capture_output=True, text=True, timeout=timeout)

@@ -1,5 +1,5 @@
-"""What every export backend provides: load the model, quantize and write it, measure
-the written quantized weights, evaluate the in-memory result, and say how to load it."""
+"""What every export backend provides: load the model, quantize it for an allocation,
+write it, measure the written quantized weights, and say how to load it back."""
 from __future__ import annotations
 
 import importlib.metadata
@@ -11,11 +11,12 @@ from typing import Callable
 
 import torch
 
+from core.backends import get_backend
 from core.errors import UserError
-from core.models import LoadedModel
+from core.models import LoadedModel, load_model
 from core.runs import RunConfig
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from core.settings import EvalSettings, eval_settings
+from core.switching import LayerSwitch
 
 
 @dataclass
@@ -30,32 +31,49 @@ class Written:
 
 
 class Exporter(ABC):
+    """A quantized-model format: how the run's model is loaded and quantized for an
+    allocation (eval measures exactly this model), and how it is written and loaded back."""
     name: str
     distribution: str      # the PyPI package that loads this format
     extra_hint: str = ""   # how to install it when missing
+    simulates = True       # SPQE's de-quantized weights exist for this backend
 
     def check_available(self) -> None:
         """Raise a UserError when the library cannot be used here."""
 
-    @abstractmethod
-    def load(self, config: RunConfig, device: torch.device, bits_per_layer: list[int]) -> LoadedModel:
-        """The run's model, unquantized, ready for write()."""
+    def backend(self, config: RunConfig):
+        return get_backend(self.name, config.group_size)
+
+    def eval_settings(self, config: RunConfig, device: torch.device, **given) -> EvalSettings:
+        """The evaluation settings of core.settings; a format that computes in one dtype
+        only overrides its dtype."""
+        return eval_settings(config, device, **given)
+
+    def load(self, config: RunConfig, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+        """The run's model, unquantized."""
+        return load_model(config.model, device, dtype)
+
+    def quantize(self, loaded: LoadedModel, bits_per_layer: list[int], config: RunConfig,
+                 checkpoint: Callable[[str], None]) -> LoadedModel:
+        """The quantized model: each decoder layer's linears become the library's real
+        modules at its bits, built by core.switching.LayerSwitch as SPQE, eval and compare
+        build them (in place here; a format may return another model)."""
+        LayerSwitch(loaded, self.backend(config), real=True, levels=[[b] for b in bits_per_layer])
+        return loaded
 
     def close(self) -> None:
-        """Remove what load() left behind (temporary checkpoints)."""
+        """Remove what load() or quantize() left behind (temporary checkpoints)."""
 
     @abstractmethod
     def write(self, loaded: LoadedModel, module_bits: dict[str, int], folder: Path,
               config: RunConfig, checkpoint: Callable[[str], None]) -> Written:
-        """Quantize loaded.model in place, each named linear at its bits, and save it in the
-        library's own format into folder (config.json included)."""
+        """Save the quantized loaded.model in the library's own format into folder
+        (config.json included)."""
 
     @abstractmethod
-    def snippet(self, folder_name: str, dtype: str) -> str:
-        """Python that loads the export with the library's public API into `model`, `tokenizer`."""
-
-    def perplexity(self, loaded: LoadedModel, tokens: torch.Tensor, micro_batch: int) -> float:
-        return forward_perplexity(loaded.model, tokens, micro_batch)
+    def snippet(self, path: str, dtype: str) -> str:
+        """Python that loads the export at `path` with the library's public API into
+        `model`, `tokenizer`. The path goes in as a Python literal (repr), never as code."""
 
     def over_budget_hint(self, config: RunConfig) -> str:
         return ("Export with the run's own backend, or choose a lower --bits so that the "
@@ -66,26 +84,6 @@ class Exporter(ABC):
             return f"{self.distribution} {importlib.metadata.version(self.distribution)}"
         except importlib.metadata.PackageNotFoundError:
             return self.distribution
-
-
-def forward_perplexity(model, tokens: torch.Tensor, micro_batch: int) -> float:
-    """exp(mean next-token NLL) over token windows [N, T], through the model's own forward.
-
-    Under no_grad, not inference_mode: quanto's frozen QLinear weights fail to transpose
-    inside inference_mode ("Cannot set version_counter for inference tensor"; seen on the
-    tiny test model's per-channel layers and on SmolLM2), which core.switching uses."""
-    from core.switching import chunked_nll
-
-    device = next(model.parameters()).device
-    head = model.get_output_embeddings()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    total, predicted = 0.0, 0
-    with torch.no_grad():
-        for batch in tokens.to(device).split(max(1, micro_batch)):
-            hidden = model.base_model(input_ids=batch, use_cache=False).last_hidden_state
-            total += chunked_nll(hidden, batch, head, softcap)
-            predicted += batch[:, 1:].numel()
-    return math.exp(total / predicted)
 
 
 def tensor_bytes(tensor: torch.Tensor) -> int:

@@ -5,7 +5,10 @@ from __future__ import annotations
 LOAD_NOTES = {
     "quanto": ("Needs `optimum-quanto`, `accelerate`, `safetensors` and `transformers`. "
                "`transformers`' own `from_pretrained` cannot read this folder: quanto's "
-               "serialization is loaded with `requantize` as above."),
+               "serialization is loaded with `requantize` as above. quanto's files do not "
+               "record the group size and its loader would pick another from each layer's "
+               "shape, so `group_sizes.json` holds the one these weights were quantized with "
+               "and the snippet sets it before loading them."),
     "hqq": ("Needs `hqq` and `transformers`. Each linear layer's bit-width, group size, "
             "scale and zero are stored with it in `qmodel.pt`."),
     "gptq": ("Needs `gptqmodel` (`pip install gptqmodel`). The per-layer bit-widths are the "
@@ -16,7 +19,7 @@ LOAD_NOTES = {
 }
 
 
-def model_card(exporter, record: dict, folder_name: str) -> str:
+def model_card(exporter, record: dict, path: str) -> str:
     bits = record["bits_per_layer"]
     high = sum(b == 4 for b in bits)
     target = (f"{record['target_bits']:.2f} bits per weight" if record["target_bits"] is not None
@@ -35,7 +38,7 @@ def model_card(exporter, record: dict, folder_name: str) -> str:
         "## Load it",
         "",
         "```python",
-        exporter.snippet(folder_name, record["dtype"]).rstrip("\n"),
+        exporter.snippet(path, record["dtype"]).rstrip("\n"),
         "```",
         "",
         LOAD_NOTES[record["backend"]],

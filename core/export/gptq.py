@@ -15,15 +15,15 @@ import re
 import shutil
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from core.data import load_text, token_windows
 from core.errors import UserError
-from core.export.base import DTYPES, Exporter, Written, check_all_written, import_error, safetensors_bytes
-from core.models import (DECODER_LAYERS, EMBEDDED, LoadedModel, _first_line, decoder_layers,
-                         embedded_checkpoint, load_model)
+from core.export.base import Exporter, Written, check_all_written, import_error, safetensors_bytes
+from core.models import EMBEDDED, LoadedModel, decoder_layers, embedded_checkpoint, load_model
 
 # GPTQ's Hessians want more tokens than SPQE's evaluations: up to this many windows of
 # the run's window length are cut from its calibration text.
@@ -50,10 +50,11 @@ class GptqExporter(Exporter):
     name = "gptq"
     distribution = "gptqmodel"
     extra_hint = EXTRA_HINT
+    simulates = False     # SPQE does not measure GPTQ layers (yet): no simulated model
 
     def __init__(self):
-        self._gptq = None           # GPTQModel's wrapper of the model being quantized
-        self._converted: Path | None = None
+        self._saved: Path | None = None       # GPTQModel's own save of the quantized model
+        self._converted: Path | None = None   # a GGUF input converted to a checkpoint
 
     def check_available(self) -> None:
         _prepare_environment()
@@ -63,74 +64,66 @@ class GptqExporter(Exporter):
         except Exception as exc:  # any failure to import is a broken optional install
             raise import_error(self, exc) from None
 
-    def load(self, config, device, bits_per_layer) -> LoadedModel:
+    def eval_settings(self, config, device, **given):
+        return super().eval_settings(config, device, **{**given, "dtype": self.dtype(config)})
+
+    def quantize(self, loaded, bits_per_layer, config, checkpoint) -> LoadedModel:
+        """GPTQ of every decoder layer at its bits, through GPTQModel from the run's
+        checkpoint, calibrated on the run's calibration text; then saved once (GPTQModel
+        converts its zero points to the layout its kernels compute with only on load) so
+        that eval measures, and write() copies, the very same tensors."""
         from gptqmodel import GPTQModel, QuantizeConfig
-        from transformers import AutoConfig, AutoTokenizer
 
         source = self._checkpoint(config)
-        try:
-            model_type = AutoConfig.from_pretrained(source).model_type
-        except (OSError, ValueError) as exc:   # the run's model moved or is gone
-            raise UserError(f"GPTQModel cannot read the run's model {source!r}: "
-                            f"{_first_line(exc)}. "
-                            "Export from the machine that has it, or put it back at that path.") from None
-        prefix = re.escape(DECODER_LAYERS.get(model_type, "model.layers"))
+        prefix = re.escape(_layers_prefix(loaded))
         dynamic = {rf"+:^{prefix}\.{i}\.": {"bits": 2}
                    for i, bits in enumerate(bits_per_layer) if bits == 2}
         quantize_config = QuantizeConfig(bits=4, group_size=config.group_size, dynamic=dynamic or None,
                                          desc_act=False, sym=True, offload_to_disk=False)
-        with _quiet_stdout():
-            self._gptq = GPTQModel.load(source, quantize_config, device=str(device),
-                                        dtype=DTYPES[self.dtype(config)])
-        model = self._gptq.model
-        model.eval()
-        layers = decoder_layers(model)
-        return LoadedModel(model=model, tokenizer=AutoTokenizer.from_pretrained(source),
-                           name=config.model_name or Path(source).name, source=source,
-                           layers=layers, linear_names=_linear_names(model, layers))
-
-    def write(self, loaded, module_bits, folder: Path, config, checkpoint) -> Written:
-        from gptqmodel.nn_modules.qlinear import BaseQuantLinear
-
         calibration = self._calibration(loaded.tokenizer, config)
-        checkpoint(f"GPTQ on {len(calibration)} calibration windows of {config.window_tokens} tokens")
+        device, dtype = loaded.device, loaded.dtype
+        loaded.model = None                      # one copy of the weights at a time
         with _quiet_stdout():
-            self._gptq.quantize(calibration, batch_size=max(1, config.micro_batch))
-            checkpoint("writing model.safetensors and quantize_config.json")
-            self._gptq.save(str(folder))
-        for extra in ("quant_log.csv",):   # GPTQModel's own log, not part of the model
-            (folder / extra).unlink(missing_ok=True)
-
-        quantized = {n: m for n, m in loaded.model.named_modules() if isinstance(m, BaseQuantLinear)}
+            gptq = GPTQModel.load(source, quantize_config, device=str(device), dtype=dtype)
+            checkpoint(f"GPTQ on {len(calibration)} calibration windows of {config.window_tokens} tokens")
+            gptq.quantize(calibration, batch_size=max(1, config.micro_batch))
+            self._saved = Path(tempfile.mkdtemp(prefix="impq-gptq-"))
+            gptq.save(str(self._saved))
+        (self._saved / "quant_log.csv").unlink(missing_ok=True)   # GPTQModel's log, not the model
+        model = gptq.model.eval()
+        quantized = _quantized_modules(model)
+        wanted = {n: b for names, b in zip(loaded.linear_names, bits_per_layer) for n in names}
         wrong = {n: (quantized[n].bits if n in quantized else None, b)
-                 for n, b in module_bits.items() if n not in quantized or quantized[n].bits != b}
+                 for n, b in wanted.items() if n not in quantized or quantized[n].bits != b}
         if wrong:
             raise RuntimeError(f"GPTQModel's dynamic override gave other bit-widths than asked "
                                f"(module: (got, asked)): {dict(list(wrong.items())[:4])}")
+        with _quiet_stdout():
+            self._ready_for_inference(quantized.values())
+        self._details = {"group_size": config.group_size, "sym": True, "desc_act": False,
+                         "calibration_windows": len(calibration),
+                         "calibration_window_tokens": config.window_tokens,
+                         "dynamic": gptq.quantize_config.dynamic or {}}
+        return replace(loaded, model=model, layers=decoder_layers(model))
+
+    def write(self, loaded, module_bits, folder: Path, config, checkpoint) -> Written:
+        checkpoint("writing model.safetensors and quantize_config.json")
+        for item in self._saved.iterdir():
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, folder / item.name)
         files = sorted(p.name for p in folder.glob("*.safetensors"))
         module_bytes = safetensors_bytes([folder / f for f in files], {n: f"{n}." for n in module_bits})
         check_all_written(module_bits, module_bytes, "GPTQModel")
-        with _quiet_stdout():
-            self._ready_for_inference(quantized.values())
         return Written(module_bytes=module_bytes, weight_files=files, library=self.library_version(),
-                       dtype=self.dtype(config),
-                       details={"group_size": config.group_size, "sym": True, "desc_act": False,
-                                "calibration_windows": len(calibration),
-                                "calibration_window_tokens": config.window_tokens,
-                                "dynamic": self._gptq.quantize_config.dynamic or {}})
-
-    def perplexity(self, loaded, tokens, micro_batch) -> float:
-        with _quiet_stdout():
-            return super().perplexity(loaded, tokens, micro_batch)
+                       dtype=self.dtype(config), details=self._details)
 
     def close(self) -> None:
-        self._gptq = None
-        if self._converted is not None:
-            shutil.rmtree(self._converted, ignore_errors=True)
-            self._converted = None
+        for folder in (self._saved, self._converted):
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+        self._saved = self._converted = None
 
-    def snippet(self, folder_name: str, dtype: str) -> str:
-        return _SNIPPET.format(path=folder_name, dtype=dtype)
+    def snippet(self, path: str, dtype: str) -> str:
+        return _SNIPPET.format(path=repr(path), dtype=dtype)
 
     def over_budget_hint(self, config) -> str:
         return "Choose a lower --bits."
@@ -141,7 +134,7 @@ class GptqExporter(Exporter):
         # GPTQ kernels compute in. A model loaded in bfloat16 rounds those scales to
         # bfloat16 on load (its 8-bit mantissa): measured on the embedded model at 2.5
         # bits, that moved perplexity by 8% against the model as quantized. So GPTQ
-        # exports are made, evaluated and loaded in float16 whatever the run's dtype.
+        # models are made, evaluated and loaded in float16 whatever the run's dtype.
         return "float16"
 
     # ---------------------------------------------------------------- helpers
@@ -178,12 +171,16 @@ class GptqExporter(Exporter):
                 module.qzero_format(format=2)
 
 
-def _linear_names(model, layers) -> list[list[str]]:
-    qualified = {module: name for name, module in model.named_modules()}
-    names = [[qualified[m] for m in layer.modules() if isinstance(m, torch.nn.Linear)] for layer in layers]
-    if not all(names):
-        raise UserError("a decoder layer has no nn.Linear modules for GPTQ (is the model already quantized?).")
-    return names
+def _layers_prefix(loaded: LoadedModel) -> str:
+    """The qualified name of the ModuleList holding the decoder layers (model.layers)."""
+    names = {module: name for name, module in loaded.model.named_modules()}
+    return names[loaded.layers[0]].rpartition(".")[0]
+
+
+def _quantized_modules(model) -> dict:
+    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, BaseQuantLinear)}
 
 
 _SNIPPET = '''\
@@ -195,7 +192,7 @@ from transformers import AutoTokenizer
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")   # GPTQModel 7.6 needs >= 2 on small CPUs
 from gptqmodel import BACKEND, GPTQModel
 
-path = "{path}"   # this folder
+path = {path}   # this folder (change it if you move the folder)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 # On CPU the plain-PyTorch kernel runs 2- and 4-bit layers alike; on a GPU GPTQModel picks.
 quantized = GPTQModel.load(path, device=device, dtype=torch.{dtype},

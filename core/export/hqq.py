@@ -1,16 +1,14 @@
 """HQQ's own save format: qmodel.pt (every module's state dict; each HQQLinear carries
 its own nbits, group size, scale and zero) + config.json, reloaded with
-AutoHQQHFModel.from_quantized. The modules are the ones core.backends.hqq builds, the
-same SPQE measured when the run used HQQ."""
+AutoHQQHFModel.from_quantized. The modules are the ones core.switching.LayerSwitch
+built from core.backends.hqq: the model eval measures and SPQE simulated."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 
-from core.backends import get_backend
-from core.export.base import DTYPES, Exporter, Written, check_all_written, tensor_bytes
-from core.models import LoadedModel, load_model
+from core.export.base import Exporter, Written, check_all_written, tensor_bytes
 
 WEIGHTS = "qmodel.pt"
 
@@ -19,31 +17,27 @@ class HqqExporter(Exporter):
     name = "hqq"
     distribution = "hqq"
 
-    def load(self, config, device, bits_per_layer) -> LoadedModel:
-        return load_model(config.model, device, DTYPES[config.dtype])
-
     def write(self, loaded, module_bits, folder: Path, config, checkpoint) -> Written:
         from hqq.models.hf.base import AutoHQQHFModel
 
-        backend = get_backend("hqq", config.group_size)
-        names = list(module_bits)
-        backend.quantize_linears(loaded.model, names, [module_bits[n] for n in names])
         checkpoint(f"writing {WEIGHTS} and config.json")
         AutoHQQHFModel.save_quantized(loaded.model, str(folder))
         if getattr(loaded.model, "generation_config", None) is not None:
             loaded.model.generation_config.save_pretrained(folder)
 
+        names = list(module_bits)
         stored = torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True)
         module_bytes = {n: _stored_bytes(stored[n]) for n in names if n in stored and "W_q" in stored[n]}
         check_all_written(module_bits, module_bytes, "HQQ")
         return Written(module_bytes=module_bytes, weight_files=[WEIGHTS],
-                       library=self.library_version(), dtype=config.dtype,
+                       library=self.library_version(),
+                       dtype=str(loaded.model.dtype).removeprefix("torch."),
                        details={"group_size": config.group_size,
                                 "nbits_by_module": {n: int(stored[n]["nbits"]) for n in names},
                                 "forward": "HQQBackend.PYTORCH"})
 
-    def snippet(self, folder_name: str, dtype: str) -> str:
-        return _SNIPPET.format(path=folder_name, dtype=dtype)
+    def snippet(self, path: str, dtype: str) -> str:
+        return _SNIPPET.format(path=repr(path), dtype=dtype)
 
 
 def _stored_bytes(state: dict) -> int:
@@ -57,7 +51,7 @@ from hqq.core.quantize import HQQBackend, HQQLinear
 from hqq.models.hf.base import AutoHQQHFModel
 from transformers import AutoTokenizer
 
-path = "{path}"   # this folder
+path = {path}   # this folder (change it if you move the folder)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 HQQLinear.set_backend(HQQBackend.PYTORCH)   # the plain-PyTorch forward: runs on CPU and GPU
 model = AutoHQQHFModel.from_quantized(path, compute_dtype=torch.{dtype}, device=device)

@@ -1,0 +1,63 @@
+"""Settings every command shares: dtypes, sizes that fit the device, and the one set of
+evaluation defaults that eval, compare, export and the app all use.
+
+Perplexity is only comparable between two commands when they measure the same model on
+the same tokens in the same dtype; so the evaluation text, its windows and the dtype are
+decided here, once, from the run and the device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+EVAL_TEXT = "builtin"
+# The builtin evaluation half holds 27 windows of 2,048 tokens; 16 leaves room on every
+# device and is what the README's figures use.
+EVAL_WINDOWS = 16
+
+
+def device_defaults(device: torch.device) -> dict:
+    """Calibration sizes that finish a first run quickly where it runs.
+
+    CPU: 8 windows of 128 tokens (1,024 tokens per evaluation). GPU: 16 windows of 2,048
+    tokens (32,768 per evaluation), the size the speed targets are set for."""
+    if device.type == "cuda":
+        return {"windows": 16, "window_tokens": 2048, "micro_batch": 4, "dtype": "bfloat16"}
+    return {"windows": 8, "window_tokens": 128, "micro_batch": 8, "dtype": "float32"}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What a perplexity is measured on: text, windows x tokens, seed and dtype."""
+    text: str
+    windows: int
+    window_tokens: int
+    seed: int
+    dtype: str
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+def eval_settings(config, device: torch.device, *, text: str | None = None,
+                  windows: int | None = None, window_tokens: int | None = None,
+                  dtype: str | None = None) -> EvalSettings:
+    """The evaluation of a run's model on `device`; None takes the default.
+
+    The dtype is the run's where the evaluation runs on the run's kind of device (so the
+    model evaluated is the model SPQE measured), else the device's default."""
+    defaults = device_defaults(device)
+    if dtype is None:
+        same_kind = device.type == torch.device(config.device).type
+        dtype = config.dtype if same_kind else defaults["dtype"]
+    return EvalSettings(text=text or EVAL_TEXT, windows=windows or EVAL_WINDOWS,
+                        window_tokens=window_tokens or defaults["window_tokens"],
+                        seed=config.seed, dtype=dtype)
