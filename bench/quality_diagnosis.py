@@ -26,9 +26,10 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from core.compare import (LABELS, RealModules, _eval_tokens, _load, calibration_windows,  # noqa: E402
+from core.compare import (LABELS, _load, calibration_windows,  # noqa: E402
                           load_saved, tokens_sha256)
 from core.runs import RunDir  # noqa: E402
+from core.data import eval_tokens  # noqa: E402
 from core.switching import LayerSwitch, PrefixEvaluator  # noqa: E402
 
 MEASURES = ("calib_sim", "calib_real", "eval_sim", "eval_real")
@@ -52,30 +53,32 @@ def main(argv=None) -> int:
         return 2
     t0 = time.perf_counter()
     log = lambda message, level="info": print(message, flush=True)  # noqa: E731
-    loaded, backend_impl, dev = _load(run, None, backend, log)
+    loaded, backend_impl, settings = _load(run, None, backend, saved.eval["text"],
+                                           saved.eval["windows"], saved.eval["window_tokens"], log)
     micro = max(1, run.config.micro_batch)
     calib = calibration_windows(loaded, run.config)
-    tokens = _eval_tokens(loaded, run.config, saved.eval["text"], saved.eval["windows"],
-                          saved.eval["window_tokens"], dev, log)
+    tokens = eval_tokens(loaded.tokenizer, settings, run.config.calib_text, log)
     if tokens_sha256(tokens) != saved.eval["tokens_sha256"]:
         print("the evaluation tokens differ from the saved comparison's: stopping.")
         return 2
-    # RealModules first: it quantizes the original linears' weights and puts them back;
-    # LayerSwitch then swaps de-quantized weights into those same originals.
-    real = RealModules(loaded, backend_impl)
-    switch = LayerSwitch(loaded, backend_impl)
+    # Two switches over the same linears: each puts the originals back after use.
+    real = LayerSwitch(loaded, backend_impl, real=True, keep_original=True)
+    real.restore_original()
+    switch = LayerSwitch(loaded, backend_impl, keep_original=True)
+    switch.restore_original()
     evaluators = {"calib": PrefixEvaluator(loaded, calib, micro),
                   "eval": PrefixEvaluator(loaded, tokens, micro)}
 
     def measure(bits) -> dict:
         out = {}
-        real.apply([None] * len(bits))          # the originals, with simulated weights
-        switch.apply(bits)
+        switch.apply(bits)                      # simulated: de-quantized weights
         for name, ev in evaluators.items():
             out[f"{name}_sim"] = ev.evaluate(0)
+        switch.restore_original()
         real.apply(bits)                        # the real quantized modules
         for name, ev in evaluators.items():
             out[f"{name}_real"] = ev.evaluate(0)
+        real.restore_original()
         return out
 
     rows, cache = [], {}

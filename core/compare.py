@@ -34,7 +34,7 @@ from core.interactions import predicted_delta, quadratic_model
 from core.models import LoadedModel, load_model, pick_device
 from core.runs import RunDir
 from core.settings import eval_settings
-from core.solver import HIGH_BITS, LOW_BITS, Allocation, Costs, solve, solve_knapsack
+from core.solver import HIGH_BITS, LOW_BITS, Allocation, Costs, solve_impq, solve_knapsack
 from core.spqe import Cancelled
 from core.switching import LayerSwitch, PrefixEvaluator
 
@@ -328,7 +328,7 @@ def _allocations(qmodel, scores: dict, costs: Costs, bits_list, *, D, perms,
     a, K = qmodel.a, qmodel.K
     out: dict[tuple[str, float], Allocation] = {}
     for b in bits_list:
-        out[(IMPQ, b)] = solve(a, K, costs, bits=b)
+        out[(IMPQ, b)] = solve_impq(D, costs, bits=b, model=qmodel)
         alloc = solve_local(D, perms, costs, bits=b, alpha=alpha)
         out[(IMPQ_LOCAL, b)] = replace(alloc, predicted_delta_nll=predicted_delta((a, K), alloc.q))
         for m in baselines.BASELINES:

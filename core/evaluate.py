@@ -17,7 +17,7 @@ from core.errors import UserError
 from core.interactions import budget_local_model, quadratic_model
 from core.models import LoadedModel, pick_device
 from core.runs import RunDir
-from core.solver import Allocation, frontier, low_share, resolve_budget, solve
+from core.solver import FRONTIER_GRID, Allocation, frontier, low_share, resolve_budget, solve, solve_impq
 from core.spqe import Cancelled
 from core.switching import LayerSwitch, perplexity
 
@@ -34,8 +34,7 @@ def allocate(run: RunDir, *, bits: float | None = None, budget: int | None = Non
     costs = run.costs()
     if local:
         return solve_local(D, run.P(), costs, bits=bits, budget=budget, alpha=alpha)
-    model = quadratic_model(D, alpha=alpha, paired=run.config.antithetic)
-    return solve(model.a, model.K, costs, bits=bits, budget=budget)
+    return solve_impq(D, costs, bits=bits, budget=budget, alpha=alpha, paired=run.config.antithetic)
 
 
 def solve_local(D, perms, costs, *, bits: float | None = None, budget: int | None = None,
@@ -58,7 +57,7 @@ def result_stem(bits: float | None, budget: int | None = None, method: str = "im
     return stem + ("-local" if method == "impq-local" else "")
 
 
-def run_frontier(run: RunDir, alpha: float = 0.5, bits_grid=None) -> list[Allocation]:
+def run_frontier(run: RunDir, alpha: float = 0.5, bits_grid=FRONTIER_GRID) -> list[Allocation]:
     model = quadratic_model(run.D(), alpha=alpha, paired=run.config.antithetic)
     return frontier(model.a, model.K, run.costs(), bits_grid)
 

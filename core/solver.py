@@ -15,12 +15,13 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from fractions import Fraction
+from typing import Callable
 
 import numpy as np
 import pyscipopt as scip
 
 from core.errors import UserError
-from core.interactions import predicted_delta
+from core.interactions import predicted_delta, quadratic_model
 
 LOW_BITS, HIGH_BITS = 2, 4
 _MAX_CUTS = 50  # over-budget solutions cut off before giving up; in practice 0 or 1
@@ -128,6 +129,15 @@ def solve(a, K, costs: Costs, *, bits: float | None = None, budget: int | None =
     return _allocation(q_val, costs, bits, B, (a, K), status, time.perf_counter() - start)
 
 
+def solve_impq(D, costs, *, bits: float | None = None, budget: int | None = None,
+               alpha: float = 0.5, paired: bool = False, model=None) -> Allocation:
+    """IMPQ's allocation from the sample vectors D (METHOD.md): the quadratic model of D
+    (or `model`, already fitted to D) solved by SCIP at the budget. `allocate`, compare
+    and the app all come here."""
+    model = model if model is not None else quadratic_model(D, alpha=alpha, paired=paired)
+    return solve(model.a, model.K, costs, bits=bits, budget=budget)
+
+
 def solve_knapsack(scores, costs: Costs, *, bits: float | None = None, budget: int | None = None,
                    a=None, K=None, time_limit: float | None = None) -> Allocation:
     """A baseline: raise the layers of highest score s_i to 4-bit, max sum s_i (1 - q_i)."""
@@ -145,11 +155,19 @@ def solve_knapsack(scores, costs: Costs, *, bits: float | None = None, budget: i
     return _allocation(q_val, costs, bits, B, aK, status, time.perf_counter() - start)
 
 
-def frontier(a, K, costs: Costs, bits_grid=None) -> list[Allocation]:
-    """IMPQ allocations over a grid of target bits, by default 2.00, 2.05, ..., 4.00."""
-    if bits_grid is None:
-        bits_grid = [round(2 + 0.05 * k, 2) for k in range(41)]
-    return [solve(a, K, costs, bits=float(b)) for b in bits_grid]
+FRONTIER_GRID = tuple(round(2 + 0.05 * k, 2) for k in range(41))   # 2.00, 2.05, ..., 4.00
+
+
+def frontier(a, K, costs: Costs, bits_grid=FRONTIER_GRID, *,
+             cancelled: Callable[[], bool] = lambda: False) -> list[Allocation] | None:
+    """IMPQ allocations over a grid of target bits; None when `cancelled` says so between
+    two solves."""
+    out = []
+    for b in bits_grid:
+        if cancelled():
+            return None
+        out.append(solve(a, K, costs, bits=float(b)))
+    return out
 
 
 def _check_model(a, K, L: int) -> tuple[np.ndarray, np.ndarray]:
@@ -192,7 +210,7 @@ def _optimize(model: scip.Model, q: list, costs: Costs, B: int,
     for _ in range(_MAX_CUTS):
         if deadline is not None:
             model.setParam("limits/time", max(deadline - time.perf_counter(), 0.0))
-        model.optimize()
+        model.optimizeNogil()   # releases the GIL: the app stays responsive while SCIP works
         if model.getNSols() == 0:  # only when stopped early: all-low always fits
             return [1] * costs.L, model.getStatus()
         q_val = [round(model.getVal(x)) for x in q]

@@ -9,7 +9,6 @@ worker threads call these and the tests can check them against the engine direct
 from __future__ import annotations
 
 import hashlib
-import math
 import threading
 from dataclasses import dataclass
 from typing import Callable
@@ -17,10 +16,10 @@ from typing import Callable
 import numpy as np
 
 from core.interactions import QuadraticModel, quadratic_model
-from core.solver import Allocation, Costs, solve
+from core.solver import FRONTIER_GRID, Allocation, Costs, frontier, solve_impq
+from impq_tui.report import fmt_bytes  # noqa: F401  (screens/dashboard.py reads analysis.fmt_bytes)
 
 BITS_MIN, BITS_MAX = 2.0, 4.0
-FRONTIER_GRID = tuple(round(2 + 0.05 * k, 2) for k in range(41))
 STABILITY_WINDOW = 10          # samples looked back over for "allocation unchanged"
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -76,9 +75,8 @@ class Allocations:
             hit = self._cache.get(key)
         if hit is not None:
             return hit
-        if model is None:
-            model = quadratic_model(D, alpha=self.alpha, paired=self.paired)
-        allocation = solve(model.a, model.K, self.costs, bits=bits)
+        allocation = solve_impq(D, self.costs, bits=bits, alpha=self.alpha, paired=self.paired,
+                                model=model)
         with self._lock:
             self._cache[key] = allocation
         return allocation
@@ -114,18 +112,14 @@ class FrontierPoint:
 
 def frontier_points(D: np.ndarray, allocations: Allocations, grid=FRONTIER_GRID,
                     cancelled: Callable[[], bool] = lambda: False) -> list[FrontierPoint] | None:
-    """The IMPQ frontier (as core.solver.frontier, one budget at a time so that it can stop
-    between solves)."""
+    """The IMPQ frontier of core.solver, as points to plot (None when cancelled)."""
     model = quadratic_model(D, alpha=allocations.alpha, paired=allocations.paired)
-    points = []
-    for b in grid:
-        if cancelled():
-            return None
-        alloc = allocations.get(D, float(b), model)
-        points.append(FrontierPoint(bits=float(b), avg_bits=alloc.avg_bits,
-                                    predicted=alloc.predicted_delta_nll,
-                                    high_layers=sum(x == 4 for x in alloc.bits_per_layer)))
-    return points
+    allocs = frontier(model.a, model.K, allocations.costs, grid, cancelled=cancelled)
+    if allocs is None:
+        return None
+    return [FrontierPoint(bits=float(b), avg_bits=alloc.avg_bits, predicted=alloc.predicted_delta_nll,
+                          high_layers=sum(x == 4 for x in alloc.bits_per_layer))
+            for b, alloc in zip(grid, allocs)]
 
 
 def full_precision_bytes(costs: Costs, dtype: str) -> int:
@@ -143,31 +137,3 @@ def top_interactions(K: np.ndarray, n: int = 3) -> list[tuple[int, int, float]]:
     pairs = [(i, j, float(K[i, j])) for i in range(L) for j in range(i + 1, L)]
     pairs.sort(key=lambda p: -abs(p[2]))
     return pairs[:n]
-
-
-# ------------------------------------------------------------------ formatting
-
-def fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
-def fmt_duration(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "-"
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}"
-
-
-def fmt_nats(x: float) -> str:
-    """A loss value in nats, short enough for a map cell (7 characters)."""
-    if not math.isfinite(x):
-        return "-"
-    return f"{x:+.4f}" if abs(x) >= 1e-3 or x == 0 else f"{x:+.0e}"
