@@ -1,10 +1,11 @@
 """Export round trip per backend (a benchmark, not a test).
 
-For a finished run, solves the IMPQ allocation at each target, exports it with every
-backend that is installed, loads each export back in a fresh Python process with its
-README's snippet (the library's own loader), and compares perplexity on the same
-evaluation tokens with the in-memory quantized model; reports the quantized weights'
-bytes against the budget and the weight files' size on disk. Writes one JSON object.
+For a finished run, solves the IMPQ allocation at each target, measures it with
+`impq-tui eval`'s function, exports it with every backend that is installed, loads each
+export back in a fresh Python process with its README's snippet (the library's own
+loader), and compares the three perplexities on the same evaluation tokens (eval, the
+in-memory exported model, the reloaded export); reports the quantized weights' bytes
+against the budget and the weight files' size on disk. Writes one JSON object.
 
     impq-tui run --samples 1 --windows 2 --window-tokens 64 --run-dir /tmp/smol
     python bench/export_roundtrip.py /tmp/smol --bits 2.5 3.0 --out roundtrip.json
@@ -22,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core.evaluate import allocate  # noqa: E402
+from core.evaluate import allocate, evaluate_allocation  # noqa: E402
 from core.export import EXPORT_BACKENDS, ROUND_TRIP_RTOL, export_model, rel_diff  # noqa: E402
 from core.runs import RunDir  # noqa: E402
 
@@ -45,6 +46,9 @@ def main() -> int:
     for bits in args.bits:
         alloc = allocate(run, bits=bits)
         for backend in args.backends:
+            evaluated = evaluate_allocation(run, list(alloc.bits_per_layer), backend=backend,
+                                            windows=args.eval_windows,
+                                            window_tokens=args.eval_window_tokens)
             result = export_model(run, list(alloc.bits_per_layer), backend,
                                   root / f"{backend}-{bits:.2f}", force=True, target_bits=bits,
                                   verify=True, eval_windows=args.eval_windows,
@@ -52,9 +56,10 @@ def main() -> int:
                                   callback=lambda e: print(f"  {e.message}", file=sys.stderr))
             dtype = json.loads((Path(result.out_dir) / "allocation.json").read_text())["dtype"]
             row = {**result.to_json(), "dtype": dtype, "rel_diff": rel_diff(result.ppl_reloaded, result.ppl),
+                   "ppl_eval": evaluated.ppl, "eval_vs_export": rel_diff(evaluated.ppl, result.ppl),
                    "tolerance": ROUND_TRIP_RTOL[dtype]}
             rows.append(row)
-            print(f"{backend:7s} {bits:.2f} bits: ppl {result.ppl:.4f} in memory, "
+            print(f"{backend:7s} {bits:.2f} bits: ppl {evaluated.ppl:.4f} by eval, {result.ppl:.4f} in memory, "
                   f"{result.ppl_reloaded:.4f} reloaded (rel {row['rel_diff']:.1e}, tol "
                   f"{row['tolerance']:g}); {result.bytes:,} B quantized <= budget "
                   f"{result.budget_bytes:,} B: {result.bytes <= result.budget_bytes}; "

@@ -149,6 +149,24 @@ def test_the_export_is_the_model_eval_measures(exports, run_dir, backend):
     assert evaluated["ppl"] == pytest.approx(exported["ppl_reloaded"], rel=RTOL_FP32)
 
 
+def test_a_cancelled_verify_kills_the_loader_within_a_second(exports, eval_tokens):
+    import tempfile
+    import threading
+
+    from core.export import verify_export
+    from core.spqe import Cancelled
+
+    out, _ = exports["hqq"]
+    before = set(Path(tempfile.gettempdir()).glob("impq-verify-*"))
+    cancel = threading.Event()
+    threading.Timer(1.0, cancel.set).start()   # the loader is still importing torch then
+    start = time.monotonic()
+    with pytest.raises(Cancelled):
+        verify_export(out, eval_tokens, cancel=cancel)
+    assert time.monotonic() - start < 2.0
+    assert set(Path(tempfile.gettempdir()).glob("impq-verify-*")) == before
+
+
 def test_quanto_and_hqq_differ(exports):
     """Two libraries, two quantizers: equal perplexities would mean one is not applied."""
     assert exports["quanto"][1]["ppl"] != exports["hqq"][1]["ppl"]

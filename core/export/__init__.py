@@ -162,7 +162,7 @@ def export_model(run: RunDir, bits_per_layer: list[int], backend: str, out_dir: 
         exporter.close()   # free the model before a second copy loads in the fresh process
         if verify:
             checkpoint("loading the export back in a fresh process (README snippet)")
-            reloaded = _verify(tmp, exporter, tokens, ppl, written.dtype, backend, config)
+            reloaded = _verify(tmp, exporter, tokens, ppl, written.dtype, backend, config, cancel)
             result = replace(result, ppl_reloaded=reloaded)
             record["ppl_reloaded"] = reloaded
             _write_card(tmp, exporter, record, out)
@@ -209,11 +209,12 @@ def _write_card(folder: Path, exporter: Exporter, record: dict, out: Path) -> No
 
 
 def _verify(folder: Path, exporter: Exporter, tokens, ppl: float, dtype: str, backend: str,
-            config) -> float:
+            config, cancel: threading.Event | None) -> float:
     # The card's snippet with the folder's present (temporary) path: the same code, the
     # path being a literal.
     snippet = exporter.snippet(str(folder), dtype)
-    reloaded = verify_export(folder, tokens, max(1, config.micro_batch), snippet=snippet)
+    reloaded = verify_export(folder, tokens, max(1, config.micro_batch), snippet=snippet,
+                             cancel=cancel)
     tolerance = ROUND_TRIP_RTOL[dtype]
     if rel_diff(reloaded, ppl) > tolerance:
         # The files do not give back the model that was quantized: a library bug, not
@@ -380,10 +381,12 @@ def _record_in_run(run: RunDir, result: ExportResult, callback) -> None:
 # ------------------------------------------------------------------ the round trip
 
 def verify_export(folder: str | os.PathLike, tokens: torch.Tensor, micro_batch: int = 8, *,
-                  snippet: str | None = None, timeout: float = 3600) -> float:
+                  snippet: str | None = None, timeout: float = 3600,
+                  cancel: threading.Event | None = None) -> float:
     """Perplexity of an export loaded in a fresh Python process (none of our code on its
     path) by the README's snippet, or by `snippet` (the same code for another path), run
-    from an unrelated working directory."""
+    from an unrelated working directory. `cancel` kills that process (within 0.1 s) and
+    raises core.spqe.Cancelled; its temporary folder goes either way."""
     import subprocess
     import sys
 
@@ -396,11 +399,26 @@ def verify_export(folder: str | os.PathLike, tokens: torch.Tensor, micro_batch: 
         (work / "roundtrip.py").write_text(script)
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
         env.pop("PYTHONPATH", None)       # the loader must not reach our own code
-        proc = subprocess.run([sys.executable, "roundtrip.py"], cwd=work, env=env,
-                              capture_output=True, text=True, timeout=timeout)
+        with open(work / "stderr.txt", "w+") as err:
+            proc = subprocess.Popen([sys.executable, "roundtrip.py"], cwd=work, env=env,
+                                    stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+            deadline = time.monotonic() + timeout
+            try:
+                while proc.poll() is None:
+                    if cancel is not None and cancel.is_set():
+                        raise Cancelled
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"loading the export back took over {timeout:.0f} s")
+                    time.sleep(0.1)
+            finally:
+                if proc.poll() is None:   # its whole session: the loader may have started workers
+                    os.killpg(proc.pid, 9)
+                    proc.wait()
+            err.seek(0)
+            stderr = err.read()
         if proc.returncode != 0 or not (work / "ppl.json").exists():
             raise RuntimeError(f"loading the export back failed (exit {proc.returncode}):\n"
-                               f"{proc.stderr[-4000:]}")
+                               f"{stderr[-4000:]}")
         return float(json.loads((work / "ppl.json").read_text())["ppl"])
 
 
