@@ -5,8 +5,8 @@
 loads the run's model once, computes the baselines' scores on the unquantized model
 over the run's calibration windows, builds every linear's real quantized module once
 per precision (2 and 4 bits), solves each method's allocation at each budget (IMPQ by
-its quadratic model, IMPQ-local by the budget-local model of core.interactions, our
-extension, the baselines by the knapsack, all with the same costs and SCIP),
+its quadratic model, IMPQ-local by the budget-local model of core.interactions and
+IMPQ-fit by the model core.fit fits to the visited states, our extensions, the baselines by the knapsack, all with the same costs and SCIP),
 and evaluates each distinct allocation by swapping module references, on one set of
 evaluation tokens shared by every method. Allocations are evaluated in lexicographic
 order of their bit vectors, so consecutive ones share the longest prefix of layers
@@ -29,7 +29,8 @@ from core import baselines, events
 from core.backends import get_backend
 from core.data import describe, eval_tokens, load_text, token_windows
 from core.errors import UserError
-from core.evaluate import solve_local
+from core.evaluate import IMPQ, IMPQ_FIT, IMPQ_LOCAL, solve_fit, solve_local
+from core.fit import fit_states
 from core.interactions import predicted_delta, quadratic_model
 from core.models import LoadedModel, load_model, pick_device
 from core.runs import RunDir
@@ -39,10 +40,9 @@ from core.spqe import Cancelled
 from core.switching import LayerSwitch, PrefixEvaluator
 
 DEFAULT_BITS = (2.25, 2.5, 3.0, 3.5)
-IMPQ, IMPQ_LOCAL = "impq", "impq-local"
 UNIFORM_LOW, UNIFORM_HIGH = "uniform-2", "uniform-4"
-METHODS = (IMPQ, IMPQ_LOCAL, *baselines.BASELINES)
-LABELS = {IMPQ: "IMPQ", IMPQ_LOCAL: "IMPQ-local", "sensitivity": "Sensitivity", "lim": "LIM", "zscore": "Z-score",
+METHODS = (IMPQ, IMPQ_LOCAL, IMPQ_FIT, *baselines.BASELINES)
+LABELS = {IMPQ: "IMPQ", IMPQ_LOCAL: "IMPQ-local", IMPQ_FIT: "IMPQ-fit", "sensitivity": "Sensitivity", "lim": "LIM", "zscore": "Z-score",
           "activation": "Activation", UNIFORM_LOW: "all 2-bit", UNIFORM_HIGH: "all 4-bit"}
 COMPARE_DIR = "compare"
 
@@ -130,6 +130,7 @@ class CompareResult:
             "bits": list(self.bits), "ppl_original": self.ppl_original,
             "impq_vs_best_baseline": self.versus_best_baseline(),
             "impq_local_vs_best_baseline": self.versus_best_baseline(IMPQ_LOCAL),
+            "impq_fit_vs_best_baseline": self.versus_best_baseline(IMPQ_FIT),
             "scores": {k: list(map(float, v)) for k, v in self.scores.items()},
             "model": self.model, "backend": self.backend, "group_size": self.group_size,
             "samples": self.samples, "alpha": self.alpha, "costs_source": self.costs_source,
@@ -154,7 +155,7 @@ class CompareResult:
         rows = []
         for m in self.methods:
             rows.append([LABELS[m], *(_cell(self.row(m, b)) for b in self.bits)])
-        for m in (IMPQ, IMPQ_LOCAL):
+        for m in (IMPQ, IMPQ_LOCAL, IMPQ_FIT):
             if ratios := self.versus_best_baseline(m):
                 rows.append([f"{LABELS[m]} / best baseline",
                              *(f"{r['ratio']:.3f} ({LABELS[r['best_baseline']]})" for r in ratios)])
@@ -223,7 +224,9 @@ def compare(run: RunDir, bits_list=DEFAULT_BITS, *, eval_text: str | None = None
     t_scores = time.perf_counter() - t
 
     costs, costs_source = _costs(run, real, backend_impl, config, log)
-    allocations = _allocations(qmodel, scores, costs, bits_list, D=D, perms=run.P(), alpha=alpha)
+    fitted = _fitted(D, run.P(), log)
+    allocations = _allocations(qmodel, scores, costs, bits_list, D=D, perms=run.P(), alpha=alpha,
+                               fitted=fitted)
     t = time.perf_counter()
     evaluator = PrefixEvaluator(loaded, tokens, micro)
     measured, ppl_original, passes = _evaluate_all(evaluator, real, allocations, log, cancel)
@@ -321,16 +324,29 @@ def _costs(run: RunDir, real: LayerSwitch, backend, config, log) -> tuple[Costs,
     return costs, "run"
 
 
-def _allocations(qmodel, scores: dict, costs: Costs, bits_list, *, D, perms,
-                 alpha: float) -> dict[tuple[str, float], Allocation]:
-    """Every method's allocation at every budget (D and perms for IMPQ-local). Every
-    predicted_delta_nll is the run's (paper) quadratic model's, for comparability."""
+def _fitted(D, perms, log):
+    """IMPQ-fit's model, or None (with a warning) where the run has too few samples."""
+    try:
+        return fit_states(D, perms)
+    except UserError as exc:
+        log(f"no IMPQ-fit row: {exc}", "warning")
+        return None
+
+
+def _allocations(qmodel, scores: dict, costs: Costs, bits_list, *, D, perms, alpha: float,
+                 fitted=None) -> dict[tuple[str, float], Allocation]:
+    """Every method's allocation at every budget (D and perms for IMPQ-local, the fitted
+    model for IMPQ-fit). Every predicted_delta_nll is the run's (paper) quadratic model's,
+    for comparability."""
     a, K = qmodel.a, qmodel.K
     out: dict[tuple[str, float], Allocation] = {}
     for b in bits_list:
         out[(IMPQ, b)] = solve_impq(D, costs, bits=b, model=qmodel)
         alloc = solve_local(D, perms, costs, bits=b, alpha=alpha)
         out[(IMPQ_LOCAL, b)] = replace(alloc, predicted_delta_nll=predicted_delta((a, K), alloc.q))
+        if fitted is not None:
+            alloc = solve_fit(fitted, costs, bits=b)
+            out[(IMPQ_FIT, b)] = replace(alloc, predicted_delta_nll=predicted_delta((a, K), alloc.q))
         for m in baselines.BASELINES:
             out[(m, b)] = baselines.allocation(scores[m], costs, b, a=a, K=K)
     zeros = np.zeros(costs.L)
@@ -409,17 +425,17 @@ def plot(result: CompareResult, stem: Path, title: str | None = None) -> list[Pa
     return paths
 
 
-MARKERS = {IMPQ: "o", IMPQ_LOCAL: "P", "sensitivity": "s", "lim": "^", "zscore": "D", "activation": "v"}
+MARKERS = {IMPQ: "o", IMPQ_LOCAL: "P", IMPQ_FIT: "X", "sensitivity": "s", "lim": "^", "zscore": "D", "activation": "v"}
 
 
 def draw(ax, result: CompareResult) -> None:
     """One method per line on a matplotlib Axes (also used by bench/quality's figure)."""
     for m in result.methods:
         rows = sorted((result.row(m, b) for b in result.bits), key=lambda r: r.avg_bits)
-        ours = m in (IMPQ, IMPQ_LOCAL)
+        ours = m in (IMPQ, IMPQ_LOCAL, IMPQ_FIT)
         ax.plot([r.avg_bits for r in rows], [r.ppl for r in rows], marker=MARKERS[m],
                 label=LABELS[m], linewidth=2.2 if ours else 1.2, zorder=3 if ours else 2,
-                linestyle="--" if m == IMPQ_LOCAL else "-")
+                linestyle={IMPQ_LOCAL: "--", IMPQ_FIT: "-."}.get(m, "-"))
     for m, b, marker in ((UNIFORM_LOW, float(LOW_BITS), "x"), (UNIFORM_HIGH, float(HIGH_BITS), "+")):
         r = result.row(m, b)
         ax.scatter([r.avg_bits], [r.ppl], marker=marker, color="black", s=60, label=LABELS[m], zorder=4)

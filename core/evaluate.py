@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from core import events
 from core.data import eval_tokens
 from core.errors import UserError
+from core.fit import FittedModel, fit_states
 from core.interactions import budget_local_model, quadratic_model
 from core.models import LoadedModel, pick_device
 from core.runs import RunDir
@@ -22,19 +23,36 @@ from core.spqe import Cancelled
 from core.switching import LayerSwitch, perplexity
 
 
+IMPQ, IMPQ_LOCAL, IMPQ_FIT = "impq", "impq-local", "impq-fit"
+RUN_METHODS = (IMPQ, IMPQ_LOCAL, IMPQ_FIT)   # the paper's, and our two extensions
+
+
 def allocate(run: RunDir, *, bits: float | None = None, budget: int | None = None,
-             alpha: float = 0.5, local: bool = False) -> Allocation:
-    """IMPQ's allocation; with local, from the budget-local model (our extension)."""
+             alpha: float = 0.5, local: bool = False, method: str | None = None) -> Allocation:
+    """The allocation of a run at a budget by `method`: IMPQ (the paper's model, the
+    default), IMPQ-local or IMPQ-fit (our extensions; `local` is IMPQ-local)."""
+    method = method or (IMPQ_LOCAL if local else IMPQ)
+    if method not in RUN_METHODS:
+        raise UserError(f"unknown allocation method {method!r}; choose one of {', '.join(RUN_METHODS)}.")
     D = run.D()
     if len(D) == 0:
         raise UserError(f"run {run.path} has no finished SPQE sample yet: nothing to solve. "
                         f"Continue it with `impq-tui run --resume {run.path}`.")
     if not 0 <= alpha <= 1:
-        raise UserError(f"--alpha must lie in [0, 1] (got {alpha}).")
+        raise UserError(f"alpha must lie in [0, 1] (got {alpha}).")
     costs = run.costs()
-    if local:
+    if method == IMPQ_LOCAL:
         return solve_local(D, run.P(), costs, bits=bits, budget=budget, alpha=alpha)
+    if method == IMPQ_FIT:
+        return solve_fit(fit_states(D, run.P()), costs, bits=bits, budget=budget)
     return solve_impq(D, costs, bits=bits, budget=budget, alpha=alpha, paired=run.config.antithetic)
+
+
+def solve_fit(fitted: FittedModel, costs, *, bits: float | None = None,
+              budget: int | None = None) -> Allocation:
+    """IMPQ-fit's allocation (our extension): the model fitted to the visited states
+    (core.fit), solved by the same SCIP program under the same budget."""
+    return solve(fitted.a, fitted.K, costs, bits=bits, budget=budget)
 
 
 def solve_local(D, perms, costs, *, bits: float | None = None, budget: int | None = None,
@@ -48,13 +66,13 @@ def solve_local(D, perms, costs, *, bits: float | None = None, budget: int | Non
 
 def result_stem(bits: float | None, budget: int | None = None, method: str = "impq") -> str:
     """The file name stem of an allocation or evaluation: bits-2.50, bits-2.125, bytes-N,
-    with -local for IMPQ-local. Two decimals unless the target has more (2.125 and 2.13
+    with -local for IMPQ-local and -fit for IMPQ-fit. Two decimals unless the target has more (2.125 and 2.13
     are different budgets and must not share a file)."""
     if bits is None:
         stem = f"bytes-{budget}"
     else:
         stem = f"bits-{bits:.2f}" if float(f"{bits:.2f}") == bits else f"bits-{bits!r}"
-    return stem + ("-local" if method == "impq-local" else "")
+    return stem + {IMPQ_LOCAL: "-local", IMPQ_FIT: "-fit"}.get(method, "")
 
 
 def run_frontier(run: RunDir, alpha: float = 0.5, bits_grid=FRONTIER_GRID) -> list[Allocation]:

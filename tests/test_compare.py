@@ -143,9 +143,10 @@ def test_compare_json_schema_and_files(tiny_run):
 def test_table_has_every_method_and_budget(result):
     headers, rows = result.table()
     assert headers == ["method", "2.25 bits", "2.5 bits", "3 bits", "3.5 bits"]
-    assert [r[0] for r in rows[:6]] == ["IMPQ", "IMPQ-local", "Sensitivity", "LIM", "Z-score",
-                                        "Activation"]
-    assert [r[0] for r in rows[6:8]] == ["IMPQ / best baseline", "IMPQ-local / best baseline"]
+    assert [r[0] for r in rows[:7]] == ["IMPQ", "IMPQ-local", "IMPQ-fit", "Sensitivity", "LIM",
+                                        "Z-score", "Activation"]
+    assert [r[0] for r in rows[7:10]] == ["IMPQ / best baseline", "IMPQ-local / best baseline",
+                                         "IMPQ-fit / best baseline"]
     assert all(len(r) == len(headers) for r in rows)
     impq = result.row("impq", 2.5)
     assert rows[0][2] == f"{format_ppl(impq.ppl)} @{impq.avg_bits:.2f}"
@@ -153,16 +154,15 @@ def test_table_has_every_method_and_budget(result):
 
 
 def compare_main(*args: str) -> int:
-    """The command in this process (argparse errors raise SystemExit)."""
+    """The command in this process (argparse errors raise SystemExit, user errors return 2)."""
     from impq_tui.cli import main
 
     return main(["compare", *map(str, args)])
 
 
 def test_user_errors(tiny_run, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        compare_main(tiny_run.path, "--bits", "4.5")
-    assert exit_info.value.code == 2 and "outside [2, 4]" in capsys.readouterr().err
+    assert compare_main(tiny_run.path, "--bits", "4.5") == 2
+    assert "--bits 4.5 is outside [2, 4]" in capsys.readouterr().err
     assert compare_main(tmp_path) == 2
     assert "not an impq-tui run directory" in capsys.readouterr().err
     empty = RunDir.create(tmp_path / "empty", tiny_run.config)
@@ -187,14 +187,28 @@ def test_impq_local_rows_are_the_budget_local_solutions(result, tiny_run):
         assert impq.predicted_delta_nll <= local.predicted_delta_nll + 1e-9
 
 
+def test_impq_fit_rows_are_the_fitted_models_solutions(result, tiny_run):
+    """IMPQ-fit's allocation at each budget is what `solve` gives for it, within the same
+    budget as every method, and the table has its ratio row."""
+    from core.evaluate import allocate
+
+    for b in BITS:
+        fit = result.row("impq-fit", b)
+        assert fit.bits_per_layer == allocate(tiny_run, bits=b, method="impq-fit").bits_per_layer
+        assert fit.bytes <= fit.budget_bytes == result.row("impq", b).budget_bytes
+    assert [r["target_bits"] for r in result.versus_best_baseline("impq-fit")] == BITS
+    assert "IMPQ-fit / best baseline" in [row[0] for row in result.table()[1]]
+    assert result.to_json()["impq_fit_vs_best_baseline"]
+
+
 def test_a_comparison_saved_before_impq_local_still_reads(tiny_run, result):
     """compare/<backend>.json written before IMPQ-local existed has no such rows: the table,
     ratios and plot use the methods present."""
     from core.compare import CompareResult
 
     old = result.to_json()
-    old["results"] = [r for r in old["results"] if r["method"] != "impq-local"]
-    del old["impq_local_vs_best_baseline"]
+    old["results"] = [r for r in old["results"] if r["method"] not in ("impq-local", "impq-fit")]
+    del old["impq_local_vs_best_baseline"], old["impq_fit_vs_best_baseline"]
     back = CompareResult.from_json(old)
     assert "impq-local" not in back.methods and back.versus_best_baseline("impq-local") == []
     headers, rows = back.table()

@@ -1,0 +1,95 @@
+"""IMPQ-fit (core.fit, our extension): the quadratic model fitted to the states SPQE's
+walks visit, on games whose answer is known."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from core.errors import UserError
+from core.evaluate import solve_fit
+from core.fit import fit_states, visited_states
+from core.interactions import quadratic_model
+from core.solver import Costs
+
+
+def quadratic_game(L: int, seed: int = 0):
+    """v(S) - v({}) = u.x + sum_{i<j} w_ij x_i x_j with interactions of both signs."""
+    rng = np.random.default_rng(seed)
+    u = rng.uniform(0.2, 2.0, L)
+    W = np.triu(rng.normal(0.0, 0.6, (L, L)), 1)
+    W = W + W.T
+    return u, W, lambda x: float(x @ u + 0.5 * x @ W @ x)
+
+
+def walks(v, L: int, M: int, seed: int = 1):
+    """M SPQE samples of the game v: permutations and marginal vectors, as the engine
+    records them."""
+    rng = np.random.default_rng(seed)
+    perms = np.array([rng.permutation(L) for _ in range(M)])
+    D = np.zeros((M, L))
+    for m, perm in enumerate(perms):
+        x = np.zeros(L)
+        for i in perm:
+            before = v(x)
+            x[i] = 1.0
+            D[m, i] = v(x) - before
+    return D, perms
+
+
+def test_visited_states_are_the_walks_prefixes():
+    D = np.array([[1.0, 2.0, 4.0]])
+    X, y, walk = visited_states(D, np.array([[2, 0, 1]]))
+    assert X.tolist() == [[0, 0, 0], [0, 0, 1], [1, 0, 1], [1, 1, 1]]
+    assert y.tolist() == [0.0, 4.0, 5.0, 7.0]
+    assert walk.tolist() == [0, 0, 0, 0]
+
+
+def test_an_exactly_quadratic_game_is_recovered_with_its_signs():
+    L = 7
+    u, W, v = quadratic_game(L)
+    D, perms = walks(v, L, M=30)
+    fitted = fit_states(D, perms)
+    assert np.allclose(fitted.u, u, atol=1e-4)
+    assert np.allclose(fitted.W, W, atol=1e-4)
+    assert np.array_equal(np.sign(fitted.W), np.sign(W))
+    assert fitted.cv_rmse < 1e-3 and fitted.samples == 30 and fitted.states == 30 * (L + 1)
+    # the paper's covariance model loses the signs: its off-diagonal K is never positive here
+    K = quadratic_model(D).K
+    assert (W > 0).any() and not np.array_equal(np.sign(K[np.triu_indices(L, 1)]),
+                                                 np.sign(W[np.triu_indices(L, 1)]))
+
+
+def test_the_solver_finds_the_brute_force_optimum_of_the_fitted_model():
+    L = 8
+    u, W, v = quadratic_game(L, seed=3)
+    D, perms = walks(v, L, M=40, seed=4)
+    fitted = fit_states(D, perms)
+    costs = Costs(m_lo=[10] * L, m_hi=[30 + 3 * i for i in range(L)], params=[80] * L)
+    for bits in (2.3, 2.8, 3.4):
+        alloc = solve_fit(fitted, costs, bits=bits)
+        best = min((q for q in itertools.product((0, 1), repeat=L)
+                    if costs.bytes_used(q) <= alloc.budget_bytes),
+                   key=lambda q: v(np.array(q, dtype=float)))
+        assert alloc.q == best
+        assert alloc.bytes <= alloc.budget_bytes
+
+
+def test_noise_is_regularized_by_cross_validation_over_walks():
+    L = 6
+    u, W, v = quadratic_game(L, seed=5)
+    rng = np.random.default_rng(6)
+    noisy = lambda x: v(x) + (0.3 * rng.normal() if x.any() else 0.0)   # noqa: E731
+    D, perms = walks(noisy, L, M=25)
+    fitted = fit_states(D, perms)
+    assert fitted.lam > 0 and fitted.cv_rmse > 0.05
+    assert np.corrcoef(fitted.u, u)[0, 1] > 0.8
+
+
+@pytest.mark.parametrize("M", [0, 1])
+def test_too_few_samples_are_refused(M):
+    u, W, v = quadratic_game(5)
+    D, perms = walks(v, 5, M=max(M, 1))
+    with pytest.raises(UserError, match="at least 2 SPQE samples"):
+        fit_states(D[:M], perms[:M])
