@@ -220,7 +220,8 @@ def markdown(report: dict) -> str:
                 continue
             cells = [f"{format_ppl(rows[(m, x)]['ppl'])} ({rows[(m, x)]['avg_bits']:.2f})" for x in bits]
             table.append([f"**{LABELS[m]}**" if m == "impq" else LABELS[m], *cells])
-        for label, key in (("IMPQ", "verdicts"), ("IMPQ-local", "verdicts_local")):
+        for label, key in (("IMPQ", "verdicts"), ("IMPQ-local", "verdicts_local"),
+                           ("IMPQ-fit", "verdicts_fit")):
             if b.get(key):
                 table.append([f"{label} / best baseline", *(
                     f"{v['ratio']:.3f}" + ("" if v["bar"] is None else
@@ -309,6 +310,7 @@ def main(argv=None) -> int:
         results.append(b.pop("_result"))
         b["verdicts"] = verdicts(results[-1])
         b["verdicts_local"] = verdicts(results[-1], "impq-local")
+        b["verdicts_fit"] = verdicts(results[-1], "impq-fit")
         backends.append(b)
         report = {"command": command, "hardware": hardware(), "wall_s": time.perf_counter() - t0,
                   "bar": {str(k): v for k, v in BAR.items()}, "backends": backends}
@@ -320,7 +322,8 @@ def main(argv=None) -> int:
                       f"each); the allocations at every budget were unchanged for the last "
                       f"{s['unchanged_for']} samples (median se/|phi| {s['median_rel_se']:.2f})")
         for label, v in [("IMPQ", v) for v in b["verdicts"]] + \
-                [("IMPQ-local", v) for v in b.get("verdicts_local", [])]:
+                [("IMPQ-local", v) for v in b.get("verdicts_local", [])] + \
+                [("IMPQ-fit", v) for v in b.get("verdicts_fit", [])]:
             mark = ("" if v["bar"] is None else
                     f", {'meets' if v['meets_bar'] else 'misses'} the bar of {v['bar']}")
             console.print(f"  {v['target_bits']:g} bits: {label} {v['impq_ppl']:.3f} vs best baseline "
