@@ -37,15 +37,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from core import events  # noqa: E402
-from core.compare import (DEFAULT_BITS, LABELS, METHODS, CompareResult, compare, draw,  # noqa: E402
-                          format_ppl)
+from core.compare import DEFAULT_BITS, LABELS, METHODS, CompareResult, compare, draw  # noqa: E402
 from core.engine import run_spqe  # noqa: E402
-from core.settings import device_defaults  # noqa: E402
 from core.interactions import quadratic_model  # noqa: E402
 from core.models import pick_device  # noqa: E402
 from core.runs import CONFIG, RunConfig, RunDir  # noqa: E402
+from core.settings import device_defaults  # noqa: E402
 from core.solver import solve  # noqa: E402
-from impq_tui.report import compare_report, log_line, markdown_table  # noqa: E402
+from impq_tui.report import compare_report, format_ppl, log_line, markdown_table  # noqa: E402
 
 # The bar: IMPQ perplexity at most this times the best baseline's.
 BAR = {2.25: 0.8, 2.5: 0.8, 3.0: 1.0, 3.5: 1.0}

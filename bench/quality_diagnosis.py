@@ -26,10 +26,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from core.compare import (LABELS, _load, calibration_windows,  # noqa: E402
-                          load_saved, tokens_sha256)
-from core.runs import RunDir  # noqa: E402
+from core.compare import LABELS, _load, calibration_windows, load_saved, tokens_sha256  # noqa: E402
 from core.data import eval_tokens  # noqa: E402
+from core.runs import RunDir  # noqa: E402
 from core.switching import LayerSwitch, PrefixEvaluator  # noqa: E402
 
 MEASURES = ("calib_sim", "calib_real", "eval_sim", "eval_real")
@@ -101,6 +100,7 @@ def main(argv=None) -> int:
         best[str(b)]["impq_over_best_baseline_ppl"] = ratios
         print(f"{b:g} bits: best by " + ", ".join(f"{k} {best[str(b)][k]}" for k in MEASURES)
               + "; IMPQ / best baseline ppl " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
+    dev = loaded.device
     report = {"run": str(run.path), "backend": backend, "device": str(dev),
               "gpu": torch.cuda.get_device_name(0) if dev.type == "cuda" else None,
               "calib_tokens": int(calib.numel()), "eval_tokens": int(tokens.numel()),

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import sys
 import time
@@ -32,6 +31,7 @@ from core.backends import get_backend  # noqa: E402
 from core.models import SHAPES, from_config, shape_config  # noqa: E402
 from core.spqe import Sampler, permutation  # noqa: E402
 from core.switching import HIGH, LOW, LayerSwitch, PrefixEvaluator  # noqa: E402
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":

@@ -23,19 +23,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from core import baselines, events
 from core.backends import get_backend
 from core.data import describe, eval_tokens, load_text, token_windows
-from core.errors import UserError
+from core.errors import InvalidField, UserError
 from core.evaluate import IMPQ, IMPQ_FIT, IMPQ_LOCAL, solve_fit, solve_local
 from core.fit import fit_states
 from core.interactions import predicted_delta, quadratic_model
 from core.models import LoadedModel, load_model, pick_device
 from core.runs import RunDir
 from core.settings import eval_settings
-from core.solver import HIGH_BITS, LOW_BITS, Allocation, Costs, solve_impq, solve_knapsack
+from core.solver import (
+    HIGH_BITS,
+    LOW_BITS,
+    Allocation,
+    Costs,
+    solve_impq,
+    solve_knapsack,
+)
 from core.spqe import Cancelled
 from core.switching import LayerSwitch, PrefixEvaluator
 
@@ -148,31 +154,6 @@ class CompareResult:
                    calib=d["calib"], eval=d["eval"], timings=d["timings"], device=d["device"],
                    warnings=tuple(d.get("warnings", ())), files=tuple(d.get("files", ())))
 
-    def table(self) -> tuple[list[str], list[list[str]]]:
-        """Headers and rows, one row per method, one perplexity column per budget (the
-        effective bits beside it): what the CLI prints and the app shows."""
-        headers = ["method", *(f"{b:g} bits" for b in self.bits)]
-        rows = []
-        for m in self.methods:
-            rows.append([LABELS[m], *(_cell(self.row(m, b)) for b in self.bits)])
-        for m in (IMPQ, IMPQ_LOCAL, IMPQ_FIT):
-            if ratios := self.versus_best_baseline(m):
-                rows.append([f"{LABELS[m]} / best baseline",
-                             *(f"{r['ratio']:.3f} ({LABELS[r['best_baseline']]})" for r in ratios)])
-        for m, b in ((UNIFORM_LOW, float(LOW_BITS)), (UNIFORM_HIGH, float(HIGH_BITS))):
-            rows.append([LABELS[m], *([_cell(self.row(m, b))] * len(self.bits))])
-        rows.append(["unquantized", *([format_ppl(self.ppl_original)] * len(self.bits))])
-        return headers, rows
-
-
-def _cell(r: MethodResult) -> str:
-    return f"{format_ppl(r.ppl)} @{r.avg_bits:.2f}"
-
-
-def format_ppl(ppl: float) -> str:
-    """Four significant figures or more: 12.34, 123.4, 45,678."""
-    return f"{ppl:,.0f}" if ppl >= 1000 else f"{ppl:.4g}" if ppl >= 1 else f"{ppl:.3f}"
-
 
 def tokens_sha256(tokens: torch.Tensor) -> str:
     return hashlib.sha256(tokens.to("cpu", torch.int64).numpy().tobytes()).hexdigest()
@@ -194,9 +175,7 @@ def compare(run: RunDir, bits_list=DEFAULT_BITS, *, eval_text: str | None = None
     D = run.D()
     if len(D) == 0:
         raise UserError(f"run {run.path} has no finished SPQE sample yet: nothing to compare. "
-                        f"Continue it with `impq-tui run --resume {run.path}`.")
-    if not 0 <= alpha <= 1:
-        raise UserError(f"--alpha must lie in [0, 1] (got {alpha}).")
+                        f"Resume the run (`resume`) to take samples.")
     qmodel = quadratic_model(D, alpha=alpha, paired=config.antithetic)
     warnings: list[str] = []
 
@@ -297,7 +276,7 @@ def calibration_windows(loaded: LoadedModel, config) -> torch.Tensor:
 def _check_bits(bits_list) -> list[float]:
     bits = sorted({float(b) for b in bits_list})
     if not bits:
-        raise UserError("give at least one target, e.g. --bits 2.25 2.5 3.0 3.5.")
+        raise InvalidField("bits", "is empty: give at least one target, e.g. 2.25 2.5 3.0 3.5.")
     for b in bits:
         if not LOW_BITS <= b <= HIGH_BITS:
             raise UserError(f"a target of {b} bits is outside [2, 4]: choose average precisions "

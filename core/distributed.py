@@ -24,11 +24,19 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from core import events
-from core.engine import (_Meter, _finish, costs_record, ensure_model_files,
-                         handle_nonfinite, prepare, save_costs, warner,
-                         write_status)
-from core.errors import UserError
-from core.runs import COSTS, RunConfig, RunDir
+from core.engine import (
+    _finish,
+    _Meter,
+    costs_record,
+    ensure_model_files,
+    handle_nonfinite,
+    prepare,
+    save_costs,
+    warner,
+    write_status,
+)
+from core.errors import InvalidField, UserError
+from core.runs import RunConfig, RunDir
 from core.spqe import Sampler
 from core.switching import PrefixEvaluator
 
@@ -45,7 +53,7 @@ def run_multi_gpu(config: RunConfig, run: RunDir, callback: events.Callback,
     spawned, one per GPU."""
     available = torch.cuda.device_count()
     if gpus > available:
-        raise UserError(f"--gpus {gpus} asks for more GPUs than the {available} visible here.")
+        raise InvalidField("gpus", f"{gpus} asks for more GPUs than the {available} visible here.")
     ensure_model_files(config)
     init = f"tcp://127.0.0.1:{_free_port()}"
     ctx = mp.get_context("spawn")

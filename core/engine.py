@@ -17,18 +17,25 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable
 
-import numpy as np
 import torch
 
 from core import events
 from core.backends import get_backend
 from core.data import load_text, token_windows
-from core.errors import UserError
-from core.models import EMBEDDED, LoadedModel, embedded_checkpoint, load_model, parameter_counts, pick_device
+from core.errors import InvalidField, UserError
+from core.models import (
+    EMBEDDED,
+    LoadedModel,
+    embedded_checkpoint,
+    load_model,
+    parameter_counts,
+    pick_device,
+)
 from core.runs import COSTS, STATUS, RunConfig, RunDir
 from core.settings import DTYPES
 from core.spqe import Cancelled, Sampler
 from core.switching import LayerSwitch, PrefixEvaluator
+
 
 @dataclass
 class Prepared:
@@ -65,8 +72,8 @@ def check_gpu_memory(config: RunConfig, device: torch.device) -> None:
             f"SPQE on this model needs about {need / gib:.1f} GiB of GPU memory ({(total - linear) * item / gib:.1f} "
             f"embeddings and head, {2 * linear * item / gib:.1f} for the 2- and 4-bit copies of the decoder "
             f"layers, {cache / gib:.1f} for cached hidden states of {tokens:,} calibration tokens), but "
-            f"{device} has {free / gib:.1f} GiB free. Use fewer calibration tokens (--windows, "
-            "--window-tokens), a smaller --micro-batch, or a GPU with more memory; --gpus N "
+            f"{device} has {free / gib:.1f} GiB free. Use fewer calibration tokens (`windows`, "
+            "`window_tokens`), a smaller `micro_batch`, or a GPU with more memory; `gpus` "
             "speeds SPQE up but gives every GPU its own full copy.")
 
 
@@ -180,7 +187,7 @@ def run_spqe(config: RunConfig, run: RunDir, callback: events.Callback = events.
 
 def _run(config, run, callback, cancel, pause, indices) -> str:
     if config.samples < 1:
-        raise UserError(f"--samples must be at least 1 (got {config.samples}).")
+        raise InvalidField("samples", f"must be at least 1 (got {config.samples}).")
     done = {r["m"] for r in run.samples()}
     wanted = indices if indices is not None else range(config.samples)
     todo = [m for m in wanted if m not in done]
@@ -246,7 +253,7 @@ def handle_nonfinite(run: RunDir, callback: events.Callback, record: dict,
     low = info["low_layers"]
     if record["v_high"] is None:
         raise UserError(f"the loss with every layer at 4 bits is {info['value']}: the model or "
-                        "its 4-bit quantization is numerically broken (check --dtype; float16 "
+                        "its 4-bit quantization is numerically broken (check the dtype; float16 "
                         "overflows on some models, use bfloat16 or float32).")
     culprits = alone()
     state = (f"layers at 2 bits then: {_ranges(low)}" if len(low) < len(record["d"])
@@ -258,8 +265,8 @@ def handle_nonfinite(run: RunDir, callback: events.Callback, record: dict,
                "sample is kept in samples.jsonl, flagged, and left out of the estimates.")
     if record["v_low"] is None:
         raise UserError(message + " Every sample passes through the all-2-bit state, so SPQE "
-                        "cannot go on: use a smaller --group-size, the other --backend, or "
-                        "another --dtype.")
+                        "cannot go on: use a smaller `group_size`, the other `backend`, or "
+                        "another dtype.")
     warner(run, callback)(message)
 
 

@@ -18,10 +18,17 @@ from core.fit import FittedModel, fit_states
 from core.interactions import budget_local_model, quadratic_model
 from core.models import LoadedModel, pick_device
 from core.runs import RunDir
-from core.solver import FRONTIER_GRID, Allocation, frontier, low_share, resolve_budget, solve, solve_impq
+from core.solver import (
+    FRONTIER_GRID,
+    Allocation,
+    frontier,
+    low_share,
+    resolve_budget,
+    solve,
+    solve_impq,
+)
 from core.spqe import Cancelled
 from core.switching import LayerSwitch, perplexity
-
 
 IMPQ, IMPQ_LOCAL, IMPQ_FIT = "impq", "impq-local", "impq-fit"
 RUN_METHODS = (IMPQ, IMPQ_LOCAL, IMPQ_FIT)   # the paper's, and our two extensions
@@ -37,9 +44,7 @@ def allocate(run: RunDir, *, bits: float | None = None, budget: int | None = Non
     D = run.D()
     if len(D) == 0:
         raise UserError(f"run {run.path} has no finished SPQE sample yet: nothing to solve. "
-                        f"Continue it with `impq-tui run --resume {run.path}`.")
-    if not 0 <= alpha <= 1:
-        raise UserError(f"alpha must lie in [0, 1] (got {alpha}).")
+                        f"Resume the run (`resume`) to take samples.")
     costs = run.costs()
     if method == IMPQ_LOCAL:
         return solve_local(D, run.P(), costs, bits=bits, budget=budget, alpha=alpha)
@@ -77,7 +82,7 @@ def result_stem(bits: float | None, budget: int | None = None, method: str = "im
 
 def run_frontier(run: RunDir, alpha: float = 0.5, bits_grid=FRONTIER_GRID) -> list[Allocation]:
     model = quadratic_model(run.D(), alpha=alpha, paired=run.config.antithetic)
-    return frontier(model.a, model.K, run.costs(), bits_grid)
+    return frontier(model.a, model.K, run.costs(), bits_grid, factor=model.factor)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ All are small frozen dataclasses; vectors are tuples so they stay immutable.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Union
 
 

@@ -26,6 +26,9 @@ class QuadraticModel:
     K: np.ndarray     # [L, L] C shrunk toward its diagonal
     a: np.ndarray     # [L] individual sensitivities
     samples: int      # M, the rows of D
+    # q.K.q = d.q + |F q|^2 for every binary q (q_i^2 = q_i), with F [n, L] the scaled,
+    # centred draws behind C: the solver's compact form when n < L (core.solver).
+    factor: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def quadratic_model(D: np.ndarray, alpha: float = 0.5, paired: bool = False,
@@ -57,15 +60,17 @@ def quadratic_model(D: np.ndarray, alpha: float = 0.5, paired: bool = False,
         X = draws - draws.mean(axis=0)
         C = X.T @ X / (n - 1)
         se = np.sqrt(np.diag(C) / n)
+        factor = (alpha * np.diag(C), np.sqrt((1 - alpha) / (n - 1)) * X)
     else:
         C, se = np.zeros((L, L)), np.zeros(L)
-    return _shrunk(phi, se, C, alpha, M)
+        factor = (np.zeros(L), np.zeros((0, L)))
+    return _shrunk(phi, se, C, alpha, M, factor)
 
 
-def _shrunk(phi, se, C, alpha: float, M: int) -> QuadraticModel:
+def _shrunk(phi, se, C, alpha: float, M: int, factor=None) -> QuadraticModel:
     K = (1 - alpha) * C + alpha * np.diag(np.diag(C))
     a = phi - (K.sum(axis=1) - np.diag(K))
-    return QuadraticModel(phi=phi, se=se, C=C, K=K, a=a, samples=M)
+    return QuadraticModel(phi=phi, se=se, C=C, K=K, a=a, samples=M, factor=factor)
 
 
 def _weighted_model(D: np.ndarray, W: np.ndarray, alpha: float) -> QuadraticModel:

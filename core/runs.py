@@ -22,7 +22,7 @@ import socket
 import tempfile
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -100,7 +100,7 @@ def write_error(path: Path, exc: OSError, lost: str = "nothing was changed",
     run_dir = run_dir or path.parent
     if path.parent == run_dir:
         hint = ("Every sample finished before is safe on disk; make room or fix the "
-                f"permissions, then continue with `impq-tui run --resume {run_dir}`.")
+                f"permissions, then resume the run (`resume`) from {run_dir}.")
     else:
         hint = (f"The run in {run_dir} is unchanged; make room or fix the permissions, then "
                 "run the command again.")
@@ -125,8 +125,8 @@ class RunDir:
             run._clear_interrupted_create()
         if run.path.exists() and (not run.path.is_dir() or any(run.path.iterdir())):
             raise UserError(f"run directory {run.path} already exists and is not empty. Continue "
-                            f"it with `impq-tui run --resume {run.path}`, or choose another "
-                            "--run-dir.")
+                            f"it (`resume` {run.path}), or choose another "
+                            "`run_dir`.")
         run.path.mkdir(parents=True, exist_ok=True)
         run.lock()
         run.write_json(CONFIG, config.to_json())
@@ -188,7 +188,7 @@ class RunDir:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
             raise UserError(f"run {self.path} is being written by {holder}. Wait for it to finish "
-                            f"or stop it; `impq-tui --run {self.path}` can watch it meanwhile.") from None
+                            f"or stop it; open the run in the app to watch it meanwhile.") from None
         previous = os.pread(fd, 200, 0).decode(errors="replace").strip()
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
@@ -334,7 +334,7 @@ class RunDir:
         if crc is not None and crc != _crc(data):
             raise UserError(f"{self.path / COSTS} was edited or is damaged (checksum mismatch): "
                             "budgets computed from it would be wrong. Delete it and continue "
-                            f"the run with `impq-tui run --resume {self.path}` to measure it again.")
+                            f"the run (`resume` {self.path}) to measure it again.")
         return data
 
     def costs(self):

@@ -104,13 +104,28 @@ class Allocation:
 
 
 def solve(a, K, costs: Costs, *, bits: float | None = None, budget: int | None = None,
-          time_limit: float | None = None) -> Allocation:
-    """The q minimizing Delta(q) = a.q + q.K.q within the budget (METHOD.md, "Solving")."""
+          time_limit: float | None = None, factor=None) -> Allocation:
+    """The q minimizing Delta(q) = a.q + q.K.q within the budget (METHOD.md, "Solving").
+
+    `factor` = (d, F) with q.K.q = d.q + |F q|^2 on binary q (QuadraticModel.factor):
+    with fewer rows in F than layers, the program is written in that compact convex form
+    (a few continuous variables instead of one per pair), which SCIP solves far faster
+    while a run has few samples; both forms have the same optimum."""
     a, K = _check_model(a, K, costs.L)
     B = resolve_budget(costs, bits, budget)
     start = time.perf_counter()
     if B >= costs.B_hi:
         return _allocation([0] * costs.L, costs, bits, B, (a, K), "all-high", time.perf_counter() - start)
+    if factor is not None and 0 < len(factor[1]) < costs.L:
+        model, q = _factored_program(a, factor, costs, B)
+    else:
+        model, q = _linearized_program(a, K, costs, B)
+    q_val, status = _optimize(model, q, costs, B, time_limit)
+    return _allocation(q_val, costs, bits, B, (a, K), status, time.perf_counter() - start)
+
+
+def _linearized_program(a, K, costs: Costs, B: int):
+    """Each product q_i q_j (i < j) as a continuous y_ij (METHOD.md)."""
     model, q = _model_with_budget(costs, B, objective=a + np.diag(K))
     for i in range(costs.L):
         for j in range(i + 1, costs.L):
@@ -125,8 +140,21 @@ def solve(a, K, costs: Costs, *, bits: float | None = None, budget: int | None =
             else:
                 model.addCons(y <= q[i])
                 model.addCons(y <= q[j])
-    q_val, status = _optimize(model, q, costs, B, time_limit)
-    return _allocation(q_val, costs, bits, B, (a, K), status, time.perf_counter() - start)
+    return model, q
+
+
+def _factored_program(a, factor, costs: Costs, B: int):
+    """a.q + d.q + |F q|^2: t = F q, and z >= |t|^2 as SCIP's convex quadratic constraint."""
+    d, F = (np.asarray(x, dtype=np.float64) for x in factor)
+    model, q = _model_with_budget(costs, B, objective=a + d)
+    t = []
+    for row in F:
+        t_k = model.addVar(lb=None, ub=None)
+        model.addCons(t_k == scip.quicksum(float(f) * q_i for f, q_i in zip(row, q) if f != 0))
+        t.append(t_k)
+    z = model.addVar(lb=0.0, obj=1.0)
+    model.addCons(scip.quicksum(t_k * t_k for t_k in t) <= z)
+    return model, q
 
 
 def solve_impq(D, costs, *, bits: float | None = None, budget: int | None = None,
@@ -135,7 +163,7 @@ def solve_impq(D, costs, *, bits: float | None = None, budget: int | None = None
     (or `model`, already fitted to D) solved by SCIP at the budget. `allocate`, compare
     and the app all come here."""
     model = model if model is not None else quadratic_model(D, alpha=alpha, paired=paired)
-    return solve(model.a, model.K, costs, bits=bits, budget=budget)
+    return solve(model.a, model.K, costs, bits=bits, budget=budget, factor=model.factor)
 
 
 def solve_knapsack(scores, costs: Costs, *, bits: float | None = None, budget: int | None = None,
@@ -158,7 +186,7 @@ def solve_knapsack(scores, costs: Costs, *, bits: float | None = None, budget: i
 FRONTIER_GRID = tuple(round(2 + 0.05 * k, 2) for k in range(41))   # 2.00, 2.05, ..., 4.00
 
 
-def frontier(a, K, costs: Costs, bits_grid=FRONTIER_GRID, *,
+def frontier(a, K, costs: Costs, bits_grid=FRONTIER_GRID, *, factor=None,
              cancelled: Callable[[], bool] = lambda: False) -> list[Allocation] | None:
     """IMPQ allocations over a grid of target bits; None when `cancelled` says so between
     two solves."""
@@ -166,7 +194,7 @@ def frontier(a, K, costs: Costs, bits_grid=FRONTIER_GRID, *,
     for b in bits_grid:
         if cancelled():
             return None
-        out.append(solve(a, K, costs, bits=float(b)))
+        out.append(solve(a, K, costs, bits=float(b), factor=factor))
     return out
 
 

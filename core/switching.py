@@ -178,8 +178,8 @@ class PrefixEvaluator:
         if self.micro_batch == 1:
             raise UserError(
                 f"out of GPU memory even with one window of {self.windows.shape[1]} tokens per "
-                f"micro-batch ({why}). Use fewer --window-tokens, another --dtype, or spread the "
-                "run over more GPUs (--gpus N).")
+                f"micro-batch ({why}). Use fewer `window_tokens`, another dtype, or spread the "
+                "run over more GPUs (`gpus`).")
         old, self.micro_batch = self.micro_batch, self.micro_batch // 2
         self.batches = list(self.windows.split(self.micro_batch))
         self.on_retry(f"out of GPU memory at micro-batch {old}: continuing with micro-batch "

@@ -16,10 +16,10 @@ from typing import Callable
 import numpy as np
 
 from core.interactions import QuadraticModel, quadratic_model
+from core.requests import BITS_MAX, BITS_MIN
 from core.solver import FRONTIER_GRID, Allocation, Costs, frontier, solve_impq
 from impq_tui.report import fmt_bytes  # noqa: F401  (screens/dashboard.py reads analysis.fmt_bytes)
 
-BITS_MIN, BITS_MAX = 2.0, 4.0
 STABILITY_WINDOW = 10          # samples looked back over for "allocation unchanged"
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -114,7 +114,8 @@ def frontier_points(D: np.ndarray, allocations: Allocations, grid=FRONTIER_GRID,
                     cancelled: Callable[[], bool] = lambda: False) -> list[FrontierPoint] | None:
     """The IMPQ frontier of core.solver, as points to plot (None when cancelled)."""
     model = quadratic_model(D, alpha=allocations.alpha, paired=allocations.paired)
-    allocs = frontier(model.a, model.K, allocations.costs, grid, cancelled=cancelled)
+    allocs = frontier(model.a, model.K, allocations.costs, grid, factor=model.factor,
+                      cancelled=cancelled)
     if allocs is None:
         return None
     return [FrontierPoint(bits=float(b), avg_bits=alloc.avg_bits, predicted=alloc.predicted_delta_nll,

@@ -1,16 +1,25 @@
 """The Textual app: a setup form, the dashboard of a run, export.
 
     impq-tui              the setup form
-    impq-tui --run DIR    the dashboard of a saved run, following it if another process
+    impq-tui --run DIR    the dashboard of a saved run, following it while its process
                           still writes it
+
+A run started from the form is a process of its own (`impq-tui run`), followed on disk
+like any other run: it goes on when the terminal closes or the app quits.
 
 Every worker runs on the app with a group, `exit_on_error=False`, and reports errors
 through the one Worker.StateChanged handler here, which turns them into a readable modal.
+Thread workers are daemon threads, so quitting never waits for a solve or a comparison.
 """
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import os
+import shutil
+import sys
 import threading
-from pathlib import Path
+from typing import NoReturn
 
 from textual import on
 from textual.app import App, SystemCommand
@@ -21,15 +30,15 @@ from textual.worker import Worker, WorkerState
 from core.errors import UserError
 from core.runs import RunConfig, RunDir
 
-from impq_tui.screens.dashboard import Dashboard
-from impq_tui.screens.modals import ErrorModal, HelpScreen
+from impq_tui.follow import RunSource
+from impq_tui.screens.dashboard import VIEWS, Dashboard
+from impq_tui.screens.modals import ErrorModal, HelpScreen, LeaveRunModal
 from impq_tui.screens.setup import SetupDefaults, SetupScreen
 
 WORKER_TITLES = {
-    "engine": "SPQE stopped",
     "solve": "The solver failed",
     "frontier": "The frontier could not be computed",
-    "poll": "The run folder could not be read",
+    "follow": "The run folder could not be read",
     "export": "Export or evaluation failed",
 }
 
@@ -46,6 +55,29 @@ def readable(error: BaseException) -> str:
                 "per window), use a smaller model, or free the GPU, then continue the run.")
     return (f"{name}: {text}\n\nThis is a bug in impq-tui or a library it uses. Finished samples "
             "are kept in the run folder; the Log view has the details.")
+
+
+class DaemonExecutor(concurrent.futures.ThreadPoolExecutor):
+    """Runs each thread worker on a daemon thread of its own. The event loop's default
+    executor joins its threads when the loop closes, so `q` would wait for a comparison
+    or an export in flight; their cancel events stop them, this makes sure exit does not
+    wait for that. (asyncio takes only a ThreadPoolExecutor; none of its pool is used.)"""
+
+    def submit(self, fn, /, *args, **kwargs) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args, **kwargs))
+                except BaseException as exc:   # the worker reports it
+                    future.set_exception(exc)
+
+        threading.Thread(target=run, daemon=True, name="impq-worker").start()
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        pass
 
 
 class ImpqApp(App[int]):
@@ -67,16 +99,15 @@ class ImpqApp(App[int]):
         self.cursor_blink = cursor_blink
         self.timings = timings
         self.animation_level = "none"      # nothing slides or fades over SSH
-        self._quitting = False
-        self.engine_threads: list[threading.Thread] = []
 
     def on_mount(self) -> None:
-        from impq_tui.cli import _quiet_libraries
+        from impq_tui.libraries import quiet_libraries
 
-        _quiet_libraries()     # no library progress bars drawn over the screen
+        asyncio.get_running_loop().set_default_executor(DaemonExecutor())
+        quiet_libraries()     # no library progress bars drawn over the screen
         if self.run_dir:
             try:
-                self.open_run(self.run_dir, replace_setup=False)
+                self.open_run(self.run_dir)
                 return
             except UserError as exc:
                 self.push_screen(SetupScreen(self._defaults(run_dir=self.run_dir)))
@@ -98,16 +129,28 @@ class ImpqApp(App[int]):
         return None
 
     def start_run(self, config: RunConfig, path: str) -> Dashboard:
-        """Create the run folder (refusing a non-empty one) and start SPQE on it."""
-        run = RunDir.create(path, config)
-        dashboard = Dashboard(run, engine_config=config, created=True, bits=self.start_bits)
+        """Create the run folder (refusing a non-empty one), start `impq-tui run` on it in
+        a process of its own, and follow it."""
+        try:
+            run = RunDir.create(path, config)
+        except OSError as exc:          # below a file, unwritable, too long...
+            raise UserError(f"cannot create the run folder {path!r}: {exc.strerror or exc}. "
+                            "Choose another Run folder.") from None
+        run.unlock()                    # the run's process takes the lock
+        source = RunSource(run)
+        try:
+            source.start()
+        except OSError as exc:
+            shutil.rmtree(run.path, ignore_errors=True)
+            raise UserError(f"cannot start the run's process: {exc}") from None
+        dashboard = Dashboard(source, created=True, bits=self.start_bits)
         self.push_screen(dashboard)
         return dashboard
 
-    def open_run(self, path: str, replace_setup: bool = True) -> Dashboard:
+    def open_run(self, path: str) -> Dashboard:
         run = RunDir.open(path)
         run.samples()       # a damaged samples.jsonl is reported here, not later
-        dashboard = Dashboard(run, bits=self.start_bits)
+        dashboard = Dashboard(RunSource(run), bits=self.start_bits)
         self.push_screen(dashboard)
         return dashboard
 
@@ -133,58 +176,43 @@ class ImpqApp(App[int]):
             yield SystemCommand("Set the budget…", "Type an average of bits per weight",
                                 screen.action_ask_budget)
             yield SystemCommand("Export…", "Evaluate and export this allocation", screen.action_export)
-            for key, view in enumerate(("estimates", "bits", "interactions", "frontier", "compare", "log"), 1):
+            for key, view in enumerate(VIEWS, 1):
                 yield SystemCommand(f"Show {view}", f"key {key}", lambda v=view: screen.action_view(v))
 
     # ------------------------------------------------------------------ workers
     @on(Worker.StateChanged)
     def _worker_state_changed(self, event: Worker.StateChanged) -> None:
-        worker = event.worker
         # event.state, not worker.state: a worker that fails at once is already in ERROR
         # while its RUNNING message is still on the way
-        if event.state not in (WorkerState.SUCCESS, WorkerState.ERROR, WorkerState.CANCELLED):
-            return
-        failed = event.state == WorkerState.ERROR
-        back_to_form = None
-        if worker.group == "engine":
-            dashboard = self.dashboard
-            if dashboard is not None and dashboard.engine_ended(failed):
-                back_to_form = lambda _: self.new_run(dashboard)   # noqa: E731
-            if self._quitting:
-                self.exit(0)
-                return
-        if failed:
-            if worker.group == "engine" and self.dashboard is not None:
-                self.dashboard.log_line(f"{type(worker.error).__name__}: {worker.error}", "error")
+        if event.state == WorkerState.ERROR:
+            worker = event.worker
             self.show_error(WORKER_TITLES.get(worker.group, "Something failed"),
-                            readable(worker.error), back_to_form)
+                            readable(worker.error))
 
     async def action_quit(self) -> None:
-        """Stop the engine between evaluations and wait for it; a second quit leaves at once
-        (the engine thread then stops at its next check before the process exits)."""
+        """Quit; while the run on screen is being written by a process of this host, ask
+        once whether to leave it running or stop it (quitting again leaves it running)."""
         dashboard = self.dashboard
-        if dashboard is not None and dashboard.engine_running and not self._quitting:
-            self._quitting = True
-            dashboard.stop_engine()
-            self.notify("Stopping SPQE after the evaluation in flight (finished samples are "
-                        "saved). Press quit again to leave at once.", timeout=10)
+        writer = dashboard.writer if dashboard is not None else None
+        if writer is None or not writer.here or isinstance(self.screen, LeaveRunModal):
+            self.exit(0)
             return
-        self.stop_engine()
-        self.exit(0)
 
-    def stop_engine(self) -> None:
-        for screen in [*self.screen_stack, *getattr(self, "_installed_screens", {}).values()]:
-            if isinstance(screen, Dashboard):
-                screen.on_unmount()
+        def answered(choice: str | None) -> None:
+            if choice == "stop":
+                dashboard.stop_run()
+            if choice is not None:
+                self.exit(0)
 
-    def on_unmount(self) -> None:
-        self.stop_engine()
+        self.push_screen(LeaveRunModal(str(dashboard.run.path), writer.pid), answered)
 
 
-def run_app(run_dir: str | None = None) -> int:
-    app = ImpqApp(run_dir)
-    try:
-        result = app.run()
-    finally:
-        app.stop_engine()
-    return result or 0
+def run_app(run_dir: str | None = None) -> NoReturn:
+    """Run the app, then end the process at once. Nothing of the app's is left to finish
+    (a run is a process of its own; workers were told to stop and are daemon threads),
+    while the interpreter's teardown of torch and the other libraries takes about half a
+    second, longer while a worker thread is inside a library call: `q` should be instant."""
+    code = ImpqApp(run_dir).run() or 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

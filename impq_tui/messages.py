@@ -1,49 +1,25 @@
-"""Textual messages between the worker threads and the dashboard.
+"""Textual messages from the worker threads to the screens.
 
-Workers never touch widgets: they post these. The ones that repeat (progress ticks, polls
-of a followed run) override `can_replace`, so a burst that piles up in the queue while
-the screen is busy collapses to the latest one.
+Workers never touch widgets: they post these. The ones that repeat (looks at a followed
+run) override `can_replace`, so a burst that piles up in the queue while the screen is
+busy collapses to the latest one.
 """
 from __future__ import annotations
 
 from textual.message import Message
 
-from core import events
 from core.solver import Allocation
 
 from impq_tui.analysis import Fit, FrontierPoint
 from impq_tui.follow import Snapshot
 
 
-class EngineProgress(Message):
-    def __init__(self, progress: events.Progress) -> None:
-        super().__init__()
-        self.progress = progress
+class LogLine(Message):
+    """A line for the Log view (or the export screen's log)."""
 
-    def can_replace(self, message: Message) -> bool:
-        return isinstance(message, EngineProgress)
-
-
-class EngineSample(Message):
-    """A finished sample (SampleDone): its marginal vector joins D."""
-
-    def __init__(self, sample: events.SampleDone) -> None:
-        super().__init__()
-        self.sample = sample
-
-
-class EngineLog(Message):
     def __init__(self, message: str, level: str = "info") -> None:
         super().__init__()
         self.message, self.level = message, level
-
-
-class EngineFinished(Message):
-    """status: completed | cancelled | failed (the error itself arrives with the worker)."""
-
-    def __init__(self, status: str, samples: int) -> None:
-        super().__init__()
-        self.status, self.samples = status, samples
 
 
 class RunPolled(Message):

@@ -6,8 +6,9 @@ installed (rsvg-convert from Debian's librsvg2-bin, or the cairosvg package), PN
 
 On a 2-core CPU the run takes several minutes (the model is converted once into
 ~/.cache/impq-tui). The app is driven headless, as a person would at the keyboard: the
-setup form, Start, the dashboard while SPQE runs, then each view of the finished run,
-a changed budget, the help, and the export screen.
+setup form, Start, the dashboard while SPQE runs (in a process of its own, which the app
+follows), then each view of the finished run, a changed budget, the help, the export
+screen and the comparison.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from impq_tui.app import ImpqApp  # noqa: E402
 from impq_tui.screens.dashboard import Dashboard  # noqa: E402
 from impq_tui.screens.setup import SetupDefaults  # noqa: E402
+from impq_tui.widgets.compare import CompareView  # noqa: E402
 
 OUT = ROOT / "screenshots"
 
@@ -47,7 +49,7 @@ class Shooter:
     async def settled(self) -> None:
         dash = self.app.dashboard
         await self.until(lambda: (dash is None or dash.is_current) and not any(
-            w.is_running for w in self.app.workers if w.group not in ("engine",)), "the solver")
+            w.is_running for w in self.app.workers if w.group != "follow"), "the solver")
         await self.pilot.pause(0.3)
 
     async def shot(self, name: str) -> None:
@@ -72,8 +74,12 @@ async def session(samples: int, device: str, size: tuple[int, int], prefix: str,
         dash = app.screen
         await pilot.pause(2)
         await s.shot("02-preparing")
-        await s.until(lambda: dash.progress is not None, "the first evaluation")
-        await s.until(lambda: dash.progress.step >= dash.progress.steps // 2, "half a sample")
+
+        def halfway() -> bool:
+            progress = dash.snapshot.progress if dash.state == "running" else None
+            return progress is not None and progress.step >= progress.steps // 2
+
+        await s.until(halfway, "half of the first sample")
         await s.shot("03-first-sample")
         await s.until(lambda: len(dash.D) >= 2, "two samples")
         await s.settled()
@@ -82,7 +88,7 @@ async def session(samples: int, device: str, size: tuple[int, int], prefix: str,
         await s.settled()
         await s.shot("05-running-bits")
         await pilot.press("1")
-        await s.until(lambda: not dash.engine_running, "the run to finish")
+        await s.until(lambda: dash.state == "completed", "the run to finish")
         await s.settled()
         await s.until(lambda: dash.frontier is not None, "the frontier")
         await s.shot("06-finished-estimates")
@@ -100,8 +106,8 @@ async def session(samples: int, device: str, size: tuple[int, int], prefix: str,
         await s.shot("13-export")
         await pilot.press("escape")
         await pilot.press("c")       # IMPQ against the baselines, real backend perplexity
-        await s.until(lambda: dash.compare_result is not None and not dash.compare_running,
-                      "the comparison")
+        view = dash.query_one(CompareView)
+        await s.until(lambda: view.result is not None and not view.running, "the comparison")
         await s.settled()
         await s.shot("14-compare")
         await pilot.press("ctrl+q")
@@ -131,9 +137,9 @@ def main() -> None:
     parser.add_argument("--size", default="120x40", help="terminal columns x rows")
     parser.add_argument("--prefix", default="", help="prefix of the file names")
     args = parser.parse_args()
-    from impq_tui.cli import _quiet_libraries
+    from impq_tui.libraries import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     size = tuple(int(x) for x in args.size.split("x"))
     OUT.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="impq-screens-") as workdir:

@@ -1,13 +1,15 @@
 """The Textual app driven by a Pilot over real SPQE runs on a tiny real checkpoint: start a
-run from the form, watch the panes fill, move the budget and compare with what
-`impq-tui solve` computes, pause, stop, reopen, follow a run another process writes, and
-see errors as messages rather than tracebacks."""
+run from the form (a process of its own), watch the panes fill, move the budget and
+compare with what `impq-tui solve` computes, pause, stop, reopen, follow a run another
+process writes, quit leaving a run going or stopping it, and see errors as messages
+rather than tracebacks."""
 from __future__ import annotations
 
 import asyncio
 import functools
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -19,11 +21,12 @@ from textual.widgets import TabbedContent
 
 from core.evaluate import allocate
 from core.runs import RunDir
-from impq_tui.analysis import fmt_bytes
 from impq_tui.app import ImpqApp
+from impq_tui.report import fmt_bytes
 from impq_tui.screens.dashboard import Dashboard
-from impq_tui.screens.modals import ErrorModal, HelpScreen
+from impq_tui.screens.modals import ErrorModal, HelpScreen, LeaveRunModal
 from impq_tui.screens.setup import SetupDefaults, SetupScreen
+from impq_tui.widgets.compare import CompareView
 from impq_tui.widgets.layer_map import LayerMap
 from impq_tui.widgets.panes import BudgetPane, BudgetSlider, ProgressPane
 
@@ -40,9 +43,43 @@ def pilot_test(test):
     return run
 
 
-def tiny_setup(model, run_dir, samples: int) -> SetupDefaults:
-    return SetupDefaults(model=str(model), samples=samples, windows=4, window_tokens=32,
-                         device="cpu", run_dir=str(run_dir))
+def tiny_setup(model, run_dir, samples: int, windows: int = 4, window_tokens: int = 32) -> SetupDefaults:
+    return SetupDefaults(model=str(model), samples=samples, windows=windows,
+                         window_tokens=window_tokens, device="cpu", run_dir=str(run_dir))
+
+
+def slow_setup(model, run_dir, samples: int) -> SetupDefaults:
+    """Samples of a few tenths of a second each: a run that is still going when looked at."""
+    return tiny_setup(model, run_dir, samples, windows=8, window_tokens=128)
+
+
+def status_of(run_dir) -> dict:
+    return json.loads((Path(run_dir) / "status.json").read_text())
+
+
+@pytest.fixture(autouse=True)
+def _no_run_left_behind(tmp_path):
+    """A run process a test started and did not see end (a test that failed half-way,
+    one that left it running on purpose) is stopped."""
+    yield
+    for lock in tmp_path.rglob("run.lock"):
+        try:
+            pid = int(lock.read_text().split()[1])
+            if b"impq_tui" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGTERM)
+        except (OSError, ValueError, IndexError):
+            pass
+
+
+def wait_for_writer_to_end(run_dir, patience: float = PATIENCE_S) -> str:
+    """Wait (off any event loop) until the run's process is gone; its final state."""
+    from impq_tui.follow import read_snapshot
+
+    deadline = time.monotonic() + patience
+    while (snap := read_snapshot(RunDir.open(run_dir))).writer.alive:
+        assert time.monotonic() < deadline, "the run's process never ended"
+        time.sleep(0.1)
+    return snap.state
 
 
 async def until(pilot, condition, what: str) -> None:
@@ -61,13 +98,13 @@ async def until(pilot, condition, what: str) -> None:
 
 async def settled(pilot) -> None:
     """Wait until the dashboard shows the current samples and budget, and the solver and
-    poll workers (not the engine) are done."""
+    workers (not the one that follows the run folder) are done."""
     app = pilot.app
 
     def idle() -> bool:
         dash = app.dashboard
         return ((dash is None or dash.is_current)
-                and not any(w.is_running for w in app.workers if w.group != "engine"))
+                and not any(w.is_running for w in app.workers if w.group != "follow"))
 
     await pilot.pause()
     await until(pilot, idle, "solver workers")
@@ -103,7 +140,7 @@ def check_matches_solve(dash: Dashboard) -> None:
 @pilot_test
 async def test_live_run_budget_stop_and_reopen(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "live"
-    app = ImpqApp(setup=tiny_setup(tiny_model_dir, run_dir, samples=200), cursor_blink=False)
+    app = ImpqApp(setup=slow_setup(tiny_model_dir, run_dir, samples=500), cursor_blink=False)
     async with app.run_test(size=SIZE) as pilot:
         assert isinstance(app.screen, SetupScreen)
         await pilot.press("f5")
@@ -113,30 +150,39 @@ async def test_live_run_budget_stop_and_reopen(tiny_model_dir, tmp_path):
         await until(pilot, lambda: len(dash.D) >= 3 and dash.fit is not None
                     and dash.fit.samples >= 3, "three samples on screen")
 
-        # the panes filled: progress counts, estimates with standard errors, the map
-        assert dash.state == "running"
+        # SPQE runs in a process of its own session, which the screen follows
+        writer = dash.writer
+        assert dash.state == "running" and writer.pid != os.getpid()
+        assert os.getsid(writer.pid) == writer.pid != os.getsid(0)
         progress = pane_text(app, ProgressPane)
-        assert "sample" in progress and "/200" in progress and "eval/s" in progress and "cpu" in progress
+        assert "sample" in progress and "/500" in progress and "eval/s" in progress
+        assert "cpu" in progress and f"pid {writer.pid}" in progress
         assert dash.fit.model.phi.shape == (4,) and np.all(dash.fit.model.se > 0)
         assert len(dash.query_one("#layer-map", LayerMap).bits) == 4
 
-        # pause: the engine waits between evaluations; resume lets it go on
+        # pause: the process waits between evaluations; resume lets it go on
         await pilot.press("p")
-        assert dash.pause.is_set() and dash.state == "paused"
-        await pilot.pause()
+        assert dash.state == "paused"
+        await until(pilot, lambda: dash.snapshot.paused, "the process to pause")
         assert "paused" in pane_text(app, ProgressPane)
+        held = len(RunDir.open(run_dir).samples())
+        await pilot.pause(1.5)
+        assert len(RunDir.open(run_dir).samples()) <= held + 1   # the sample in flight at most
         await pilot.press("p")
-        assert not dash.pause.is_set()
+        await until(pilot, lambda: not dash.snapshot.paused and dash.state == "running",
+                    "the process to go on")
+        await until(pilot, lambda: len(dash.D) > held + 1, "more samples")
 
-        # stop: the engine ends cleanly and everything finished is on disk
+        # stop: SIGTERM; the process ends cleanly and everything finished is on disk
         await pilot.press("s")
-        await until(pilot, lambda: not dash.engine_running, "the engine to stop")
+        assert dash.state == "stopping"
+        await until(pilot, lambda: dash.writer is None, "the process to stop")
         await settled(pilot)
         assert dash.state == "cancelled"
         saved = RunDir.open(run_dir)
-        assert 3 <= len(saved.samples()) < 200
+        assert 3 <= len(saved.samples()) < 500
         np.testing.assert_array_equal(dash.D, saved.D())
-        assert json.loads((run_dir / "status.json").read_text())["state"] == "cancelled"
+        assert status_of(run_dir)["state"] == "cancelled"
 
         # budget keys re-solve; the map and numbers equal `impq-tui solve`
         check_matches_solve(dash)
@@ -166,7 +212,7 @@ async def test_live_run_budget_stop_and_reopen(tiny_model_dir, tmp_path):
         dash = app.screen
         await until(pilot, lambda: dash.allocation is not None, "the allocation")
         await settled(pilot)
-        assert dash.state == "cancelled" and not dash.engine_running
+        assert dash.state == "cancelled" and dash.writer is None
         np.testing.assert_array_equal(dash.D, RunDir.open(run_dir).D())
         check_matches_solve(dash)
 
@@ -213,6 +259,7 @@ async def test_bad_model_path_is_a_message(tmp_path):
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("f5")
         await until(pilot, lambda: isinstance(app.screen, ErrorModal), "the error")
+        await pilot.pause()      # composed
         message = text_of(app.screen.query_one("#error-message"))
         assert "does not exist" in message and "no-such-model" in message.replace(" ", "")
         assert "Traceback" not in message
@@ -263,11 +310,11 @@ async def test_opening_a_missing_run_shows_why(tmp_path):
 
 @pilot_test
 async def test_follows_a_run_another_process_writes(tiny_model_dir, tmp_path):
-    run_dir = tmp_path / "headless"
+    run_dir, samples = tmp_path / "headless", 40     # a few seconds: long enough to see it run
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     writer = subprocess.Popen(
-        [sys.executable, "-m", "impq_tui", "run", "--model", str(tiny_model_dir), "--samples", "5",
-         "--windows", "4", "--window-tokens", "32", "--device", "cpu", "--quiet",
+        [sys.executable, "-m", "impq_tui", "run", "--model", str(tiny_model_dir), "--samples", str(samples),
+         "--windows", "8", "--window-tokens", "128", "--device", "cpu", "--quiet",
          "--run-dir", str(run_dir)], env=env, cwd=ROOT,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -284,12 +331,12 @@ async def test_follows_a_run_another_process_writes(tiny_model_dir, tmp_path):
 
             def done() -> bool:
                 states.add(dash.state)
-                return dash.state == "completed" and len(dash.D) == 5
+                return dash.state == "completed" and len(dash.D) == samples
 
             await until(pilot, done, "the writer to finish")
             await settled(pilot)
-            assert "following" in states
-            assert not dash.engine_running      # nothing ran in this process
+            assert "running" in states
+            assert dash.source.process is None      # the app started nothing
             np.testing.assert_array_equal(dash.D, RunDir.open(run_dir).D())
             check_matches_solve(dash)
             assert "completed" in pane_text(app, ProgressPane)
@@ -299,22 +346,72 @@ async def test_follows_a_run_another_process_writes(tiny_model_dir, tmp_path):
 
 
 @pilot_test
-async def test_quit_stops_the_engine_cleanly(tiny_model_dir, tmp_path):
+async def test_a_run_whose_process_died_shows_as_interrupted(tmp_path):
+    """status.json still says running, but the pid in it (and in run.lock) is gone: the
+    writer was killed. The screen says interrupted and offers to continue. The pid here
+    is a zombie (ended, not reaped), as a killed run is where init never reaps."""
+    import shutil
+
+    run_dir = tmp_path / "killed"
+    shutil.copytree(ROOT / "tests/fixtures/run-tiny8", run_dir)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    stat = Path(f"/proc/{dead.pid}/stat")
+    while stat.read_text().rpartition(")")[2].split()[0] != "Z":
+        time.sleep(0.01)
+    status = {**status_of(run_dir), "state": "running", "pid": dead.pid, "time": time.time()}
+    (run_dir / "status.json").write_text(json.dumps(status))
+    (run_dir / "run.lock").write_text(f"pid {dead.pid} on {os.uname().nodename}")
+    app = ImpqApp(str(run_dir), cursor_blink=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: isinstance(app.screen, Dashboard), "the dashboard")
+        dash = app.screen
+        await settled(pilot)
+        assert dash.state == "interrupted" and dash.writer is None
+        assert "interrupted" in pane_text(app, ProgressPane)
+        assert f"pid {dead.pid}" not in pane_text(app, ProgressPane)
+        assert dash.check_action("continue_run", ()) and not dash.check_action("stop", ())
+        await pilot.press("q")                    # nothing runs: no question
+        await until(pilot, lambda: app.return_code is not None, "the app to exit")
+    dead.wait()
+
+
+@pilot_test
+async def test_quit_asks_whether_to_leave_the_run_going(tiny_model_dir, tmp_path):
+    """q while a run goes asks once: "leave it running" ends the app and not the run,
+    which the next app shows live and can stop; "stop it" ends both."""
     run_dir = tmp_path / "quit"
-    app = ImpqApp(setup=tiny_setup(tiny_model_dir, run_dir, samples=500), cursor_blink=False)
+    app = ImpqApp(setup=slow_setup(tiny_model_dir, run_dir, samples=500), cursor_blink=False)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("f5")
         await until(pilot, lambda: isinstance(app.screen, Dashboard), "the dashboard")
         dash = app.screen
-        await until(pilot, lambda: len(dash.D) >= 1, "a sample")
-        worker = dash.engine_worker
+        await until(pilot, lambda: len(dash.D) >= 1 and dash.state == "running", "a sample")
+        pid = dash.writer.pid
         await pilot.press("q")
-        await until(pilot, lambda: not worker.is_running, "the engine to stop")
+        assert isinstance(app.screen, LeaveRunModal)
+        await pilot.press("escape")               # stay
+        assert app.screen is dash and app.return_code is None
+        await pilot.press("q")
+        await pilot.press("l")
         await until(pilot, lambda: app.return_code is not None, "the app to exit")
     assert app.return_code == 0
-    assert worker.result == "cancelled"
-    assert json.loads((run_dir / "status.json").read_text())["state"] == "cancelled"
-    assert len(RunDir.open(run_dir).samples()) >= 1
+    os.kill(pid, 0)                               # the run goes on without the app
+    assert status_of(run_dir)["state"] == "running"
+
+    app = ImpqApp(str(run_dir), cursor_blink=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: isinstance(app.screen, Dashboard), "the dashboard")
+        dash = app.screen
+        await until(pilot, lambda: dash.state == "running" and dash.writer is not None, "the run, live")
+        assert dash.writer.pid == pid
+        before = len(dash.D)
+        await until(pilot, lambda: len(dash.D) > before, "a new sample")
+        await pilot.press("q")
+        await pilot.press("s")                    # stop it and quit
+        await until(pilot, lambda: app.return_code is not None, "the app to exit")
+    assert wait_for_writer_to_end(run_dir) == "cancelled"
+    assert status_of(run_dir)["state"] == "cancelled"
+    assert 1 <= len(RunDir.open(run_dir).samples()) < 500
 
 
 @pilot_test
@@ -369,6 +466,7 @@ async def test_export_and_evaluate_the_chosen_allocation(tiny_model_dir, tmp_pat
         # exporting into the same non-empty folder again is refused with a message
         await pilot.press("f5")
         await until(pilot, lambda: isinstance(app.screen, ErrorModal), "the refusal")
+        await pilot.pause()
         assert "Traceback" not in text_of(app.screen.query_one("#error-message"))
         await pilot.press("escape")
         await until(pilot, lambda: not screen.busy, "the screen to be ready")
@@ -417,7 +515,8 @@ async def test_compare_view_runs_and_shows_the_comparison(tiny_model_dir, tmp_pa
     """`c` on the Compare view evaluates IMPQ and the baselines at the preset budgets and
     the current one, saves them in the run, and shows the same numbers; reopening the run
     shows the saved table."""
-    from core.compare import LABELS, format_ppl, load_saved
+    from core.compare import LABELS, load_saved
+    from impq_tui.report import format_ppl
 
     run_dir = tmp_path / "run"
     subprocess.run([sys.executable, "-m", "impq_tui", "run", "--model", str(tiny_model_dir),
@@ -434,7 +533,8 @@ async def test_compare_view_runs_and_shows_the_comparison(tiny_model_dir, tmp_pa
         await pilot.press("2")                     # from another view, c brings the table forward
         await pilot.press("c")
         assert dash.query_one(TabbedContent).active == "compare"
-        await until(pilot, lambda: dash.compare_result is not None or "failed" in text_of(
+        view = dash.query_one(CompareView)
+        await until(pilot, lambda: view.result is not None or "failed" in text_of(
             dash.query_one("#compare-status")), "the comparison")
         status = text_of(dash.query_one("#compare-status"))
         assert "compared" in status, status
@@ -459,30 +559,3 @@ async def test_compare_view_runs_and_shows_the_comparison(tiny_model_dir, tmp_pa
         assert f"{format_ppl(impq.ppl)} @{impq.avg_bits:.2f}" in text_of(
             app.screen.query_one("#compare-table"))
         await pilot.press("q")
-
-
-@pilot_test
-async def test_a_paused_engine_stops_when_the_app_goes_away(tiny_model_dir, tmp_path):
-    """An app that ends without the quit key (an error, a failing test, a killed terminal)
-    must not leave a paused engine thread behind: it would keep the process alive forever."""
-    run_dir = tmp_path / "paused"
-    app = ImpqApp(setup=tiny_setup(tiny_model_dir, run_dir, samples=500), cursor_blink=False)
-    async with app.run_test(size=SIZE) as pilot:
-        await pilot.press("f5")
-        await until(pilot, lambda: isinstance(app.screen, Dashboard), "the dashboard")
-        dash = app.screen
-        await until(pilot, lambda: len(dash.D) >= 1, "a sample")
-        await pilot.press("p")
-        assert dash.pause.is_set()
-        worker = dash.engine_worker
-        app.exit()
-    assert dash.cancel.is_set() and not dash.pause.is_set()
-
-    def state() -> str:
-        return json.loads((run_dir / "status.json").read_text())["state"]
-
-    deadline = time.monotonic() + 60      # the engine thread itself ends: it writes the state
-    while state() != "cancelled" and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    assert state() == "cancelled"
-    assert not worker.is_running

@@ -40,7 +40,7 @@ def settle(*keys: str):
             await pilot.pause()
             while not (isinstance(app.screen, Dashboard) and app.screen.is_current
                        and app.screen.frontier is not None
-                       and not any(w.is_running for w in app.workers)):
+                       and not any(w.is_running for w in app.workers if w.group != "follow")):
                 if app.dashboard is not None and app.screen is not app.dashboard:
                     break       # a modal is up: nothing more will change underneath
                 assert time.monotonic() < deadline, "the dashboard never settled"

@@ -9,18 +9,25 @@ import sys
 
 import pytest
 import torch
+from test_cli import ENV, ROOT, TINY_RUN, cli
 
 from core.backends import get_backend
-from core.compare import (METHODS, UNIFORM_HIGH, UNIFORM_LOW, calibration_windows, compare,
-                          format_ppl, tokens_sha256)
+from core.compare import (
+    METHODS,
+    UNIFORM_HIGH,
+    UNIFORM_LOW,
+    calibration_windows,
+    compare,
+    tokens_sha256,
+)
 from core.data import eval_tokens
 from core.export import get_exporter
-from core.settings import eval_settings
-from core.switching import perplexity
 from core.models import load_model
 from core.runs import RunDir
+from core.settings import eval_settings
 from core.solver import Costs, budget_bytes
-from test_cli import ENV, ROOT, TINY_RUN, cli
+from core.switching import perplexity
+from impq_tui.report import compare_rows, format_ppl
 
 BITS = [2.25, 2.5, 3.0, 3.5]
 EVAL = {"windows": 3, "window_tokens": 32}
@@ -141,7 +148,7 @@ def test_compare_json_schema_and_files(tiny_run):
 
 
 def test_table_has_every_method_and_budget(result):
-    headers, rows = result.table()
+    headers, rows = compare_rows(result)
     assert headers == ["method", "2.25 bits", "2.5 bits", "3 bits", "3.5 bits"]
     assert [r[0] for r in rows[:7]] == ["IMPQ", "IMPQ-local", "IMPQ-fit", "Sensitivity", "LIM",
                                         "Z-score", "Activation"]
@@ -197,7 +204,7 @@ def test_impq_fit_rows_are_the_fitted_models_solutions(result, tiny_run):
         assert fit.bits_per_layer == allocate(tiny_run, bits=b, method="impq-fit").bits_per_layer
         assert fit.bytes <= fit.budget_bytes == result.row("impq", b).budget_bytes
     assert [r["target_bits"] for r in result.versus_best_baseline("impq-fit")] == BITS
-    assert "IMPQ-fit / best baseline" in [row[0] for row in result.table()[1]]
+    assert "IMPQ-fit / best baseline" in [row[0] for row in compare_rows(result)[1]]
     assert result.to_json()["impq_fit_vs_best_baseline"]
 
 
@@ -211,6 +218,6 @@ def test_a_comparison_saved_before_impq_local_still_reads(tiny_run, result):
     del old["impq_local_vs_best_baseline"], old["impq_fit_vs_best_baseline"]
     back = CompareResult.from_json(old)
     assert "impq-local" not in back.methods and back.versus_best_baseline("impq-local") == []
-    headers, rows = back.table()
+    headers, rows = compare_rows(back)
     assert [r[0] for r in rows[:2]] == ["IMPQ", "Sensitivity"]
     assert sum(r[0].endswith("best baseline") for r in rows) == 1

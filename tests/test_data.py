@@ -4,12 +4,12 @@ import json
 import logging
 import tempfile
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pydoc_data.topics import topics
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging

@@ -1,8 +1,14 @@
 import numpy as np
 import pytest
 
-from core.interactions import (QuadraticModel, budget_local_model, budget_local_weights, positions,
-                               predicted_delta, quadratic_model)
+from core.interactions import (
+    QuadraticModel,
+    budget_local_model,
+    budget_local_weights,
+    positions,
+    predicted_delta,
+    quadratic_model,
+)
 
 # Three samples over three layers; every number below is worked out by hand.
 D3 = np.array([[1.0, 2.0, 0.0],

@@ -17,6 +17,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from test_cli import ENV, ROOT, TINY_RUN, cli
 
 from core import events
 from core.engine import run_spqe
@@ -25,7 +26,6 @@ from core.evaluate import allocate
 from core.models import load_model
 from core.runs import SAMPLES, RunConfig, RunDir
 from core.switching import PrefixEvaluator
-from test_cli import ENV, ROOT, TINY_RUN, cli
 
 
 def tiny_config(model_dir, samples: int = 3, **kw) -> RunConfig:

@@ -14,9 +14,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from test_cli import ENV, ROOT, TINY_RUN, cli
 
 from core.runs import RunDir
-from test_cli import ENV, ROOT, TINY_RUN, cli
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
                                 reason="with CUDA present each rank takes a GPU: see bench/multi_gpu.sh")

@@ -30,7 +30,7 @@ import torch
 
 from core import events
 from core.data import eval_tokens
-from core.errors import UserError
+from core.errors import InvalidField, UserError
 from core.export.base import Exporter, Written, layer_bytes
 from core.export.card import model_card
 from core.models import LoadedModel, pick_device
@@ -254,15 +254,15 @@ def _check_target(out: Path, run_path: Path, force: bool) -> None:
         # With --force this would replace the run directory, or a folder holding it.
         raise UserError(f"{out} is or holds the run directory {run_path}; export into another folder.")
     if out.exists() and not out.is_dir():
-        raise UserError(f"{out} exists and is not a folder; choose another --out.")
+        raise InvalidField("out", f"{out} exists and is not a folder; choose another.")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise UserError(f"{out} already exists and is not empty. Choose another --out, or pass "
-                        "--force to replace it.")
+        raise UserError(f"{out} already exists and is not empty. Choose another `out`, or ask "
+                        "to replace it (`force`).")
     if not out.parent.is_dir():
         raise UserError(f"the folder {out.parent} that should hold the export does not exist; "
                         "create it first.")
     if not os.access(out.parent, os.W_OK):
-        raise UserError(f"cannot write into {out.parent} (permission denied); choose another --out.")
+        raise UserError(f"cannot write into {out.parent} (permission denied); choose another `out`.")
 
 
 def _partial_folder(out: Path) -> Path:
@@ -315,7 +315,7 @@ def _publish(tmp: Path, out: Path, force: bool) -> None:
     if out.exists():
         if any(out.iterdir()) and not force:   # appeared while we were writing
             raise UserError(f"{out} was created by someone else during the export; it is left as "
-                            "it is. Choose another --out, or pass --force to replace it.")
+                            "it is. Choose another `out`, or ask to replace it (`force`).")
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         os.rename(out, old)
     os.rename(tmp, out)

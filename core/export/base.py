@@ -76,7 +76,7 @@ class Exporter(ABC):
         `model`, `tokenizer`. The path goes in as a Python literal (repr), never as code."""
 
     def over_budget_hint(self, config: RunConfig) -> str:
-        return ("Export with the run's own backend, or choose a lower --bits so that the "
+        return ("Export with the run's own backend, or choose lower `bits` so that the "
                 "allocation leaves room.")
 
     def library_version(self) -> str:

@@ -21,15 +21,26 @@ from pathlib import Path
 import torch
 
 from core.data import load_text, token_windows
-from core.errors import UserError
-from core.export.base import Exporter, Written, check_all_written, import_error, safetensors_bytes
-from core.models import EMBEDDED, LoadedModel, decoder_layers, embedded_checkpoint, load_model
+from core.export.base import (
+    Exporter,
+    Written,
+    check_all_written,
+    import_error,
+    safetensors_bytes,
+)
+from core.models import (
+    EMBEDDED,
+    LoadedModel,
+    decoder_layers,
+    embedded_checkpoint,
+    load_model,
+)
 
 # GPTQ's Hessians want more tokens than SPQE's evaluations: up to this many windows of
 # the run's window length are cut from its calibration text.
 CALIB_WINDOWS = 64
 EXTRA_HINT = ("Install it with `pip install 'impq-tui[gptq]'` (GPTQModel 7.6.0; it pins numpy 2.2.6), "
-              "or export with --backend quanto or hqq.")
+              "or export with the quanto or hqq `backend`.")
 
 
 def _prepare_environment() -> None:
@@ -126,7 +137,7 @@ class GptqExporter(Exporter):
         return _SNIPPET.format(path=repr(path), dtype=dtype)
 
     def over_budget_hint(self, config) -> str:
-        return "Choose a lower --bits."
+        return "Choose lower `bits`."
 
     @staticmethod
     def dtype(config) -> str:

@@ -3,7 +3,6 @@ measure perplexity first (core.evaluate), then write a model ordinary tools load
 (core.export, shared with the headless CLI)."""
 from __future__ import annotations
 
-import importlib
 import threading
 from pathlib import Path
 
@@ -18,23 +17,13 @@ from textual.widgets import Button, Checkbox, Footer, Input, Label, RichLog, Sel
 from textual.worker import get_current_worker
 
 from core import events
-from core.errors import UserError
+from core.export import EXPORT_BACKENDS, ExportResult, export_model
 from core.runs import RunDir
 from core.spqe import Cancelled
 from core.solver import Allocation
 
-from impq_tui.analysis import fmt_bytes
-from impq_tui.messages import EngineLog
-
-
-def export_module():
-    """core.export, or None where this installation does not have it yet."""
-    try:
-        return importlib.import_module("core.export")
-    except ModuleNotFoundError as exc:
-        if exc.name in ("core.export",):
-            return None
-        raise
+from impq_tui.report import fmt_bytes
+from impq_tui.messages import LogLine
 
 
 class TaskDone(Message):
@@ -53,47 +42,35 @@ class ExportScreen(Screen):
     def __init__(self, run: RunDir, allocation: Allocation, bits: float) -> None:
         super().__init__()
         self.run, self.allocation, self.bits = run, allocation, bits
-        self.module = export_module()
-        self.backends: tuple[str, ...] = tuple(getattr(self.module, "EXPORT_BACKENDS", ())) if self.module else ()
         self.busy = False
         self.cancel = threading.Event()      # export_model stops between its steps
 
     def compose(self) -> ComposeResult:
         a = self.allocation
         high = sum(b == 4 for b in a.bits_per_layer)
-        backend = self.run.config.backend if self.run.config.backend in self.backends else (
-            self.backends[0] if self.backends else self.run.config.backend)
+        backend = (self.run.config.backend if self.run.config.backend in EXPORT_BACKENDS
+                   else EXPORT_BACKENDS[0])
         with Vertical(id="export"):
             yield Static(f"[b]Export[/b] the allocation at [b]{self.bits:.2f}[/b] bits: {high} of "
                          f"{len(a.bits_per_layer)} layers at 4 bits, {fmt_bytes(a.bytes)} "
                          f"({a.avg_bits:.3f} bits/weight with metadata)", id="export-title")
-            if self.module is None:
-                yield Static("[$warning]Export is not available in this installation yet (no "
-                             "core.export). You can still measure the perplexity of this "
-                             "allocation with F6.[/]", id="export-unavailable")
             with Grid(id="export-form"):
                 yield Label("Backend")
-                choices = self.backends or (self.run.config.backend,)
-                yield Select([(b, b) for b in choices], value=backend, allow_blank=False,
-                             id="export-backend", compact=True, disabled=self.module is None)
+                yield Select([(b, b) for b in EXPORT_BACKENDS], value=backend, allow_blank=False,
+                             id="export-backend", compact=True)
                 yield Label("Output folder")
-                yield Input(self._default_out(backend), id="export-out", compact=True,
-                            disabled=self.module is None)
+                yield Input(self._default_out(backend), id="export-out", compact=True)
                 yield Label("Perplexity")
-                yield Checkbox("measure the quantized model", False, id="export-eval", compact=True,
-                               disabled=self.module is None)
+                yield Checkbox("measure the quantized model", False, id="export-eval", compact=True)
                 yield Label("Verify")
                 yield Checkbox("load the export back in a fresh process (README snippet)", False,
-                               id="export-verify", compact=True,
-                               disabled=not self._supports("verify"))
+                               id="export-verify", compact=True)
                 yield Label("Evaluation text")
                 yield Input("builtin", id="export-eval-text", compact=True)
                 yield Label("Existing folder")
-                yield Checkbox("overwrite it", False, id="export-force", compact=True,
-                               disabled=self.module is None)
+                yield Checkbox("overwrite it", False, id="export-force", compact=True)
             with Horizontal(id="export-buttons"):
-                yield Button("Export  F5", id="export-go", variant="primary", compact=True,
-                             disabled=self.module is None)
+                yield Button("Export  F5", id="export-go", variant="primary", compact=True)
                 yield Button("Evaluate  F6", id="export-evaluate", compact=True)
                 yield Button("Back  esc", id="export-back", compact=True)
             yield Static(id="export-result")
@@ -103,14 +80,6 @@ class ExportScreen(Screen):
     def on_mount(self) -> None:
         for field in self.query(Input):
             field.cursor_blink = self.app.cursor_blink
-
-    def _supports(self, option: str) -> bool:
-        """Whether core.export.export_model takes this keyword (it grew them over time)."""
-        if self.module is None:
-            return False
-        import inspect
-
-        return option in inspect.signature(self.module.export_model).parameters
 
     def _default_out(self, backend: str) -> str:
         return str(self.run.path / "exports" / f"{backend}-{self.bits:.2f}")
@@ -134,9 +103,7 @@ class ExportScreen(Screen):
         self.action_back()
 
     def check_action(self, action: str, parameters: tuple) -> bool | None:
-        if action == "export":
-            return False if self.module is None else (None if self.busy else True)
-        if action == "evaluate":
+        if action in ("export", "evaluate"):
             return None if self.busy else True
         return True
 
@@ -151,8 +118,6 @@ class ExportScreen(Screen):
         self._start(export=False)
 
     def action_export(self) -> None:
-        if self.module is None:
-            return
         self._start(export=True)
 
     def _start(self, export: bool) -> None:
@@ -185,22 +150,17 @@ class ExportScreen(Screen):
 
         def callback(event: events.Event) -> None:
             if isinstance(event, events.Log):
-                self.post_message(EngineLog(event.message, event.level))
+                self.post_message(LogLine(event.message, event.level))
 
         bits = list(self.allocation.bits_per_layer)
         try:
             if not export:
                 self._evaluate(bits, backend, eval_text, callback)
                 return
-            options = {"force": force, "target_bits": self.bits, "callback": callback}
-            for name, value in (("evaluate", evaluate), ("verify", verify),
-                                ("eval_text", eval_text), ("cancel", self.cancel)):
-                if self._supports(name):
-                    options[name] = value
-            if evaluate and not self._supports("evaluate"):
-                self._evaluate(bits, backend, eval_text, callback)
             if not worker.is_cancelled:
-                exported = self.module.export_model(self.run, bits, backend, out, **options)
+                exported = export_model(self.run, bits, backend, out, force=force,
+                                        target_bits=self.bits, evaluate=evaluate, verify=verify,
+                                        eval_text=eval_text, callback=callback, cancel=self.cancel)
                 self.post_message(TaskDone("export", describe(exported)))
         except Cancelled:
             self.post_message(TaskDone("done", "export stopped; nothing was written"))
@@ -213,18 +173,20 @@ class ExportScreen(Screen):
         from core.evaluate import evaluate_allocation
 
         result = evaluate_allocation(self.run, bits, eval_text=eval_text, backend=backend,
-                                     callback=callback)
+                                     callback=callback, cancel=self.cancel)
         record = {**result.to_json(), "allocation": self.allocation.to_json(),
                   "run": str(self.run.path)}
         from core.evaluate import result_stem
 
         self.run.write_json(f"evals/{result_stem(self.bits)}-{result.backend}.json", record)
+        simulated = (f"{result.ppl_simulated:.3f} simulated, "
+                     if result.ppl_simulated is not None else "")
         self.post_message(TaskDone("eval", (
-            f"perplexity {result.ppl:.3f} with {result.backend} modules, "
-            f"{result.ppl_simulated:.3f} simulated, {result.ppl_original:.3f} unquantized "
-            f"({result.eval_tokens:,} tokens of {result.eval_text})")))
+            f"perplexity {result.ppl:.3f} with {result.backend} modules, {simulated}"
+            f"{result.ppl_original:.3f} unquantized ({result.eval_tokens:,} tokens of "
+            f"{result.eval_text})")))
 
-    def on_engine_log(self, message: EngineLog) -> None:
+    def on_log_line(self, message: LogLine) -> None:
         self.query_one("#export-log", RichLog).write(message.message)
 
     def on_task_done(self, message: TaskDone) -> None:
@@ -243,18 +205,16 @@ class ExportScreen(Screen):
         result.update(f"[$error]{escape(text)}[/]" if kind == "error" else escape(text))
 
 
-def describe(result) -> str:
+def describe(result: ExportResult) -> str:
     """A few lines for an ExportResult."""
-    get = lambda name, default=None: getattr(result, name, default)
-    lines = [f"exported to {get('out_dir', '?')}"]
-    if get("bytes") is not None:
-        lines.append(f"{fmt_bytes(get('bytes'))} of quantized weights (budget "
-                     f"{fmt_bytes(get('budget_bytes'))}), {get('avg_bits', 0):.3f} bits/weight, "
-                     f"{fmt_bytes(get('disk_bytes'))} on disk, {get('seconds', 0):.0f} s")
-    if get("ppl") is not None:
-        ppl = f"perplexity {get('ppl'):.3f}"
-        if get("ppl_reloaded") is not None:
-            ppl += f", {get('ppl_reloaded'):.3f} loaded back in a fresh process"
+    lines = [f"exported to {result.out_dir}",
+             f"{fmt_bytes(result.bytes)} of quantized weights (budget "
+             f"{fmt_bytes(result.budget_bytes)}), {result.avg_bits:.3f} bits/weight, "
+             f"{fmt_bytes(result.disk_bytes)} on disk, {result.seconds:.0f} s"]
+    if result.ppl is not None:
+        ppl = f"perplexity {result.ppl:.3f}"
+        if result.ppl_reloaded is not None:
+            ppl += f", {result.ppl_reloaded:.3f} loaded back in a fresh process"
         lines.append(ppl)
-    lines.extend(get("notes", ()) or ())
+    lines.extend(result.notes)
     return "\n".join(lines)

@@ -1,11 +1,12 @@
-"""Small modal screens: an error, the help, and a number to type."""
+"""Small modal screens: an error, the help, a number to type, and what to do with a
+run that is still going when the app quits."""
 from __future__ import annotations
 
 from rich.table import Table
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Vertical, VerticalScroll
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.markup import escape
 from textual.screen import ModalScreen, Screen
 from textual.widgets import Button, Input, Label, Static
@@ -43,8 +44,9 @@ HELP_INTRO = (
 
 HELP_PANES = (
     ("progress", "sample i/M and layer step k/L of SPQE, evaluations and tokens per second, "
-                 "elapsed time, ETA, device and GPU memory. p pauses between evaluations, s "
-                 "stops (finished samples stay on disk), r continues a stopped run."),
+                 "elapsed time, ETA, device and GPU memory, and the pid of the run's process. "
+                 "p pauses it between evaluations, s stops it (finished samples stay on "
+                 "disk), r continues a stopped run."),
     ("budget", "average bits per weight, 2.00 to 4.00 (keys or mouse); the bytes of the "
                "quantized layers and their share of the unquantized ones; Δloss, the predicted "
                "loss increase over all-4-bit in nats/token; SCIP's status and time; how many "
@@ -65,8 +67,10 @@ HELP_PANES = (
     ("e Export", "evaluate perplexity and export the allocation with quanto, HQQ or GPTQ."),
 )
 
-HELP_OUTRO = ("A run written by another process (`impq-tui run` under nohup) is followed "
-              "live; `impq-tui --run DIR` opens it again later.")
+HELP_OUTRO = ("SPQE runs in a process of its own that writes the run folder, which the app "
+              "follows (as it follows `impq-tui run` started elsewhere): it goes on when the "
+              "terminal closes, and quitting asks whether to leave it running. "
+              "`impq-tui --run DIR` opens it again.")
 
 HOUSEKEEPING = {"app.focus_next", "app.focus_previous", "screen.copy_text"}
 
@@ -150,3 +154,41 @@ class NumberModal(ModalScreen[float | None]):
 
     def action_cancel(self) -> None:
         self.dismiss(None)
+
+
+class LeaveRunModal(ModalScreen[str | None]):
+    """Quitting while SPQE runs: "leave" it running in the background, "stop" it, or
+    None to stay."""
+
+    BINDINGS = [
+        Binding("l,q", "choose('leave')", "Leave it running"),
+        Binding("s", "choose('stop')", "Stop it"),
+        Binding("escape", "choose(None)", "Stay"),
+    ]
+
+    def __init__(self, run_dir: str, pid: int) -> None:
+        super().__init__()
+        self.run_dir, self.pid = run_dir, pid
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="leave-box", classes="modal-box"):
+            yield Static("[b]SPQE is still running[/b]")
+            yield Static(escape(
+                f"pid {self.pid} writes {self.run_dir}. Left running, it goes on without the "
+                f"app; `impq-tui --run {self.run_dir}` shows it again. Stopped, it ends after "
+                "the evaluation in flight; finished samples are kept either way."),
+                id="leave-message")
+            with Horizontal(id="leave-buttons"):
+                yield Button("Leave it running  l", id="leave", variant="primary", compact=True)
+                yield Button("Stop it  s", id="stop", compact=True)
+                yield Button("Stay  esc", id="stay", compact=True)
+
+    def on_mount(self) -> None:
+        self.query_one("#leave", Button).focus()
+
+    @on(Button.Pressed)
+    def _pressed(self, event: Button.Pressed) -> None:
+        self.dismiss({"leave": "leave", "stop": "stop"}.get(event.button.id))
+
+    def action_choose(self, choice: str | None) -> None:
+        self.dismiss(choice)

@@ -45,7 +45,7 @@ def device_choices() -> list[tuple[str, str]]:
 
 
 def defaults_for(device: str) -> dict:
-    from core.engine import device_defaults
+    from core.settings import device_defaults
     from core.models import pick_device
 
     return device_defaults(pick_device(None if device == AUTO else device))

@@ -8,7 +8,7 @@ from textual.message import Message
 from textual.reactive import reactive
 from textual.widget import Widget
 
-from impq_tui.analysis import fmt_nats
+from impq_tui.report import fmt_nats
 
 CELL = 8      # characters per cell
 GAP = 1

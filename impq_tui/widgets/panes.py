@@ -15,8 +15,8 @@ from textual.widgets import ProgressBar, Static
 from core import events as engine_events
 from core.solver import Allocation
 
-from impq_tui.analysis import (BITS_MAX, BITS_MIN, STABILITY_WINDOW, clamp_bits, fmt_bytes,
-                               fmt_duration, fmt_nats)
+from impq_tui.analysis import BITS_MAX, BITS_MIN, STABILITY_WINDOW, clamp_bits
+from impq_tui.report import fmt_bytes, fmt_duration, fmt_nats
 from impq_tui.widgets.layer_map import LayerMap
 
 STATE_BADGES = {
@@ -24,7 +24,6 @@ STATE_BADGES = {
     "running": ("● running", "$accent"),
     "paused": ("‖ paused", "$warning"),
     "stopping": ("◌ stopping", "$warning"),
-    "following": ("◎ following", "$accent"),
     "completed": ("✓ completed", "$success"),
     "cancelled": ("■ stopped", "$warning"),
     "interrupted": ("■ interrupted", "$warning"),
@@ -48,7 +47,7 @@ class ProgressPane(Vertical):
         """summary: the line shown while no evaluation has been timed yet."""
         badge, color = STATE_BADGES.get(state, (state, "$accent"))
         self.query_one("#progress-title", Static).update(f"[bold {color}]{badge}[/] {escape(detail)}")
-        if progress is not None and state in ("running", "paused", "stopping", "following"):
+        if progress is not None and state in ("running", "paused", "stopping"):
             counts = (f"sample {progress.sample}/{progress.samples}  "
                       f"step {progress.step:>2}/{progress.steps}")
             completed = (progress.sample - 1) * progress.steps + progress.step
@@ -65,7 +64,7 @@ class ProgressPane(Vertical):
 def rates_line(progress: engine_events.Progress, state: str) -> str:
     parts = [f"{progress.evals_per_s:.2f} eval/s", f"{progress.tokens_per_s:,.0f} tok/s",
              f"elapsed {fmt_duration(progress.elapsed_s)}"]
-    if state in ("running", "following"):
+    if state == "running":
         parts.append(f"ETA {fmt_duration(progress.eta_s)}")
     parts.append(progress.device)
     if progress.gpu_mem_bytes is not None:
