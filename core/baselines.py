@@ -28,6 +28,7 @@ from torch import nn
 
 from core.models import LoadedModel
 from core.solver import Allocation, Costs, solve_knapsack
+from core.switching import nll_sum
 
 BASELINES = ("sensitivity", "lim", "zscore", "activation")
 Z_THRESHOLD = 3.0
@@ -60,7 +61,8 @@ def sensitivity_scores(loaded: LoadedModel, windows: torch.Tensor, quantize_low:
         with torch.enable_grad():
             for batch in _batches(loaded, windows, micro_batch):
                 hidden = loaded.model.get_decoder()(input_ids=batch, use_cache=False).last_hidden_state
-                loss = _nll_sum(hidden, batch, head, loaded.model.config) / predicted
+                softcap = getattr(loaded.model.config, "final_logit_softcapping", None)
+                loss = nll_sum(hidden, batch, head, softcap) / predicted
                 loss.backward()
         s = np.zeros(len(layers))
         with torch.no_grad():
@@ -76,19 +78,6 @@ def sensitivity_scores(loaded: LoadedModel, windows: torch.Tensor, quantize_low:
         for w in weights:
             w.grad = None
             w.requires_grad_(False)
-
-
-def _nll_sum(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, config) -> torch.Tensor:
-    """Differentiable sum of next-token NLL, the logits made in float32 one window at a
-    time (switching.chunked_nll is the no-grad twin)."""
-    softcap = getattr(config, "final_logit_softcapping", None)
-    total = 0.0
-    for h, y in zip(hidden, labels):
-        logits = head(h[:-1]).float()
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        total = total + F.cross_entropy(logits, y[1:], reduction="sum")
-    return total
 
 
 @torch.inference_mode()

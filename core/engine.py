@@ -173,6 +173,9 @@ def run_spqe(config: RunConfig, run: RunDir, callback: events.Callback = events.
     run.lock()
     try:
         return _run(config, run, callback, cancel, pause, indices)
+    except KeyboardInterrupt:      # a signal while preparing (impq_tui.cli.run.on_signals)
+        _finish(run, callback, "cancelled", "interrupted")
+        raise
     except Exception as exc:
         user = isinstance(exc, UserError)
         message = str(exc) if user else f"{type(exc).__name__}: {exc}"

@@ -102,10 +102,11 @@ def loss_chunk_tokens(vocab: int, budget_elements: int = 1 << 26) -> int:
     return max(16, budget_elements // vocab)
 
 
-def chunked_nll(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module,
-                softcap: float | None = None) -> float:
-    """Sum of next-token NLL over all positions, never holding all tokens x vocab logits
-    in float32 at once. hidden: [B, T, H] after the final norm; labels: [B, T] input ids."""
+def nll_sum(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module,
+            softcap: float | None = None) -> torch.Tensor:
+    """Sum of next-token NLL over all positions, as a float64 tensor (differentiable where
+    autograd is on: the Sensitivity baseline's gradient), never holding all tokens x vocab
+    logits in float32 at once. hidden: [B, T, H] after the final norm; labels: [B, T]."""
     x = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1)
     chunk = loss_chunk_tokens(head.out_features)
@@ -114,8 +115,14 @@ def chunked_nll(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module,
         logits = head(x[start:start + chunk]).float()
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
-        total += F.cross_entropy(logits, y[start:start + chunk], reduction="sum").double()
-    return float(total)
+        total = total + F.cross_entropy(logits, y[start:start + chunk], reduction="sum").double()
+    return total
+
+
+def chunked_nll(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module,
+                softcap: float | None = None) -> float:
+    """nll_sum as a number: the one NLL behind v(S) and every perplexity."""
+    return float(nll_sum(hidden, labels, head, softcap))
 
 
 class PrefixEvaluator:

@@ -6,12 +6,19 @@ from optimum.quanto import QLinear, qint2, qint4
 from torch import nn
 
 from core.backends.base import Backend, tensor_nbytes
+from core.backends.build_lock import clear_stale_locks
 
 QTYPES = {2: qint2, 4: qint4}
 
 
 class QuantoBackend(Backend):
     name = "quanto"
+
+    def __init__(self, group_size: int = 64):
+        super().__init__(group_size)
+        # quanto builds its C++ extension on first use under a lock that a killed build
+        # leaves behind: clear it before any quanto module could wait on it forever.
+        clear_stale_locks()
 
     def _quantize_linear(self, linear: nn.Linear, bits: int) -> QLinear:
         # No optimizer given: QLinear then uses its frozen-weight default for qint2/qint4,

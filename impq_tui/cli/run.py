@@ -101,15 +101,15 @@ def command(args) -> int:
                             f"{exc.strerror or exc}. Choose another --run-dir.") from None
         created = True
 
-    cancel, pause = threading.Event(), threading.Event()
-    on_signals(cancel)
+    cancel, pause, sampling = threading.Event(), threading.Event(), threading.Event()
+    on_signals(cancel, sampling)
     if not rank and req.gpus == 1:      # SIGUSR1/SIGUSR2 pause and continue (core.control)
         from core.control import install_run_controls
 
         install_run_controls(cancel, pause, run.path)
     try:
         status = _run_with_display(config, run, cancel, quiet=args.quiet,
-                                   engine=_engine(req.gpus, rank, pause))
+                                   engine=_marking(_engine(req.gpus, rank, pause), sampling))
     except BaseException:
         if created and not run.samples():
             run.unlock()
@@ -132,17 +132,32 @@ def command(args) -> int:
     return 0
 
 
-def on_signals(cancel: threading.Event) -> None:
+def on_signals(cancel: threading.Event, sampling: threading.Event | None = None) -> None:
     """SIGINT, SIGTERM and SIGHUP (a dropped SSH session) stop between evaluations; the
-    sample in flight is dropped and everything finished stays on disk. A second signal
+    sample in flight is dropped and everything finished stays on disk. A second signal,
+    or the first while the model still loads (`sampling` not yet set: nothing to lose),
     interrupts at once."""
     def handler(_signum, _frame):
-        if cancel.is_set():
+        if cancel.is_set() or (sampling is not None and not sampling.is_set()):
+            cancel.set()
             raise KeyboardInterrupt
         cancel.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, handler)
+
+
+def _marking(engine, sampling: threading.Event):
+    """The engine, setting `sampling` once it evaluates (preparation is over)."""
+    from core import events
+
+    def run(config, run_dir, callback, cancel):
+        def marked(event) -> None:
+            if isinstance(event, events.Progress):
+                sampling.set()
+            callback(event)
+        return engine(config, run_dir, marked, cancel)
+    return run
 
 
 def _engine(gpus: int, rank, pause: threading.Event):

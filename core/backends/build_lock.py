@@ -1,0 +1,67 @@
+"""optimum-quanto compiles its C++/CUDA extensions on first use, under a lock file in
+site-packages (`optimum/quanto/library/extensions/<kind>/build/lock`, torch's FileBaton).
+A process killed while building leaves that file behind, and every later process then
+waits on it forever, printing nothing.
+
+The builder keeps the lock file open while it builds, so a lock that no live process
+holds open is stale: it is removed. A lock a live process holds is waited on, for at most
+`timeout_s` and stopping at once when `cancel` is set; then the wait ends with a message
+that names the file and the process.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+from core.errors import UserError
+
+BUILD_TIMEOUT_S = 900.0   # a first build takes one to a few minutes
+
+
+def quanto_locks() -> list[Path]:
+    """The lock files of quanto's extension builds that exist now."""
+    import optimum.quanto.library.extensions as extensions
+
+    root = Path(extensions.__file__).parent
+    return [lock for lock in root.glob("*/build/lock") if lock.exists()]
+
+
+def holders(path: Path) -> list[int]:
+    """Pids of live processes that hold `path` open (Linux /proc; [] where unreadable)."""
+    target = os.path.realpath(path)
+    pids = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            for fd in (entry / "fd").iterdir():
+                if os.readlink(fd) == target:
+                    pids.append(int(entry.name))
+                    break
+        except OSError:      # gone meanwhile, or another user's process
+            continue
+    return pids
+
+
+def clear_stale_locks(timeout_s: float = BUILD_TIMEOUT_S, cancel: threading.Event | None = None,
+                      log=lambda message: None) -> None:
+    """Remove quanto build locks whose builder is gone; wait, bounded, for a live one."""
+    from core.spqe import Cancelled
+
+    for lock in quanto_locks():
+        deadline = time.monotonic() + timeout_s
+        while lock.exists():
+            owners = [pid for pid in holders(lock) if pid != os.getpid()]
+            if not owners:
+                lock.unlink(missing_ok=True)
+                log(f"removed {lock}: a stale lock left by a quanto extension build that was "
+                    "killed")
+                break
+            if cancel is not None and cancel.is_set():
+                raise Cancelled
+            if time.monotonic() > deadline:
+                raise UserError(
+                    f"process {owners[0]} has held {lock} for over {timeout_s:.0f} s while building "
+                    "optimum-quanto's C++ extension. Wait for it to finish, or stop that process "
+                    "and remove the file.")
+            time.sleep(0.2)
