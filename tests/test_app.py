@@ -280,8 +280,18 @@ async def test_form_refuses_bad_numbers_and_existing_runs(tmp_path):
         form.query_one("#samples").value = "0"
         await pilot.press("f5")
         assert isinstance(app.screen, SetupScreen)
-        assert "Samples must be at least 1" in text_of(form.query_one("#setup-message"))
+        assert "Samples M must be at least 1" in text_of(form.query_one("#setup-message"))
+        # letters are refused with a message naming the form's field, not dropped
+        form.query_one("#samples").value = "1e99"
+        await pilot.press("f5")
+        message = text_of(form.query_one("#setup-message"))
+        assert "Samples M '1e99' is not a whole number" in message and "--" not in message
+        form.query_one("#window_tokens").value = "1"
         form.query_one("#samples").value = "5"
+        await pilot.press("f5")
+        message = text_of(form.query_one("#setup-message"))
+        assert "Tokens per window must be at least 2" in message and "--" not in message
+        form.query_one("#window_tokens").value = "32"
         await pilot.press("f5")
         assert isinstance(app.screen, SetupScreen)
         assert "already exists and is not empty" in text_of(form.query_one("#setup-message"))

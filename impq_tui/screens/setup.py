@@ -12,7 +12,7 @@ from textual.containers import Grid, Horizontal, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Button, Checkbox, Footer, Input, Label, Select, Static
 
-from core.errors import UserError
+from core.errors import InvalidField, UserError, render
 from core.runs import RunConfig
 
 AUTO = "auto"
@@ -60,6 +60,17 @@ def run_name(model: str) -> str:
     return Path(model.rstrip("/")).name.removesuffix(".gguf").replace("/", "--") or "model"
 
 
+# Each field of core.requests.RunRequest as this form labels it (core names fields; the
+# CLI shows them as flags, the form as these labels).
+FIELD_LABELS = {
+    "model": "Model", "calib_text": "Calibration text", "backend": "Backend",
+    "samples": "Samples M", "seed": "Seed", "device": "Device", "windows": "Windows",
+    "window_tokens": "Tokens per window", "group_size": "Group size",
+    "antithetic": "Antithetic pairs", "run_dir": "Run folder", "resume": "Run folder",
+    "micro_batch": "micro-batch", "gpus": "GPUs",
+}
+
+
 class SetupScreen(Screen):
     """F5 starts a new run; F6 opens the run folder given instead."""
 
@@ -89,21 +100,21 @@ class SetupScreen(Screen):
                 yield Select([("quanto", "quanto"), ("hqq", "hqq")], value=d.backend,
                              allow_blank=False, id="backend", compact=True)
                 yield Label("Samples M")
-                yield Input(str(d.samples), id="samples", type="integer", compact=True)
+                yield Input(str(d.samples), id="samples", compact=True)
                 yield Label("Seed")
-                yield Input(str(d.seed), id="seed", type="integer", compact=True)
+                yield Input(str(d.seed), id="seed", compact=True)
                 yield Label("Device")
                 yield Select(device_choices(), value=d.device, allow_blank=False, id="device",
                              compact=True)
                 yield Label("Windows × tokens")
                 with Horizontal(id="setup-sizes"):
-                    yield Input(str(d.windows or sizes["windows"]), id="windows", type="integer",
+                    yield Input(str(d.windows or sizes["windows"]), id="windows",
                                 compact=True)
                     yield Label("×")
                     yield Input(str(d.window_tokens or sizes["window_tokens"]), id="window_tokens",
-                                type="integer", compact=True)
+                                compact=True)
                 yield Label("Group size")
-                yield Input(str(d.group_size), id="group_size", type="integer", compact=True)
+                yield Input(str(d.group_size), id="group_size", compact=True)
                 yield Label("Antithetic pairs")
                 yield Checkbox("pair each permutation with its reverse", d.antithetic,
                                id="antithetic", compact=True)
@@ -126,7 +137,7 @@ class SetupScreen(Screen):
         try:
             sizes = defaults_for(str(event.value))
         except UserError as exc:
-            self.show_message(str(exc))
+            self.show_error(exc)
             return
         self.query_one("#windows", Input).value = str(sizes["windows"])
         self.query_one("#window_tokens", Input).value = str(sizes["window_tokens"])
@@ -149,36 +160,40 @@ class SetupScreen(Screen):
     def value(self, field: str) -> str:
         return self.query_one(f"#{field}", Input).value.strip()
 
-    def integer(self, field: str, label: str, minimum: int) -> int:
+    def integer(self, field: str) -> int:
+        """A whole number typed into `field`; letters, exponents and blanks are refused
+        with a message, never silently dropped ("1e99" is not 199)."""
         text = self.value(field)
         try:
-            number = int(text)
+            return int(text)
         except ValueError:
-            raise UserError(f"{label}: {text!r} is not a whole number.") from None
-        if number < minimum:
-            raise UserError(f"{label} must be at least {minimum} (got {number}).")
-        return number
+            raise InvalidField(field, f"{text!r} is not a whole number.") from None
 
     def config(self) -> RunConfig:
-        """The RunConfig the form describes, as `impq-tui run` would build it."""
+        """The RunConfig the form describes, checked by core.requests.RunRequest as
+        `impq-tui run` checks its flags."""
         from core.models import pick_device
+        from core.requests import RunRequest
 
         device_choice = str(self.query_one("#device", Select).value)
         device = pick_device(None if device_choice == AUTO else device_choice)
         sizes = defaults_for(device_choice)
-        model = self.value("model") or "embedded"
         if not self.value("calib_text"):
-            raise UserError("Calibration text is empty: use builtin, wikitext2, c4 or a file path.")
-        return RunConfig(
-            model=model, calib_text=self.value("calib_text"),
+            raise InvalidField("calib_text", "is empty: use builtin, wikitext2, c4 or a file path.")
+        request = RunRequest(
+            model=self.value("model") or "embedded", calib_text=self.value("calib_text"),
             backend=str(self.query_one("#backend", Select).value),
-            group_size=self.integer("group_size", "Group size", 1),
-            samples=self.integer("samples", "Samples", 1),
-            windows=self.integer("windows", "Windows", 1),
-            window_tokens=self.integer("window_tokens", "Tokens per window", 2),
-            seed=self.integer("seed", "Seed", 0),
-            antithetic=self.query_one("#antithetic", Checkbox).value,
-            device=str(device), dtype=sizes["dtype"], micro_batch=sizes["micro_batch"])
+            group_size=self.integer("group_size"), samples=self.integer("samples"),
+            windows=self.integer("windows"), window_tokens=self.integer("window_tokens"),
+            seed=self.integer("seed"), antithetic=self.query_one("#antithetic", Checkbox).value)
+        request.validate()
+        return RunConfig(**request.config_values(), device=str(device), dtype=sizes["dtype"],
+                         micro_batch=sizes["micro_batch"])
+
+    def show_error(self, exc: UserError) -> None:
+        """A user error in the form's words: each field by its label, never a flag."""
+        text = exc.named(FIELD_LABELS.get(exc.field, exc.field)) if isinstance(exc, InvalidField) else str(exc)
+        self.show_message(render(text, FIELD_LABELS))
 
     def action_start(self) -> None:
         from core.runs import default_run_dir
@@ -188,7 +203,7 @@ class SetupScreen(Screen):
             path = self.value("run_dir") or str(default_run_dir(run_name(config.model)))
             self.app.start_run(config, path)
         except UserError as exc:
-            self.show_message(str(exc))
+            self.show_error(exc)
 
     def action_open(self) -> None:
         path = self.value("run_dir")
@@ -198,7 +213,7 @@ class SetupScreen(Screen):
         try:
             self.app.open_run(path)
         except UserError as exc:
-            self.show_message(str(exc))
+            self.show_error(exc)
 
 
 def _escape(text: str) -> str:
