@@ -12,6 +12,7 @@ in exact integer arithmetic; one that is over is cut off and the model re-solved
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from fractions import Fraction
@@ -187,15 +188,19 @@ FRONTIER_GRID = tuple(round(2 + 0.05 * k, 2) for k in range(41))   # 2.00, 2.05,
 
 
 def frontier(a, K, costs: Costs, bits_grid=FRONTIER_GRID, *, factor=None,
-             cancelled: Callable[[], bool] = lambda: False) -> list[Allocation] | None:
-    """IMPQ allocations over a grid of target bits; None when `cancelled` says so between
-    two solves."""
-    out = []
-    for b in bits_grid:
-        if cancelled():
-            return None
-        out.append(solve(a, K, costs, bits=float(b), factor=factor))
-    return out
+             cancelled: Callable[[], bool] = lambda: False,
+             workers: int | None = None) -> list[Allocation] | None:
+    """IMPQ allocations over a grid of target bits, solved `workers` at a time (SCIP
+    releases the GIL while it optimizes: threads run in parallel; default one per core);
+    None when `cancelled` says so (checked before each solve starts)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(b: float) -> Allocation | None:
+        return None if cancelled() else solve(a, K, costs, bits=float(b), factor=factor)
+
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        out = list(pool.map(one, bits_grid))
+    return None if any(x is None for x in out) else out
 
 
 def _check_model(a, K, L: int) -> tuple[np.ndarray, np.ndarray]:

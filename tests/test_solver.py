@@ -64,6 +64,25 @@ def test_matches_brute_force(seed, kind):
         assert alloc.target_bits == bits and alloc.status == "optimal"
 
 
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("samples", [2, 3, 6])
+def test_the_compact_form_of_few_samples_matches_brute_force(seed, samples):
+    """With fewer samples than layers, the solver writes q.K.q as d.q + |F q|^2 (the
+    factor of the quadratic model): the same optimum as the brute force over every q."""
+    rng = np.random.default_rng(100 + seed)
+    L = 8 + seed % 4
+    costs = random_costs(rng, L)
+    m = quadratic_model(rng.normal(rng.uniform(0, 1, L), 0.4, (samples, L)), alpha=0.3)
+    d, F = m.factor
+    assert F.shape == (samples, L)
+    q = rng.integers(0, 2, (50, L)).astype(float)
+    assert np.allclose(q @ d + ((q @ F.T) ** 2).sum(axis=1), np.einsum("ni,ij,nj->n", q, m.K, q))
+    for bits in (2.2, 2.6, 3.0, 3.4, 3.8):
+        alloc = solve(m.a, m.K, costs, bits=bits, factor=m.factor)
+        assert_optimal(alloc, m.a, m.K, costs, budget_bytes(costs, bits))
+        assert alloc.status == "optimal"
+
+
 def test_budget_edges():
     rng = np.random.default_rng(1)
     L = 8
