@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from core.errors import UserError
+from core.files import TEXT_FILE_LIMIT, read_bytes
 
 TEXT_CHOICES = ("builtin", "wikitext2", "c4")
 ROLES = ("calibration", "evaluation")
@@ -161,19 +162,21 @@ def _load_local(path: Path) -> str:
         raise UserError(f"{path.name!r} has an unknown extension {suffix!r}. Give a .txt, .jsonl "
                         f"or .parquet file, or one of {', '.join(TEXT_CHOICES)}.")
     if suffix == ".parquet":
+        if path.stat().st_size > TEXT_FILE_LIMIT:
+            raise UserError(f"{_shown(path)} holds more than {TEXT_FILE_LIMIT:,} bytes: far more "
+                            "text than a run uses. Give a smaller part of it.")
         return _read_parquet(path)
     text = _read_utf8(path)
     return _parse_jsonl(text, path.name) if suffix == ".jsonl" else text
 
 
 def _read_utf8(path: Path) -> str:
+    data = read_bytes(path, "text file", limit=TEXT_FILE_LIMIT)
     try:
-        return path.read_bytes().decode("utf-8-sig")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise UserError(f"{path.name!r} is not UTF-8 text (bad byte at offset {e.start}). "
                         "Convert it to UTF-8, e.g. with iconv.") from None
-    except OSError as e:
-        raise UserError(f"Cannot read {_shown(path)}: {e.strerror or e}.") from None
 
 
 def _parse_jsonl(text: str, name: str) -> str:

@@ -195,7 +195,7 @@ def _run(config, run, callback, cancel, pause, indices) -> str:
     wanted = indices if indices is not None else range(config.samples)
     todo = [m for m in wanted if m not in done]
     run.log(f"start: {len(done)} samples on disk, {len(todo)} to go")
-    if not todo:
+    if not todo and run.has(COSTS):
         callback(events.Log(f"all {config.samples} samples are already done"))
         callback(events.Finished("completed", len(done), str(run.path)))
         return "completed"

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import UserError
+from core.files import read_bytes, read_text
 
 CONFIG, COSTS, SAMPLES, LOG, LOCK = "config.json", "costs.json", "samples.jsonl", "events.log", "run.lock"
 STATUS = "status.json"
@@ -105,6 +106,15 @@ def write_error(path: Path, exc: OSError, lost: str = "nothing was changed",
         hint = (f"The run in {run_dir} is unchanged; make room or fix the permissions, then "
                 "run the command again.")
     return UserError(f"cannot write {path}: {why} ({lost}). {hint}")
+
+
+def _intact(raw: bytes) -> bool:
+    """Whether raw is one whole sample record (valid JSON with a matching checksum)."""
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and record.get("crc") == _crc(record)
 
 
 def _crc(record: dict) -> str:
@@ -200,17 +210,27 @@ class RunDir:
         self._drop_torn_tail()
 
     def _drop_torn_tail(self) -> None:
-        """Cut a line a crash left unfinished, so the next append starts on a fresh line."""
+        """Cut a line a crash left unfinished, so the next append starts on a fresh line; a
+        whole record that lacks only its newline gets the newline instead. Only the run's
+        own file is ever changed: a samples.jsonl that is a link is refused."""
         path = self.path / SAMPLES
-        if not path.exists():
+        if not os.path.lexists(path):
             return
-        data = path.read_bytes()
+        data = read_bytes(path, "the run's samples", follow_links=False)
         if data and not data.endswith(b"\n"):
             keep = data.rfind(b"\n") + 1
-            with open(path, "r+b") as f:
-                f.truncate(keep)
-                os.fsync(f.fileno())
-            self.log(f"dropped {len(data) - keep} bytes of a sample record a crash left unfinished")
+            whole = _intact(data[keep:])
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+            try:
+                if whole:
+                    os.pwrite(fd, b"\n", len(data))
+                else:
+                    os.ftruncate(fd, keep)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self.log("closed the last sample record with its missing newline" if whole else
+                     f"dropped {len(data) - keep} bytes of a sample record a crash left unfinished")
 
     def unlock(self) -> None:
         """Release the lock; the file is left empty (a name in it means a writer died)."""
@@ -224,12 +244,14 @@ class RunDir:
 
     # ------------------------------------------------------------ files
     def read_json(self, name: str):
+        """A JSON file of the run, read by core.files (regular files only, bounded)."""
         path = self.path / name
+        if not os.path.lexists(path):
+            raise UserError(f"{path} is missing: the run directory is incomplete.")
+        text = read_text(path, "the run file")
         try:
-            return json.loads(path.read_text())
-        except FileNotFoundError:
-            raise UserError(f"{path} is missing: the run directory is incomplete.") from None
-        except (OSError, ValueError) as exc:
+            return json.loads(text)
+        except (ValueError, RecursionError) as exc:
             raise UserError(f"{path} cannot be read ({exc}); the run directory is damaged.") from None
 
     def write_json(self, name: str, obj) -> Path:
@@ -261,7 +283,7 @@ class RunDir:
         line = (json.dumps(record, sort_keys=True) + "\n").encode()
         path = self.path / SAMPLES
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             try:
                 if os.write(fd, line) != len(line):
                     raise OSError(errno.ENOSPC, "short write")
@@ -277,9 +299,9 @@ class RunDir:
         """Finished samples, ordered by index, each index once. A torn last line (a crash
         mid-write) is dropped; damage anywhere else is reported."""
         path = self.path / SAMPLES
-        if not path.exists():
+        if not os.path.lexists(path):
             return []
-        data = path.read_bytes()
+        data = read_bytes(path, "the run's samples", follow_links=False)
         lines = data.split(b"\n")
         torn = len(lines) if not data.endswith(b"\n") else None   # a tail no newline closed
         cfg = self.config.identity_hash()
@@ -331,8 +353,9 @@ class RunDir:
         """costs.json without its checksum; an edited or damaged file is refused."""
         data = self.read_json(COSTS)
         crc = data.pop("crc", None) if isinstance(data, dict) else None
-        if crc is not None and crc != _crc(data):
-            raise UserError(f"{self.path / COSTS} was edited or is damaged (checksum mismatch): "
+        if crc is None or crc != _crc(data):
+            raise UserError(f"{self.path / COSTS} was edited or is damaged (its checksum is "
+                            f"{'missing' if crc is None else 'wrong'}): "
                             "budgets computed from it would be wrong. Delete it and continue "
                             f"the run (`resume` {self.path}) to measure it again.")
         return data

@@ -458,3 +458,73 @@ def test_signal_stops_cleanly_and_the_run_resumes(tiny_model_dir, tmp_path, refe
     done = RunDir.open(path).samples()
     assert 1 <= len(done) < ENDLESS
     _resume_past(path, done, reference)
+
+
+# ---------------------------------------------------------------- one reader (core.files)
+
+def test_costs_without_a_checksum_are_refused_and_resume_measures_them_again(reference, tmp_path):
+    """An edit that also drops the checksum is refused; deleting costs.json as the message
+    says and resuming a finished run measures it again (it used to be a dead end)."""
+    copy = tmp_path / "copy"
+    shutil.copytree(reference.path, copy)
+    costs = json.loads((copy / "costs.json").read_text())
+    del costs["crc"]
+    costs["m_lo"][0] //= 2
+    (copy / "costs.json").write_text(json.dumps(costs))
+    proc = cli("solve", copy, "--bits", "3")
+    assert proc.returncode == 2 and "its checksum is missing" in proc.stderr
+    (copy / "costs.json").unlink()
+    cli("run", "--resume", copy, "--quiet", check=True)
+    assert RunDir.open(copy).read_costs() == RunDir.open(reference.path).read_costs()
+    cli("solve", copy, "--bits", "3", check=True)
+
+
+def test_a_linked_samples_file_is_refused_and_its_target_left_alone(reference, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(reference.path, copy)
+    outside = tmp_path / "outside.jsonl"
+    outside.write_bytes((copy / SAMPLES).read_bytes() + b"no newline at the end")
+    before = outside.read_bytes()
+    (copy / SAMPLES).unlink()
+    (copy / SAMPLES).symlink_to(outside)
+    proc = cli("run", "--resume", copy, "--quiet")
+    assert proc.returncode == 2 and "symbolic link" in proc.stderr and "Traceback" not in proc.stderr
+    assert outside.read_bytes() == before
+
+
+def test_a_whole_last_record_missing_only_its_newline_is_kept(reference, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(reference.path, copy)
+    data = (copy / SAMPLES).read_bytes()
+    (copy / SAMPLES).write_bytes(data[:-1])                 # every byte but the final newline
+    RunDir.open(copy).lock()
+    assert (copy / SAMPLES).read_bytes() == data
+    assert len(RunDir.open(copy).samples()) == len(reference.samples())
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "device", "huge"])
+def test_run_files_that_are_not_files_are_clear_errors(reference, tmp_path, kind):
+    """samples.jsonl or costs.json as a FIFO (reading used to hang), a folder, a link to
+    /dev/zero (reading never ended) or a file past the size bound: a message, exit 2."""
+    import core.files
+
+    copy = tmp_path / "copy"
+    shutil.copytree(reference.path, copy)
+    target = copy / ("costs.json" if kind == "device" else SAMPLES)
+    target.unlink()
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "directory":
+        target.mkdir()
+    elif kind == "device":
+        target.symlink_to("/dev/zero")
+    else:
+        with open(target, "wb") as f:
+            f.truncate(core.files.RUN_FILE_LIMIT + 1)         # sparse: no disk used
+    start = time.monotonic()
+    proc = cli("solve", copy, "--bits", "3", timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and time.monotonic() - start < 30
+    expected = {"fifo": "not a regular file", "directory": "folder", "device": "not a regular file",
+                "huge": "more than"}[kind]
+    assert expected in proc.stderr
