@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -32,7 +33,7 @@ from core.evaluate import IMPQ, IMPQ_FIT, IMPQ_LOCAL, solve_fit, solve_local
 from core.fit import fit_states
 from core.interactions import predicted_delta, quadratic_model
 from core.models import LoadedModel, load_model, pick_device
-from core.runs import RunDir
+from core.runs import RunDir, write_error
 from core.settings import eval_settings
 from core.solver import (
     HIGH_BITS,
@@ -184,6 +185,7 @@ def compare(run: RunDir, bits_list=DEFAULT_BITS, *, eval_text: str | None = None
             warnings.append(message)
         callback(events.Log(message, level))
 
+    callback(events.Step(0, 1, "loading the model"))
     loaded, backend_impl, settings = _load(run, device, backend, eval_text, windows,
                                            window_tokens, log)
     micro = max(1, config.micro_batch)
@@ -191,24 +193,32 @@ def compare(run: RunDir, bits_list=DEFAULT_BITS, *, eval_text: str | None = None
     tokens = eval_tokens(loaded.tokenizer, settings, config.calib_text, log)
     _check_cancel(cancel)
 
+    def quantized(i: int, L: int) -> None:
+        _check_cancel(cancel)
+        callback(events.Step(i, L, "quantizing layers"))
+
     t = time.perf_counter()
     log(f"quantizing {sum(map(len, loaded.linear_names))} linears to 2 and 4 bits ({backend_impl.name})")
-    real = LayerSwitch(loaded, backend_impl, real=True, keep_original=True,
-                       on_layer=lambda i, L: _check_cancel(cancel))
+    callback(events.Step(0, len(loaded.layers), "quantizing layers"))
+    real = LayerSwitch(loaded, backend_impl, real=True, keep_original=True, on_layer=quantized)
     real.restore_original()
     t_quantize = time.perf_counter() - t
     t = time.perf_counter()
     log(f"baseline scores on {calib.shape[0]} x {calib.shape[1]} calibration tokens")
-    scores = _baseline_scores(loaded, calib, real, backend_impl, micro)
+    callback(events.Step(0, 1, "baseline scores"))
+    with events.cancel_between_layers(loaded.layers, cancel):
+        scores = _baseline_scores(loaded, calib, real, backend_impl, micro)
     t_scores = time.perf_counter() - t
 
     costs, costs_source = _costs(run, real, backend_impl, config, log)
     fitted = _fitted(D, run.P(), log)
     allocations = _allocations(qmodel, scores, costs, bits_list, D=D, perms=run.P(), alpha=alpha,
-                               fitted=fitted)
+                               fitted=fitted, cancel=cancel, callback=callback)
     t = time.perf_counter()
     evaluator = PrefixEvaluator(loaded, tokens, micro)
-    measured, ppl_original, passes = _evaluate_all(evaluator, real, allocations, log, cancel)
+    with events.cancel_between_layers(loaded.layers, cancel):
+        measured, ppl_original, passes = _evaluate_all(evaluator, real, allocations, log, cancel,
+                                                       callback)
     t_eval = time.perf_counter() - t
 
     sha = tokens_sha256(tokens)
@@ -227,6 +237,7 @@ def compare(run: RunDir, bits_list=DEFAULT_BITS, *, eval_text: str | None = None
                  "evaluations": len(measured) + 1, "rows": len(results),
                  "layer_passes": passes, "total_s": time.perf_counter() - t0},
         device=str(loaded.device), warnings=tuple(warnings))
+    _check_cancel(cancel)      # "nothing was written" must hold for a cancel this late too
     return save_result(run, result) if save else result
 
 
@@ -313,13 +324,16 @@ def _fitted(D, perms, log):
 
 
 def _allocations(qmodel, scores: dict, costs: Costs, bits_list, *, D, perms, alpha: float,
-                 fitted=None) -> dict[tuple[str, float], Allocation]:
+                 fitted=None, cancel: threading.Event | None = None,
+                 callback: events.Callback = events.ignore) -> dict[tuple[str, float], Allocation]:
     """Every method's allocation at every budget (D and perms for IMPQ-local, the fitted
     model for IMPQ-fit). Every predicted_delta_nll is the run's (paper) quadratic model's,
     for comparability."""
     a, K = qmodel.a, qmodel.K
     out: dict[tuple[str, float], Allocation] = {}
-    for b in bits_list:
+    for k, b in enumerate(bits_list):
+        _check_cancel(cancel)
+        callback(events.Step(k, len(bits_list), "solving allocations"))
         out[(IMPQ, b)] = solve_impq(D, costs, bits=b, model=qmodel)
         alloc = solve_local(D, perms, costs, bits=b, alpha=alpha)
         out[(IMPQ_LOCAL, b)] = replace(alloc, predicted_delta_nll=predicted_delta((a, K), alloc.q))
@@ -335,23 +349,27 @@ def _allocations(qmodel, scores: dict, costs: Costs, bits_list, *, D, perms, alp
 
 
 def _evaluate_all(evaluator: PrefixEvaluator, real: LayerSwitch, allocations: dict, log,
-                  cancel) -> tuple[dict[tuple, float], float, int]:
+                  cancel, callback: events.Callback = events.ignore
+                  ) -> tuple[dict[tuple, float], float, int]:
     """Mean NLL of every distinct allocation, walked in lexicographic order so each
     evaluation recomputes only from the first layer that differs from the previous one."""
     real.restore_original()
+    distinct = sorted({alloc.bits_per_layer for alloc in allocations.values()})
+    callback(events.Step(0, len(distinct) + 1, "evaluating allocations"))
     log(f"perplexity of the unquantized model on {evaluator.predicted:,} tokens")
     evaluator.reset()
     ppl_original = math.exp(evaluator.evaluate())
-    distinct = sorted({alloc.bits_per_layer for alloc in allocations.values()})
     measured, passes = {}, 0
     for k, bits in enumerate(distinct, 1):
         _check_cancel(cancel)
+        callback(events.Step(k, len(distinct) + 1, "evaluating allocations"))
         first = real.apply(bits)
         first = 0 if first is None else first
         measured[bits] = evaluator.evaluate(first)
         passes += len(bits) - first
         log(f"evaluated allocation {k}/{len(distinct)}: {sum(x == HIGH_BITS for x in bits)} "
             f"layers at 4 bits, ppl {math.exp(measured[bits]):.3f}")
+    callback(events.Step(len(distinct) + 1, len(distinct) + 1, "evaluating allocations"))
     real.restore_original()   # leave the model as it was loaded
     return measured, ppl_original, passes
 
@@ -363,6 +381,9 @@ def save_result(run: RunDir, result: CompareResult) -> CompareResult:
     stem = Path(COMPARE_DIR) / result.backend
     try:
         pngs = plot(result, run.path / stem)
+    except OSError as exc:  # a full disk: the comparison ran, its files could not be written
+        raise write_error(run.path / stem, exc, "the earlier comparison's files are as they were",
+                          run_dir=run.path) from None
     except ImportError:     # a bare GPU box may lack matplotlib: the numbers still count
         pngs = []
         result = replace(result, warnings=(*result.warnings, "matplotlib is not installed: no "
@@ -399,8 +420,13 @@ def plot(result: CompareResult, stem: Path, title: str | None = None) -> list[Pa
                           f"IMPQ from {result.samples} SPQE samples")
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
-    for path in paths:
-        fig.savefig(path, dpi=150)
+    for path in paths:        # drawn beside, then renamed: a kill leaves the old file whole
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+        try:
+            fig.savefig(tmp, dpi=150)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return paths
 
 

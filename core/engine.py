@@ -220,7 +220,7 @@ def _run(config, run, callback, cancel, pause, indices) -> str:
             sample = sampler.sample(m)
             run.append_sample(sample.to_record())
             meter.sample += 1
-            run.log(f"sample {m} done in {sample.seconds:.1f}s")
+            run.log(f"sample {m + 1} done in {sample.seconds:.1f}s")   # 1-based, as on screen
             callback(events.SampleDone(index=m, permutation=tuple(sample.permutation),
                                        d=tuple(sample.d), v_high=sample.v_high, v_low=sample.v_low,
                                        finite=sample.nonfinite is None))

@@ -27,7 +27,6 @@ from core.solver import (
     solve,
     solve_impq,
 )
-from core.spqe import Cancelled
 from core.switching import LayerSwitch, perplexity
 
 IMPQ, IMPQ_LOCAL, IMPQ_FIT = "impq", "impq-local", "impq-fit"
@@ -124,29 +123,44 @@ def evaluate_allocation(run: RunDir, bits_per_layer: list[int], *, eval_text: st
     micro = max(1, config.micro_batch)
 
     def step(message: str) -> None:
-        if cancel is not None and cancel.is_set():
-            raise Cancelled
+        events.check_cancel(cancel)
         callback(events.Log(message))
 
+    phases = 4 + exporter.simulates
+    done = 0
+
+    def phase(what: str, message: str) -> None:
+        nonlocal done
+        step(message)
+        callback(events.Step(done, phases, what))
+        done += 1
+
     try:
-        step(f"loading {config.model} on {dev} ({settings.dtype}) for evaluation")
+        phase("loading the model", f"loading {config.model} on {dev} ({settings.dtype}) for evaluation")
         loaded = exporter.load(config, dev, settings.torch_dtype)
         check_layers(loaded, len(bits_per_layer))
         tokens = eval_tokens(loaded.tokenizer, settings, config.calib_text,
                              lambda message, level="info": callback(events.Log(message, level)))
-        step("perplexity of the unquantized model")
-        ppl_original = perplexity(loaded, tokens, micro)
+        phase("unquantized perplexity", "perplexity of the unquantized model")
+        with events.cancel_between_layers(loaded.layers, cancel):
+            ppl_original = perplexity(loaded, tokens, micro)
         ppl_simulated = None
         if exporter.simulates:
-            step("perplexity with simulated (de-quantized) weights, as SPQE measures")
+            phase("simulated perplexity",
+                  "perplexity with simulated (de-quantized) weights, as SPQE measures")
             simulated = LayerSwitch(loaded, exporter.backend(config), keep_original=True,
-                                    levels=[[b] for b in bits_per_layer])
-            ppl_simulated = perplexity(loaded, tokens, micro)
+                                    levels=[[b] for b in bits_per_layer],
+                                    on_layer=lambda i, L: events.check_cancel(cancel))
+            with events.cancel_between_layers(loaded.layers, cancel):
+                ppl_simulated = perplexity(loaded, tokens, micro)
             simulated.restore_original()
             del simulated
-        step(f"perplexity with real {exporter.name} modules")
+        phase(f"quantizing ({exporter.name})", f"quantizing the layers with {exporter.name}")
         loaded = exporter.quantize(loaded, list(bits_per_layer), config, step)
-        ppl = perplexity(loaded, tokens, micro)
+        phase(f"{exporter.name} perplexity", f"perplexity with real {exporter.name} modules")
+        with events.cancel_between_layers(loaded.layers, cancel):
+            ppl = perplexity(loaded, tokens, micro)
+        callback(events.Step(phases, phases, "done"))
     finally:
         exporter.close()
     return EvalResult(ppl=ppl, ppl_simulated=ppl_simulated, ppl_original=ppl_original,

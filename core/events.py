@@ -6,6 +6,8 @@ All are small frozen dataclasses; vectors are tuples so they stay immutable.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass
 from typing import Callable, Union
 
@@ -38,6 +40,15 @@ class SampleDone:
 
 
 @dataclass(frozen=True)
+class Step:
+    """Progress of a job other than SPQE (compare, eval, export): step `done` of `total`
+    of its current phase `what` ("quantizing layers", "evaluating allocations")."""
+    done: int
+    total: int
+    what: str
+
+
+@dataclass(frozen=True)
 class Log:
     message: str
     level: str = "info"    # info | warning | error
@@ -58,9 +69,37 @@ class Finished:
     run_dir: str = ""
 
 
-Event = Union[Progress, SampleDone, Log, Failed, Finished]
+Event = Union[Progress, SampleDone, Step, Log, Failed, Finished]
 Callback = Callable[[Event], None]
 
 
 def ignore(_event: Event) -> None:
     """A callback that listens to nothing."""
+
+
+# ------------------------------------------------------------------ the other way: cancel
+# The caller's threading.Event travels into the engine; these are how a job looks at it.
+
+def check_cancel(cancel: threading.Event | None) -> None:
+    """Raise core.spqe.Cancelled once `cancel` is set."""
+    if cancel is not None and cancel.is_set():
+        from core.spqe import Cancelled
+
+        raise Cancelled
+
+
+@contextlib.contextmanager
+def cancel_between_layers(layers, cancel: threading.Event | None):
+    """Within the block, each of `layers` (the model's decoder layers, torch modules)
+    checks `cancel` before it runs (a forward pre-hook): a perplexity pass or a baseline's
+    scoring stops within one layer's forward once it is set, not at the end of the pass."""
+    if cancel is None:
+        yield
+        return
+    hooks = [layer.register_forward_pre_hook(lambda _module, _args: check_cancel(cancel))
+             for layer in layers]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()

@@ -528,3 +528,51 @@ def test_run_files_that_are_not_files_are_clear_errors(reference, tmp_path, kind
     expected = {"fifo": "not a regular file", "directory": "folder", "device": "not a regular file",
                 "huge": "more than"}[kind]
     assert expected in proc.stderr
+
+
+def test_a_closed_output_pipe_does_not_stop_the_run(tiny_model_dir, tmp_path):
+    """`impq-tui run ... 2>&1 | head -1`: the reader goes away, the run goes on to the end.
+    Here the reader is gone before the first line (`| true`), so every write fails."""
+    run_dir = tmp_path / "piped"
+    shown = [a for a in map(str, TINY_RUN) if a != "--quiet"]      # with its display
+    shell = (f"{sys.executable} -m impq_tui run --model {tiny_model_dir} --samples 3 "
+             f"{' '.join(shown)} --run-dir {run_dir} 2>&1 | true")
+    subprocess.run(["bash", "-c", shell], env=ENV, cwd=ROOT, timeout=300)
+    deadline = time.time() + 120
+    while time.time() < deadline and json.loads((run_dir / "status.json").read_text()
+                                                if (run_dir / "status.json").exists() else "{}").get("state") != "completed":
+        time.sleep(0.2)
+    assert len(RunDir.open(run_dir).samples()) == 3
+    assert "output closed" in (run_dir / "events.log").read_text()
+
+
+def test_solve_output_to_a_full_disk_or_a_closed_pipe(reference, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(reference.path, copy)
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "impq_tui", "solve", str(copy), "--bits", "3",
+                               "--json"], env=ENV, cwd=ROOT, stdout=full, stderr=subprocess.PIPE,
+                              text=True, timeout=120)
+    assert proc.returncode == 2 and "cannot write the output" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    shell = f"{sys.executable} -m impq_tui solve {copy} --bits 3 | head -c 10; exit ${{PIPESTATUS[0]}}"
+    proc = subprocess.run(["bash", "-c", shell], env=ENV, cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert "Traceback" not in proc.stderr and proc.returncode in (0, 141)
+
+
+def test_an_export_whose_run_is_read_only_still_reports_success(reference, tmp_path, monkeypatch):
+    """The export is published before its note goes into the run directory: failing to
+    write the note is a warning, not an error after the fact."""
+    from core.export import export_model
+    from core.runs import RunDir as Run
+
+    def refuse(self, name, obj):
+        raise UserError(f"cannot write {self.path / name}: read-only file system")
+
+    monkeypatch.setattr(Run, "write_json", refuse)
+    seen = []
+    result = export_model(RunDir.open(reference.path), [4] * 4, "hqq", str(tmp_path / "out"),
+                          callback=seen.append)
+    assert (tmp_path / "out" / "qmodel.pt").is_file() and result.bytes > 0
+    assert any("could not be written" in getattr(e, "message", "") for e in seen)

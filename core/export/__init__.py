@@ -134,40 +134,52 @@ def export_model(run: RunDir, bits_per_layer: list[int], backend: str, out_dir: 
             raise Cancelled
         callback(events.Log(message))
 
+    phases = 4 + (evaluate or verify) + verify
+    done = 0
+
+    def phase(what: str, message: str) -> None:
+        nonlocal done
+        checkpoint(message)
+        callback(events.Step(done, phases, what))
+        done += 1
+
     tmp = _partial_folder(out)
     try:
-        checkpoint(f"loading {config.model_name or config.model} on {dev} ({settings.dtype}) "
-                   f"for the {backend} export")
+        phase("loading the model", f"loading {config.model_name or config.model} on {dev} "
+              f"({settings.dtype}) for the {backend} export")
         loaded = exporter.load(config, dev, settings.torch_dtype)
         if len(loaded.layers) != costs.L:
             raise UserError(f"the run measured {costs.L} decoder layers, the model {config.model} "
                             f"now has {len(loaded.layers)}: the model changed since the run.")
         module_bits = {name: b for names, b in zip(loaded.linear_names, bits) for name in names}
-        checkpoint(f"quantizing {len(module_bits)} linear modules ({bits.count(HIGH_BITS)} of "
-                   f"{len(bits)} layers at {HIGH_BITS} bits)")
+        phase(f"quantizing ({backend})", f"quantizing {len(module_bits)} linear modules "
+              f"({bits.count(HIGH_BITS)} of {len(bits)} layers at {HIGH_BITS} bits)")
         loaded = exporter.quantize(loaded, bits, config, checkpoint)
+        phase("writing the files", f"writing the {backend} export")
         written = exporter.write(loaded, module_bits, tmp, config, checkpoint)
         loaded.tokenizer.save_pretrained(tmp)
         _check_budget(written, budget, target_bits, exporter, config)
         ppl = tokens = None
         if evaluate or verify:
-            checkpoint(f"perplexity of the quantized model on {settings.text}")
+            phase("perplexity", f"perplexity of the quantized model on {settings.text}")
             tokens = eval_tokens(loaded.tokenizer, settings, config.calib_text,
                                  lambda message, level="info": callback(events.Log(message, level)))
-            ppl = perplexity(loaded, tokens, max(1, config.micro_batch))
+            with events.cancel_between_layers(loaded.layers, cancel):
+                ppl = perplexity(loaded, tokens, max(1, config.micro_batch))
         result = _result(out, backend, bits, target_bits, budget, costs, written, tmp, ppl, tokens)
         record = _allocation_record(run, result, loaded, written, costs, method, settings)
         _write_card(tmp, exporter, record, out)
         del loaded
         exporter.close()   # free the model before a second copy loads in the fresh process
         if verify:
-            checkpoint("loading the export back in a fresh process (README snippet)")
+            phase("verifying", "loading the export back in a fresh process (README snippet)")
             reloaded = _verify(tmp, exporter, tokens, ppl, written.dtype, backend, config, cancel)
             result = replace(result, ppl_reloaded=reloaded)
             record["ppl_reloaded"] = reloaded
             _write_card(tmp, exporter, record, out)
-        checkpoint(f"moving the finished export into {out}")
+        phase("publishing", f"moving the finished export into {out}")
         _publish(tmp, out, force)
+        callback(events.Step(phases, phases, "done"))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -274,7 +286,12 @@ def _partial_folder(out: Path) -> Path:
 
 
 def _remove_stale_partials(out: Path) -> None:
-    """Remove half-written exports to `out` whose writing process is gone (killed)."""
+    """Remove half-written exports to `out`, and old copies an interrupted --force left
+    (.OUT.old-PID), whose writing process is gone (killed)."""
+    for old in out.parent.glob(f".{out.name}.old-*"):
+        pid = old.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
     for partial in out.parent.glob(f".{out.name}{PARTIAL}*"):
         try:
             pid = int((partial / PID).read_text())
@@ -285,6 +302,16 @@ def _remove_stale_partials(out: Path) -> None:
         except (OSError, ValueError):
             pass                          # no or unreadable pid file: writer gone before it wrote one
         shutil.rmtree(partial, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True       # another user's process: alive
+    return True
 
 
 def _shareable(folder: Path) -> None:
@@ -370,12 +397,14 @@ def _version(dist: str) -> str:
 
 
 def _record_in_run(run: RunDir, result: ExportResult, callback) -> None:
-    """Note the export in the run directory's exports/ (a convenience: never fatal)."""
+    """Note the export in the run directory's exports/ (a convenience: never fatal, since
+    the export is published by now; a read-only run only loses the note)."""
     name = Path(result.out_dir).name
     try:
         run.write_json(f"exports/{name}.json", result.to_json())
-    except OSError as exc:
-        callback(events.Log(f"could not record the export in {run.path}: {exc}", level="warning"))
+    except (OSError, UserError) as exc:
+        callback(events.Log(f"the export is complete, but its note in {run.path} could not be "
+                            f"written: {exc}", level="warning"))
 
 
 # ------------------------------------------------------------------ the round trip

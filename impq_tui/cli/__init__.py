@@ -22,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Interaction-aware mixed-precision quantization (SPQE + IMPQ). With no "
                     "sub-command, opens the terminal app.")
     parser.add_argument("--run", metavar="DIR", help="open this run directory in the app (follows a run in progress)")
+    parser.add_argument("--runs", metavar="DIR", default="runs",
+                        help="the folder whose runs the app lists to pick from (default: runs)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in SUB_COMMANDS.values():

@@ -12,6 +12,7 @@ from impq_tui.cli.args import (
     file_stem,
     method_name,
 )
+from impq_tui.cli.errors import save_or_warn
 
 
 def add_parser(sub) -> None:
@@ -46,6 +47,6 @@ def command(args) -> int:
                                  backend=req.backend, device=req.device)
     record = {**result.to_json(), "method": method_name(args), "allocation": alloc.to_json(),
               "run": str(run.path)}
-    run.write_json(f"evals/{file_stem(args)}-{result.backend}.json", record)
+    save_or_warn(run, f"evals/{file_stem(args)}-{result.backend}.json", record)
     print(json.dumps(record) if args.json else eval_summary(result, alloc))
     return 0

@@ -147,6 +147,41 @@ def on_signals(cancel: threading.Event, sampling: threading.Event | None = None)
         signal.signal(sig, handler)
 
 
+def _console_quiet_on_close(on_close):
+    """rich's Console on stderr, turning quiet on a closed pipe instead of exiting (rich
+    raises SystemExit(1) there, which would stop the run)."""
+    from rich.console import Console
+
+    class QuietOnClose(Console):
+        def on_broken_pipe(self) -> None:
+            import os
+
+            if not self.quiet:
+                on_close()
+            self.quiet = True
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            for fd in (1, 2):
+                os.dup2(devnull, fd)
+    return QuietOnClose(stderr=True)
+
+
+def _surviving_a_closed_output(callback, run):
+    """The display callback, made harmless when the terminal or pipe it writes to goes away
+    (`impq-tui run ... 2>&1 | head -1`): the output goes to /dev/null from then on and the
+    run goes on, noting why in events.log."""
+    import os
+
+    def guarded(event) -> None:
+        try:
+            callback(event)
+        except OSError as exc:      # BrokenPipeError, EIO from a closed terminal
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            for fd in (1, 2):
+                os.dup2(devnull, fd)
+            run.log(f"output closed ({exc.strerror or exc}): the run goes on without a display")
+    return guarded
+
+
 def _marking(engine, sampling: threading.Event):
     """The engine, setting `sampling` once it evaluates (preparation is over)."""
     from core import events
@@ -174,7 +209,6 @@ def _engine(gpus: int, rank, pause: threading.Event):
 
 
 def _run_with_display(config, run, cancel, quiet: bool, engine) -> str:
-    from rich.console import Console
     from rich.progress import (
         BarColumn,
         Progress,
@@ -186,7 +220,8 @@ def _run_with_display(config, run, cancel, quiet: bool, engine) -> str:
     from core import events
     from impq_tui.report import log_line
 
-    console = Console(stderr=True)
+    console = _console_quiet_on_close(
+        lambda: run.log("output closed (broken pipe): the run goes on without a display"))
     if quiet:
         return engine(config, run, lambda e: None, cancel)
     columns = (SpinnerColumn(), TextColumn("sample {task.fields[sample]}"),
@@ -212,4 +247,4 @@ def _run_with_display(config, run, cancel, quiet: bool, engine) -> str:
                 progress.console.print(f"sample {event.index} done: v(all 4-bit)={event.v_high:.4f} "
                                        f"v(all 2-bit)={event.v_low:.4f} nats/token")
 
-        return engine(config, run, callback, cancel)
+        return engine(config, run, _surviving_a_closed_output(callback, run), cancel)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from impq_tui.cli.args import add_budget_arguments, file_stem, method_name
+from impq_tui.cli.errors import save_or_warn
 
 
 def add_parser(sub) -> None:
@@ -41,7 +42,7 @@ def command(args) -> int:
     run, alloc = allocation(req)
     record = {**alloc.to_json(), "method": method_name(args), "samples": len(run.samples()),
               "alpha": req.alpha, "run": str(run.path)}
-    run.write_json(f"allocations/{file_stem(args)}.json", record)
+    save_or_warn(run, f"allocations/{file_stem(args)}.json", record)
     if args.json:
         print(json.dumps(record))
     else:
