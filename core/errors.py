@@ -13,6 +13,11 @@ class UserError(Exception):
     """
 
 
+class Cancelled(Exception):
+    """A long job stopped because its caller set the cancel event (SPQE between
+    evaluations, eval, compare, export, a wait on a build lock)."""
+
+
 class InvalidField(UserError):
     """One field of a request (core.requests) holds a value it may not have.
 

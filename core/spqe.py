@@ -19,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 
+from core.errors import Cancelled  # noqa: F401  (raised here; callers import it from here too)
 from core.switching import HIGH, LOW, LayerSwitch, PrefixEvaluator
 
 
@@ -55,10 +56,6 @@ class Sample:
 def _json_number(x: float | None) -> float | None:
     """JSON has no NaN or infinity: such values are written as null."""
     return x if x is not None and math.isfinite(x) else None
-
-
-class Cancelled(Exception):
-    """Raised inside a sample when the caller's cancel event is set."""
 
 
 class Sampler:

@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from core.errors import UserError
+from core.errors import Cancelled, UserError
 
 BUILD_TIMEOUT_S = 900.0   # a first build takes one to a few minutes
 
@@ -46,8 +46,6 @@ def holders(path: Path) -> list[int]:
 def clear_stale_locks(timeout_s: float = BUILD_TIMEOUT_S, cancel: threading.Event | None = None,
                       log=lambda message: None) -> None:
     """Remove quanto build locks whose builder is gone; wait, bounded, for a live one."""
-    from core.spqe import Cancelled
-
     for lock in quanto_locks():
         deadline = time.monotonic() + timeout_s
         while lock.exists():
