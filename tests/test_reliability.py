@@ -576,3 +576,12 @@ def test_an_export_whose_run_is_read_only_still_reports_success(reference, tmp_p
                           callback=seen.append)
     assert (tmp_path / "out" / "qmodel.pt").is_file() and result.bytes > 0
     assert any("could not be written" in getattr(e, "message", "") for e in seen)
+
+
+def test_resume_with_fewer_samples_than_done_is_refused(reference, tmp_path):
+    copy = tmp_path / "a run with spaces"
+    shutil.copytree(reference.path, copy)
+    before = (copy / "config.json").read_bytes()
+    proc = cli("run", "--resume", copy, "--samples", 2, "--quiet")
+    assert proc.returncode == 2 and "--samples is 2, fewer than the 3 samples" in proc.stderr
+    assert (copy / "config.json").read_bytes() == before

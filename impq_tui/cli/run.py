@@ -2,6 +2,7 @@
 continues a run, `--gpus N` or torchrun spreads the samples over GPUs."""
 from __future__ import annotations
 
+import shlex
 import shutil
 import signal
 import sys
@@ -62,7 +63,7 @@ def _new_config(req):
 def command(args) -> int:
     from dataclasses import replace
 
-    from core.errors import UserError
+    from core.errors import InvalidField, UserError
     from core.models import EMBEDDED, EMBEDDED_NAME, pick_device
     from core.runs import RunDir, default_run_dir
 
@@ -85,6 +86,10 @@ def command(args) -> int:
                 overrides["device"] = str(pick_device(req.device))
             old_config = (run.path / "config.json").read_bytes()
             samples_before = len(run.samples())
+            if req.samples is not None and req.samples < samples_before:
+                raise InvalidField("samples", f"is {req.samples}, fewer than the {samples_before} "
+                                              "samples the run already has: ask for more, or "
+                                              "leave it out to finish the run's own count.")
             config = replace(run.config, **overrides)
             run.update_config(config)   # refuses a change to what decides the vectors
         except BaseException:
@@ -127,7 +132,8 @@ def command(args) -> int:
         raise
     print(f"run directory: {run.path}  ({len(run.samples())} samples)")
     if status == "cancelled":
-        print(f"stopped; continue with: impq-tui run --resume {run.path}", file=sys.stderr)
+        print(f"stopped; continue with: impq-tui run --resume {shlex.quote(str(run.path))}",
+              file=sys.stderr)
         return EXIT_CANCELLED
     return 0
 
