@@ -77,14 +77,30 @@ def check_gpu_memory(config: RunConfig, device: torch.device) -> None:
             "speeds SPQE up but gives every GPU its own full copy.")
 
 
+def check_before_loading(config: RunConfig, backend) -> None:
+    """From the config alone (a GGUF's header), in seconds: the architecture is one
+    impq-tui can take apart, and every decoder linear suits the backend at both precisions."""
+    from core.models import check_structure, linear_shapes, structure_of
+    from core.switching import HIGH, LOW
+
+    meta = structure_of(config.model)
+    if meta is None:
+        return           # no readable config: load_model says why
+    check_structure(meta)
+    for name, shape in linear_shapes(meta):
+        for bits in (LOW, HIGH):
+            backend.check(shape, bits, name)
+
+
 def prepare(config: RunConfig, callback: events.Callback = events.ignore,
             cancel: threading.Event | None = None) -> Prepared:
     device = pick_device(config.device)
+    backend = get_backend(config.backend, config.group_size)
+    check_before_loading(config, backend)
     if device.type == "cuda":
         check_gpu_memory(config, device)
     callback(events.Log(f"loading model {config.model} on {device} ({config.dtype})"))
     loaded = load_model(config.model, device, DTYPES[config.dtype])
-    backend = get_backend(config.backend, config.group_size)
     if loaded.tokenizer is None:     # random:<shape>: random weights want no text, only token ids
         windows = torch.randint(0, loaded.model.config.vocab_size,
                                 (config.windows, config.window_tokens),

