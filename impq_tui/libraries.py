@@ -3,11 +3,18 @@ over the app's screen or the CLI's progress display."""
 from __future__ import annotations
 
 import os
+import sys
 
 
 def quiet_libraries() -> None:
+    """Through the environment variables transformers and huggingface_hub read when they
+    are imported: importing transformers here would cost the app's first screen about
+    0.6 s. Where it is imported already, its settings are changed directly."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
+        import transformers
 
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
