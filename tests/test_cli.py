@@ -219,7 +219,7 @@ def test_unsupported_architecture(tmp_path, tiny_tokenizer):
                          intermediate_size=64, vocab_size=len(tiny_tokenizer))).save_pretrained(model_dir)
     tiny_tokenizer.save_pretrained(model_dir)
     proc = cli("run", "--model", model_dir, "--run-dir", tmp_path / "r", *TINY_RUN)
-    assert_user_error(proc, "unsupported architecture 'bert'", "llama")
+    assert_user_error(proc, "decoder-only")
     assert not (tmp_path / "r").exists()
 
 

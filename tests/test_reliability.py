@@ -111,7 +111,7 @@ def test_oom_with_one_window_stops_with_a_message(tiny_model_dir):
     evaluator = PrefixEvaluator(loaded, windows, 2)
     evaluator.evaluate()                       # the cache is built; now memory runs out
     _oom_hook(loaded.layers[1], limit=0)
-    with pytest.raises(UserError, match="even with one window of 32 tokens.*--window-tokens"):
+    with pytest.raises(UserError, match="even with one window of 32 tokens.*`window_tokens`"):
         evaluator.evaluate(1)
 
 
@@ -157,7 +157,7 @@ def test_a_layer_that_breaks_the_loss_is_named_and_the_run_stops(tiny_model_dir,
         run_spqe(run.config, run, seen)
     message = str(e.value)
     assert "layer 2 at 2 bits alone gives a non-finite loss" in message
-    assert "all-2-bit state" in message and "--group-size" in message
+    assert "all-2-bit state" in message and "`group_size`" in message   # the CLI shows --group-size
     assert any(isinstance(x, events.Failed) for x in seen)
     # recorded as such: on disk, flagged, with nulls (valid JSON), out of every estimate
     line = (run.path / SAMPLES).read_text().splitlines()[0]
@@ -243,7 +243,7 @@ def test_disk_full_while_appending_loses_only_that_sample(tiny_model_dir, tmp_pa
     with pytest.raises(UserError) as e:
         run_spqe(run.config, run)
     assert "no space left on device (sample 1 was not saved)" in str(e.value)
-    assert "--resume" in str(e.value)
+    assert "resume the run (`resume`)" in str(e.value)
     monkeypatch.undo()
     data = (run.path / SAMPLES).read_bytes()
     assert data.endswith(b"\n") != partial            # a torn half line, or nothing
@@ -286,11 +286,11 @@ def test_a_failed_write_of_a_derived_file_says_to_run_the_command_again(tmp_path
         run.write_json("allocations/bits-2.50.json", {"q": [0, 1]})
     message = str(e.value)
     assert "allocations/bits-2.50.json: disk quota exceeded" in message
-    assert "--resume" not in message and "run the command again" in message
+    assert "`resume`" not in message and "run the command again" in message
     assert f"run in {run.path} is unchanged" in message
     with pytest.raises(UserError) as e:
         run.write_json("status.json", {"state": "running"})
-    assert f"--resume {run.path}`" in str(e.value)
+    assert f"resume the run (`resume`) from {run.path}" in str(e.value)
     monkeypatch.undo()
     assert list((run.path / "allocations").iterdir()) == []
 
