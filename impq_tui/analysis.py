@@ -9,18 +9,22 @@ worker threads call these and the tests can check them against the engine direct
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
+import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
 from core.interactions import QuadraticModel, quadratic_model
 from core.requests import BITS_MAX, BITS_MIN
-from core.solver import FRONTIER_GRID, Allocation, Costs, frontier, solve_impq
+from core.solver import FRONTIER_GRID, Allocation, Costs, solve_impq
 from impq_tui.report import fmt_bytes  # noqa: F401  (screens/dashboard.py reads analysis.fmt_bytes)
 
 STABILITY_WINDOW = 10          # samples looked back over for "allocation unchanged"
+COARSE_STEPS = (0.5, 0.25, 0.1, 0.05)   # the frontier's budgets, drawn coarse to fine
+NOISY_SE = 1.0                 # max se/|φ| above this: the estimates are still noise
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -110,17 +114,66 @@ class FrontierPoint:
     high_layers: int             # layers at 4 bits
 
 
+def frontier_order(grid=FRONTIER_GRID) -> list[float]:
+    """The grid's budgets coarse to fine: those on whole half bits first (2.0, 2.5, ...,
+    4.0), then quarter bits, tenths, and the rest, so a partial frontier spans the range."""
+    order: list[float] = []
+    for step in COARSE_STEPS:
+        order += [b for b in grid if b not in order and math.isclose(b / step, round(b / step))]
+    return order + [b for b in grid if b not in order]
+
+
+def frontier_progress(D: np.ndarray, allocations: Allocations, grid=FRONTIER_GRID, *,
+                      cancelled: Callable[[], bool] = lambda: False, every_s: float = 0.25
+                      ) -> Iterator[tuple[list[FrontierPoint], bool]]:
+    """The IMPQ frontier of D solved budget by budget, coarse ones first (frontier_order):
+    yields (the points solved so far in order of bits, complete) once the half bits are
+    solved, then at most every `every_s`, and last with every point (complete True).
+    Each budget is solved as core.solver.frontier solves it, through the cache of
+    `allocations`; stops without a last yield once `cancelled()` says so."""
+    model = quadratic_model(D, alpha=allocations.alpha, paired=allocations.paired)
+    order = frontier_order(grid)
+    first = sum(1 for b in order if math.isclose(b / COARSE_STEPS[0], round(b / COARSE_STEPS[0])))
+    points: dict[float, FrontierPoint] = {}
+    shown = time.monotonic()
+    for k, b in enumerate(order, 1):
+        if cancelled():
+            return
+        alloc = allocations.get(D, b, model)
+        points[b] = FrontierPoint(bits=float(b), avg_bits=alloc.avg_bits,
+                                  predicted=alloc.predicted_delta_nll,
+                                  high_layers=sum(x == 4 for x in alloc.bits_per_layer))
+        if k == len(order) or k == first or (k > first and time.monotonic() - shown >= every_s):
+            shown = time.monotonic()
+            yield [points[x] for x in sorted(points)], k == len(order)
+
+
 def frontier_points(D: np.ndarray, allocations: Allocations, grid=FRONTIER_GRID,
                     cancelled: Callable[[], bool] = lambda: False) -> list[FrontierPoint] | None:
-    """The IMPQ frontier of core.solver, as points to plot (None when cancelled)."""
-    model = quadratic_model(D, alpha=allocations.alpha, paired=allocations.paired)
-    allocs = frontier(model.a, model.K, allocations.costs, grid, factor=model.factor,
-                      cancelled=cancelled)
-    if allocs is None:
-        return None
-    return [FrontierPoint(bits=float(b), avg_bits=alloc.avg_bits, predicted=alloc.predicted_delta_nll,
-                          high_layers=sum(x == 4 for x in alloc.bits_per_layer))
-            for b, alloc in zip(grid, allocs)]
+    """The whole IMPQ frontier, as points to plot (None when cancelled)."""
+    for points, complete in frontier_progress(D, allocations, grid, cancelled=cancelled):
+        if complete:
+            return points
+    return None
+
+
+def noise_note(fit: Fit, allocation: Allocation | None = None) -> str | None:
+    """Why the estimates are still noise, or None when they are not: no standard error
+    yet, standard errors above NOISY_SE times the estimates (relative_se), or a negative
+    predicted loss increase within two standard errors of zero (a real one, outside
+    them, is a model that quantization helps: random weights do that)."""
+    model = fit.model
+    draws = model.samples // 2 if fit.paired else model.samples
+    if draws < 2:
+        return f"{fit.samples} sample{'s' if fit.samples != 1 else ''}: no standard errors yet"
+    if fit.settle and fit.settle[-1] > NOISY_SE:
+        return f"standard errors up to {fit.settle[-1]:.1f}× the estimates"
+    if allocation is not None and allocation.predicted_delta_nll < 0:
+        q = np.asarray(allocation.q, dtype=np.float64)
+        se = math.sqrt(max(float(q @ model.C @ q), 0.0) / draws)
+        if -allocation.predicted_delta_nll < 2 * se:
+            return "a negative predicted loss increase, within two standard errors of zero"
+    return None
 
 
 def full_precision_bytes(costs: Costs, dtype: str) -> int:

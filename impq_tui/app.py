@@ -1,6 +1,7 @@
 """The Textual app: a setup form, the dashboard of a run, export.
 
-    impq-tui              the setup form
+    impq-tui              the runs under ./runs (--runs DIR) to open one, n for a new
+                          one; with no runs there, the setup form
     impq-tui --run DIR    the dashboard of a saved run, following it while its process
                           still writes it
 
@@ -21,7 +22,7 @@ import sys
 import threading
 from typing import NoReturn
 
-from textual import on
+from textual import on, work
 from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
@@ -33,6 +34,7 @@ from core.runs import RunConfig, RunDir
 from impq_tui.follow import RunSource
 from impq_tui.screens.dashboard import VIEWS, Dashboard
 from impq_tui.screens.modals import ErrorModal, HelpScreen, LeaveRunModal
+from impq_tui.screens.picker import RunInfo, RunPicker, RunScan
 from impq_tui.screens.setup import SetupDefaults, SetupScreen
 
 WORKER_TITLES = {
@@ -40,6 +42,8 @@ WORKER_TITLES = {
     "frontier": "The frontier could not be computed",
     "follow": "The run folder could not be read",
     "export": "Export or evaluation failed",
+    "runs": "The runs folder could not be read",
+    "estimate": "The duration could not be estimated",
 }
 
 
@@ -88,12 +92,16 @@ class ImpqApp(App[int]):
         Binding("ctrl+q", "quit", "Quit", priority=True),
     ]
 
-    def __init__(self, run_dir: str | None = None, *, setup: SetupDefaults | None = None,
-                 bits: float = 3.0, cursor_blink: bool = True, timings: bool = True) -> None:
-        """setup: the form's defaults; bits: the budget a dashboard starts at;
+    def __init__(self, run_dir: str | None = None, *, runs: str | None = None,
+                 setup: SetupDefaults | None = None, bits: float = 3.0,
+                 cursor_blink: bool = True, timings: bool = True) -> None:
+        """runs: the folder whose runs the app lists first (None: the form comes first);
+        setup: the form's defaults; bits: the budget a dashboard starts at;
         cursor_blink and timings (solver times) off make screenshots repeatable."""
         super().__init__()
         self.run_dir = run_dir
+        self.runs_folder = runs
+        self.known_runs: list[RunInfo] = []    # the latest scan (the form's estimate uses it)
         self.setup_defaults = setup
         self.start_bits = bits
         self.cursor_blink = cursor_blink
@@ -113,7 +121,23 @@ class ImpqApp(App[int]):
                 self.push_screen(SetupScreen(self._defaults(run_dir=self.run_dir)))
                 self.show_error("Cannot open the run", str(exc))
                 return
+        if self.runs_folder is not None:
+            self._first_scan(RunScan(self.runs_folder))
+            return
         self.push_screen(SetupScreen(self._defaults()))
+
+    @work(thread=True, group="runs", exit_on_error=False)
+    def _first_scan(self, scanner: RunScan) -> None:
+        """The runs folder read off the event loop; the picker or, with no runs, the form."""
+        runs = scanner.scan()
+        self.call_from_thread(self.call_later, self._first_screen, scanner, runs)
+
+    def _first_screen(self, scanner: RunScan, runs: list[RunInfo]) -> None:
+        self.known_runs = runs
+        if runs:
+            self.push_screen(RunPicker(self.runs_folder, scanner=scanner, runs=runs))
+        else:
+            self.push_screen(SetupScreen(self._defaults()))
 
     def _defaults(self, **changes) -> SetupDefaults:
         from dataclasses import replace
@@ -161,6 +185,20 @@ class ImpqApp(App[int]):
         else:
             self.switch_screen(SetupScreen(self._defaults()))
 
+    def new_run_form(self) -> None:
+        """The setup form over the picker (escape goes back to the list)."""
+        self.push_screen(SetupScreen(self._defaults()))
+
+    def show_runs(self) -> None:
+        """Back to the list of runs, or the list of the runs folder (./runs unless given)."""
+        for depth, screen in enumerate(reversed(self.screen_stack)):
+            if isinstance(screen, RunPicker):
+                for _ in range(depth):
+                    self.pop_screen()
+                screen.rescan()
+                return
+        self.push_screen(RunPicker(self.runs_folder or "runs"))
+
     def show_error(self, title: str, message: str, then=None) -> None:
         self.push_screen(ErrorModal(title, message), then)
 
@@ -172,6 +210,13 @@ class ImpqApp(App[int]):
     def get_system_commands(self, screen: Screen):
         yield from super().get_system_commands(screen)
         yield SystemCommand("Help", "Keys and what the panes mean", self.action_help)
+        if isinstance(screen, SetupScreen):
+            yield SystemCommand("Start run", "Start SPQE with this form (F5)", screen.action_start)
+        if isinstance(screen, RunPicker):
+            yield SystemCommand("New run", "The setup form (n)", self.new_run_form)
+        else:
+            yield SystemCommand("Open run…", f"The runs in {self.runs_folder or 'runs'}: pick one",
+                                self.show_runs)
         if isinstance(screen, Dashboard):
             yield SystemCommand("Set the budget…", "Type an average of bits per weight",
                                 screen.action_ask_budget)
@@ -207,12 +252,12 @@ class ImpqApp(App[int]):
         self.push_screen(LeaveRunModal(str(dashboard.run.path), writer.pid), answered)
 
 
-def run_app(run_dir: str | None = None) -> NoReturn:
+def run_app(run_dir: str | None = None, runs: str | None = "runs") -> NoReturn:
     """Run the app, then end the process at once. Nothing of the app's is left to finish
     (a run is a process of its own; workers were told to stop and are daemon threads),
     while the interpreter's teardown of torch and the other libraries takes about half a
     second, longer while a worker thread is inside a library call: `q` should be instant."""
-    code = ImpqApp(run_dir).run() or 0
+    code = ImpqApp(run_dir, runs=runs).run() or 0
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

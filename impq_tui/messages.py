@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from textual.message import Message
 
+from core import events
 from core.solver import Allocation
 
 from impq_tui.analysis import Fit, FrontierPoint
@@ -34,12 +35,15 @@ class RunPolled(Message):
 
 
 class Fitted(Message):
-    """The quadratic model of `samples` samples and the allocation at `bits`."""
+    """The quadratic model of the samples `of` (the screen's D it was made from) and the
+    allocation at `bits`."""
 
-    def __init__(self, fit: Fit, bits: float, allocation: Allocation, colors: list | None) -> None:
+    def __init__(self, fit: Fit, bits: float, allocation: Allocation, colors: list | None,
+                 of=None) -> None:
         super().__init__()
         self.fit, self.bits, self.allocation = fit, bits, allocation
         self.colors = colors      # K as RGB cells for the interaction view
+        self.of = of
 
 
 class Stability(Message):
@@ -48,16 +52,42 @@ class Stability(Message):
         self.samples, self.bits, self.unchanged = samples, bits, unchanged
 
 
-class FrontierReady(Message):
-    def __init__(self, samples: int, points: list[FrontierPoint]) -> None:
+class SolveEnded(Message):
+    """The dashboard's solve worker is done (answered, cancelled or failed)."""
+
+    def __init__(self, worker) -> None:
         super().__init__()
-        self.samples, self.points = samples, points
+        self.worker = worker
+
+
+class FrontierReady(Message):
+    """The frontier of `samples` samples: the budgets solved so far (coarse ones first),
+    all of them when `complete`."""
+
+    def __init__(self, samples: int, points: list[FrontierPoint], complete: bool = True) -> None:
+        super().__init__()
+        self.samples, self.points, self.complete = samples, points, complete
+
+    def can_replace(self, message: Message) -> bool:
+        return isinstance(message, FrontierReady)     # newer points, or newer samples'
+
+
+class JobStep(Message):
+    """A long job's progress (core.events.Step): compare, evaluation, export."""
+
+    def __init__(self, step: events.Step) -> None:
+        super().__init__()
+        self.step = step
+
+    def can_replace(self, message: Message) -> bool:
+        return isinstance(message, JobStep)
 
 
 class CompareDone(Message):
     """A comparison with the baselines ended: its result, or the message why not."""
 
-    def __init__(self, result, error: str | None) -> None:
+    def __init__(self, result, error: str | None, cancelled: bool = False) -> None:
         super().__init__()
         self.result = result
         self.error = error
+        self.cancelled = cancelled      # stopped on request: error says so, it is no failure

@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
     run.add_argument("--calib-text", help="builtin, wikitext2, c4 or a .txt/.jsonl/.parquet path (default builtin)")
     run.add_argument("--backend", choices=("quanto", "hqq"), help="quantization backend (default quanto)")
     run.add_argument("--group-size", type=whole, help="quantization group size (default 64)")
-    run.add_argument("--samples", type=whole, help="SPQE samples M (default 100)")
+    run.add_argument("--samples", type=whole, help="SPQE samples M (default 10 on CPU, 100 on GPU)")
     run.add_argument("--windows", type=whole, help="calibration windows N (default 8 on CPU, 16 on GPU)")
     run.add_argument("--window-tokens", type=whole, help="tokens per window T (default 128 on CPU, 2048 on GPU)")
     run.add_argument("--seed", type=whole, help="seed of permutations and window choice (default 0)")

@@ -9,7 +9,9 @@ Pause, continue and stop are signals to the run's own process.
 """
 from __future__ import annotations
 
+import json
 import shutil
+import time
 
 import numpy as np
 from rich.text import Text
@@ -22,13 +24,13 @@ from textual.screen import Screen
 from textual.widgets import Footer, RichLog, TabbedContent, TabPane, Tabs
 from textual.worker import get_current_worker
 
-from core.runs import SAMPLES, RunConfig
-from core.solver import Allocation, Costs
+from core.runs import SAMPLES, RunConfig, RunDir, write_atomic
+from core.solver import Allocation, Costs, budget_bytes
 
 from impq_tui import analysis
 from impq_tui.analysis import Fit, FrontierPoint
 from impq_tui.follow import FINAL, RunSource, Snapshot
-from impq_tui.messages import Fitted, FrontierReady, LogLine, RunPolled, Stability
+from impq_tui.messages import Fitted, FrontierReady, LogLine, RunPolled, SolveEnded, Stability
 from impq_tui.widgets.compare import CompareView
 from impq_tui.widgets.details import InteractionDetail, LayerDetail, SettleDetail
 from impq_tui.widgets.interactions import KGrid, diverging_colors
@@ -39,6 +41,26 @@ from impq_tui.widgets.plots import EstimatesPlot, FrontierPlot, SettlePlot
 VIEWS = ("estimates", "bits", "interactions", "frontier", "compare", "log")
 BUDGET = Binding.Group("Budget", compact=True)
 NO_SAMPLES = np.empty((0, 0))
+UI_STATE = "ui.json"       # what the user left on screen for a run: its budget
+REMEMBER_AFTER_S = 0.5     # the budget is written once it has rested this long
+
+
+def remembered_bits(run: RunDir) -> float | None:
+    """The budget last left on this run's dashboard (ui.json), if any and valid."""
+    try:
+        bits = float(json.loads((run.path / UI_STATE).read_text())["bits"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return bits if analysis.BITS_MIN <= bits <= analysis.BITS_MAX else None
+
+
+def remember_bits(run: RunDir, bits: float) -> None:
+    """Keep the budget in the run's ui.json (whole or not at all; a read-only run folder
+    just forgets it)."""
+    try:
+        write_atomic(run.path / UI_STATE, json.dumps({"bits": bits}) + "\n")
+    except OSError:
+        pass
 
 
 class Dashboard(Screen):
@@ -57,6 +79,7 @@ class Dashboard(Screen):
         Binding("r", "continue_run", "Continue"),
         Binding("e", "export", "Export"),
         Binding("c", "compare", "Compare"),
+        Binding("escape", "stop_job", "Stop compare"),
         Binding("n", "new_run", "New"),
         *(Binding(str(i), f"view('{v}')", f"view {v}", show=False) for i, v in enumerate(VIEWS, 1)),
         Binding("up", "scroll_log(-1)", "scroll the log or K", show=False),
@@ -76,7 +99,12 @@ class Dashboard(Screen):
     frontier: var[list[FrontierPoint] | None] = var(None, init=False)
     picked: var[int | None] = var(None, init=False)       # the layer clicked on the bit map
 
+    # A headless app (tests, the screenshot script, benchmarks) neither reads nor writes
+    # ui.json, so that what it shows depends on the run's data alone.
+    remember_headless = False
+
     def __init__(self, source: RunSource, *, created: bool = False, bits: float = 3.0) -> None:
+        """bits: the budget to start at, unless the run remembers the one last left."""
         super().__init__()
         self.source = source
         self.run = source.run
@@ -85,8 +113,14 @@ class Dashboard(Screen):
         self.set_reactive(Dashboard.bits, analysis.clamp_bits(bits))
         self.k_colors: list | None = None      # K as RGB cells, for the interaction view
         self._allocations: analysis.Allocations | None = None
-        self._frontier_of: np.ndarray | None = None   # the D the frontier was computed from
+        self._frontier_of: np.ndarray | None = None   # the D of the frontier computed or in work
         self._frontier_worker = None
+        self._solve_worker = None              # the one solve in work (see _solve)
+        self._solve_pending = False            # another budget or sample waits for it
+        self._frontiers: dict[int, list[FrontierPoint]] = {}   # complete frontiers by samples
+        self._remember_timer = None
+        self._first_screen = False           # the first allocation and frontier were drawn
+        self._fit_of: np.ndarray | None = None   # the D that self.fit was made from
         self._follower = None
         self._asked: tuple[str, int] | None = None    # (state asked for, of which pid)
         self._failure_shown = None           # the process whose failure was reported
@@ -103,7 +137,7 @@ class Dashboard(Screen):
                     yield EstimatesPlot(id="estimates-plot")
                     yield SettlePlot(id="settle-plot")
                 yield SettleDetail(id="settle-detail").data_bind(
-                    Dashboard.fit, Dashboard.unchanged, Dashboard.bits)
+                    Dashboard.fit, Dashboard.allocation, Dashboard.unchanged, Dashboard.bits)
             with TabPane("2 Bits", id="bits"):
                 with Vertical(id="bits-box"):
                     yield LayerMap(id="layer-map").data_bind(Dashboard.picked)
@@ -131,14 +165,32 @@ class Dashboard(Screen):
         for widget in (*self.query(Tabs), self.query_one(RichLog), self.query_one("#k-scroll"),
                        self.query_one(CompareView)):
             widget.can_focus = False
+        if self.remembers:
+            bits = remembered_bits(self.run)      # a few bytes: read before the first draw
+            if bits is not None:
+                self.set_reactive(Dashboard.bits, analysis.clamp_bits(bits))
         self._show_budget()
         self._show_progress()
+        self.set_interval(1.0, self._tick)
         self._follower = self.app.run_worker(self._follow, name="follow", group="follow",
                                              thread=True, exit_on_error=False)
 
     def on_unmount(self) -> None:
         if self._follower is not None:
             self._follower.cancel()
+        if self._remember_timer is not None:       # a budget not written yet
+            self._remember_timer.stop()
+            remember_bits(self.run, self.bits)
+
+    @property
+    def remembers(self) -> bool:
+        """Whether the budget is kept in the run's ui.json (see remember_headless)."""
+        return self.remember_headless or not self.app.is_headless
+
+    def _tick(self) -> None:
+        """Every second: the elapsed clock and ETA of a run going on."""
+        if self.state in ("running", "stopping") and self.snapshot is not None:
+            self._show_progress()
 
     # ------------------------------------------------------------------ the run on disk
     def _follow(self) -> None:
@@ -161,8 +213,8 @@ class Dashboard(Screen):
         self._show_log(snap.log)
         self._show_progress()
         self.refresh_bindings()
-        if old is None:
-            self.query_one(CompareView).show_saved(self.run, snap.config.backend, len(snap.D), self.bits)
+        if old is None and not len(snap.D):
+            self._when_idle()
         if snap.error is not None and self._failure_shown is not self.source.process:
             self._failure_shown = self.source.process
             self._failed(snap.error)
@@ -228,6 +280,16 @@ class Dashboard(Screen):
         self._solve()
         self._show_budget()
         self.query_one(FrontierPlot).show(bits=bits, y=self._marker_y())
+        if self.remembers:
+            if self._remember_timer is not None:
+                self._remember_timer.stop()
+            self._remember_timer = self.set_timer(REMEMBER_AFTER_S, self._remember)
+
+    def _remember(self) -> None:
+        self._remember_timer = None
+        run, bits = self.run, self.bits
+        self.app.run_worker(lambda: remember_bits(run, bits), name="remember", group="remember",
+                            thread=True, exit_on_error=False)
 
     def watch_state(self) -> None:
         self._show_progress()
@@ -273,66 +335,136 @@ class Dashboard(Screen):
         return self._allocations
 
     def _solve(self) -> None:
-        """Fit the samples and solve at the budget, in a worker; a newer budget or sample
-        cancels the one in flight (its answer would be stale)."""
+        """Fit the samples and solve at the budget, in a worker. One solve at a time: a
+        newer budget or sample cancels the one in flight (its answer would be stale, and
+        SCIP finishes the solve it is in) and starts when it has ended, so keys pressed
+        faster than SCIP solves skip the budgets passed over instead of piling up threads
+        that would leave the screen a fraction of the GIL."""
         if self.costs is None or not len(self.D):
             return
-        D, bits, allocations = self.D.copy(), self.bits, self.allocations
         self.solving = True
+        if self._solve_worker is not None:
+            self._solve_worker.cancel()
+            self._solve_pending = True
+            return
+        D, bits, allocations, of = self.D.copy(), self.bits, self.allocations, self.D
+        # a new budget on the same samples keeps their fit (and the plots drawn from it)
+        fitted = (self.fit, self.k_colors) if self._fit_of is of and self.fit is not None else None
 
         def fit_and_solve() -> None:
             worker = get_current_worker()
-            fit = analysis.fit(D, paired=allocations.paired)
-            allocation = allocations.get(D, bits, fit.model)
-            colors = diverging_colors(fit.model.K) if np.any(fit.model.K) else None
-            if worker.is_cancelled:
-                return
-            self.post_message(Fitted(fit, bits, allocation, colors))
-            unchanged = analysis.unchanged_for(D, allocations, bits,
-                                               cancelled=lambda: worker.is_cancelled)
-            if not worker.is_cancelled:
-                self.post_message(Stability(len(D), bits, unchanged))
+            try:
+                if fitted is None:
+                    fit = analysis.fit(D, paired=allocations.paired)
+                    colors = diverging_colors(fit.model.K) if np.any(fit.model.K) else None
+                else:
+                    fit, colors = fitted
+                allocation = allocations.get(D, bits, fit.model)
+                if worker.is_cancelled:
+                    return
+                self.post_message(Fitted(fit, bits, allocation, colors, of))
+                unchanged = analysis.unchanged_for(D, allocations, bits,
+                                                   cancelled=lambda: worker.is_cancelled)
+                if not worker.is_cancelled:
+                    self.post_message(Stability(len(D), bits, unchanged))
+            finally:
+                self.post_message(SolveEnded(worker))
 
-        self.app.run_worker(fit_and_solve, name="solve", group="solve", exclusive=True,
-                            thread=True, exit_on_error=False)
+        self._solve_worker = self.app.run_worker(fit_and_solve, name="solve", group="solve",
+                                                 exclusive=True, thread=True, exit_on_error=False)
+
+    def on_solve_ended(self, message: SolveEnded) -> None:
+        if message.worker is not self._solve_worker:
+            return
+        self._solve_worker = None
+        if self._solve_pending:
+            self._solve_pending = False
+            self._solve()
 
     def on_fitted(self, message: Fitted) -> None:
-        if message.bits != self.bits or message.fit.samples != len(self.D):
+        if message.bits != self.bits or message.of is not self.D:
             return    # a newer budget or sample is being solved
         self.solving = False
-        self.k_colors = message.colors
-        self.fit = message.fit
+        self._fit_of = message.of
+        if message.fit is not self.fit:
+            self.k_colors = message.colors
+            self.fit = message.fit
         self.allocation = message.allocation
+        self._when_idle()
+
+    def _when_idle(self) -> None:
+        """What waits until the first screen and the frontier are drawn: the saved
+        comparison, read in a thread (reading it imports torch, which holds the GIL for
+        a tenth of a second at a time)."""
+        busy = self._frontier_worker is not None and self._frontier_worker.is_running
+        if self._first_screen or busy:
+            return
+        self._first_screen = True
+        snap = self.snapshot
+        self.query_one(CompareView).load_saved(self.run, snap.config.backend, len(snap.D), self.bits)
 
     def on_stability(self, message: Stability) -> None:
         if message.bits == self.bits and message.samples == len(self.D):
             self.unchanged = message.unchanged
 
     def _maybe_frontier(self) -> None:
-        """41 solves: worth it when the frontier is on screen, or when no run competes for
-        the CPU; one at a time, never cancelled by a newer sample (it would starve)."""
-        if (self.allocations is None or not len(self.D) or self._frontier_of is self.D
-                or (self._frontier_worker is not None and self._frontier_worker.is_running)):
+        """41 solves, coarse budgets first (analysis.frontier_progress), drawn as they come:
+        worth it when the frontier is on screen, or when no run competes for the CPU. New
+        samples make the one in work stale: it is cancelled and the new one starts; a
+        complete frontier is kept per sample count. The solve at the budget and its
+        stability check go first: the frontier waits while they run."""
+        if self.allocations is None or not len(self.D) or self._frontier_of is self.D:
             return
+        if self._frontier_worker is not None:
+            self._frontier_worker.cancel()      # of older samples: stale
+            self._frontier_worker = None
         if self.query_one(TabbedContent).active != "frontier" and self.writer is not None:
             return
         D, allocations = self.D, self.allocations
         self._frontier_of = D
+        if len(D) in self._frontiers:
+            self.frontier = self._frontiers[len(D)]
+            return
 
         def frontier() -> None:
-            self.post_message(FrontierReady(len(D), analysis.frontier_points(D, allocations)))
+            worker = get_current_worker()
+
+            def cancelled() -> bool:
+                # one solver thread at a time: two would leave the screen a third of the GIL
+                while self._solver_busy and not worker.is_cancelled:
+                    time.sleep(0.02)
+                return worker.is_cancelled
+
+            for points, complete in analysis.frontier_progress(D, allocations, cancelled=cancelled):
+                self.post_message(FrontierReady(len(D), points, complete))
 
         self._frontier_worker = self.app.run_worker(frontier, name="frontier", group="frontier",
-                                                    thread=True, exit_on_error=False)
+                                                    exclusive=True, thread=True, exit_on_error=False)
+
+    @property
+    def _solver_busy(self) -> bool:
+        """The solve at the budget, or its stability check, is in work."""
+        return self.solving or self._solve_worker is not None
 
     def on_frontier_ready(self, message: FrontierReady) -> None:
+        if message.samples != len(self.D):
+            return       # stale: a newer frontier is in work
+        if message.complete:
+            self._frontiers[message.samples] = message.points
         self.frontier = message.points
-        self._frontier_worker = None
-        self._maybe_frontier()      # samples that arrived meanwhile
+        if message.complete:
+            self._frontier_worker = None        # it has nothing left to do
+            if self.allocation is not None:
+                self._when_idle()
 
     @on(TabbedContent.TabActivated)
     def _view_changed(self) -> None:
         self._maybe_frontier()
+        snap = self.snapshot
+        if self.query_one(TabbedContent).active == "compare" and snap is not None:
+            # shown before its thread read it (the first second): read it now
+            self.query_one(CompareView).show_saved(self.run, snap.config.backend, len(snap.D),
+                                                   self.bits)
 
     def _marker_y(self) -> float | None:
         a = self.allocation
@@ -383,7 +515,16 @@ class Dashboard(Screen):
                    f"{config.window_tokens} tokens of {config.calib_text} · seed {config.seed}"
                    + (" · antithetic" if config.antithetic else ""))
         pane.show(state=self.state, detail=detail, done=len(self.D), total=config.samples,
-                  progress=snap.progress, summary=summary)
+                  progress=snap.progress, summary=summary, age_s=self._progress_age(snap))
+
+    def _progress_age(self, snap: Snapshot) -> float:
+        """Seconds since the writer reported its progress, while it runs: the elapsed clock
+        ticks every second although status.json is rewritten about once a second and read
+        every half second. Bounded, so a clock set differently on another host cannot run
+        it far off."""
+        if self.state != "running" or not snap.status:
+            return 0.0
+        return min(max(time.time() - float(snap.status.get("time", 0.0)), 0.0), 5.0)
 
     def _show_budget(self) -> None:
         config = self.config
@@ -393,7 +534,9 @@ class Dashboard(Screen):
             bits=self.bits, allocation=self.allocation, full_bytes=full,
             dtype=config.dtype if config else "", solving=self.solving, unchanged=self.unchanged,
             relative_se=self.fit.settle[-1] if self.fit and self.fit.settle else None,
-            samples=len(self.D))
+            samples=len(self.D),
+            budget_bytes=budget_bytes(self.costs, self.bits) if self.costs is not None else None,
+            noise=analysis.noise_note(self.fit, self.allocation) if self.fit is not None else None)
 
     # ------------------------------------------------------------------ actions
     def check_action(self, action: str, parameters: tuple) -> bool | None:
@@ -412,6 +555,8 @@ class Dashboard(Screen):
             # greyed while SPQE runs (both would want the device) or a comparison runs
             busy = writer is not None or self.query_one(CompareView).running
             return None if busy or not len(self.D) else True
+        if action == "stop_job":
+            return self.query_one(CompareView).running
         return True
 
     def _ask(self, state: str, send) -> None:
@@ -473,6 +618,10 @@ class Dashboard(Screen):
     def action_compare(self) -> None:
         self.action_view("compare")     # the key's answer is on screen at once
         self.query_one(CompareView).start(self.run, self.bits, len(self.D))
+
+    def action_stop_job(self) -> None:
+        """Esc: stop the comparison running (it stops within a decoder layer's forward)."""
+        self.query_one(CompareView).stop()
 
     async def action_quit(self) -> None:
         await self.app.action_quit()

@@ -4,6 +4,7 @@ measure perplexity first (core.evaluate), then write a model ordinary tools load
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 from textual import on
@@ -22,8 +23,9 @@ from core.runs import RunDir
 from core.spqe import Cancelled
 from core.solver import Allocation
 
+from impq_tui.messages import JobStep, LogLine
 from impq_tui.report import fmt_bytes
-from impq_tui.messages import LogLine
+from impq_tui.widgets.panes import JobProgress
 
 
 class TaskDone(Message):
@@ -73,6 +75,7 @@ class ExportScreen(Screen):
                 yield Button("Export  F5", id="export-go", variant="primary", compact=True)
                 yield Button("Evaluate  F6", id="export-evaluate", compact=True)
                 yield Button("Back  esc", id="export-back", compact=True)
+            yield JobProgress(id="export-progress")
             yield Static(id="export-result")
             yield RichLog(id="export-log", markup=False, wrap=True)
         yield Footer()
@@ -80,6 +83,9 @@ class ExportScreen(Screen):
     def on_mount(self) -> None:
         for field in self.query(Input):
             field.cursor_blink = self.app.cursor_blink
+
+    def on_unmount(self) -> None:
+        self.cancel.set()      # quitting stops a job in flight (and kills a verify process)
 
     def _default_out(self, backend: str) -> str:
         return str(self.run.path / "exports" / f"{backend}-{self.bits:.2f}")
@@ -108,9 +114,12 @@ class ExportScreen(Screen):
         return True
 
     def action_back(self) -> None:
+        """Esc: stop the job running (within a second: between layers, micro-batches and
+        phases, the verify process killed), or go back when none runs."""
         if self.busy:
-            self.cancel.set()
-            self.app.notify("Stopping the export after its current step…", timeout=4)
+            if not self.cancel.is_set():
+                self.cancel.set()
+                self.query_one(JobProgress).stopping()
             return
         self.dismiss()
 
@@ -140,6 +149,8 @@ class ExportScreen(Screen):
         self.cancel.clear()
         self.refresh_bindings()
         self._result("busy", "evaluating…" if not export else "exporting…")
+        self.query_one(JobProgress).start("starting")
+        self.query_one("#export-back", Button).label = "Stop  esc"
         self.app.run_worker(lambda: self._work(**options), name="export", group="export",
                             exclusive=True, thread=True, exit_on_error=False)
 
@@ -149,7 +160,9 @@ class ExportScreen(Screen):
         worker = get_current_worker()
 
         def callback(event: events.Event) -> None:
-            if isinstance(event, events.Log):
+            if isinstance(event, events.Step):
+                self.post_message(JobStep(event))
+            elif isinstance(event, events.Log):
                 self.post_message(LogLine(event.message, event.level))
 
         bits = list(self.allocation.bits_per_layer)
@@ -163,7 +176,7 @@ class ExportScreen(Screen):
                                         eval_text=eval_text, callback=callback, cancel=self.cancel)
                 self.post_message(TaskDone("export", describe(exported)))
         except Cancelled:
-            self.post_message(TaskDone("done", "export stopped; nothing was written"))
+            self.post_message(TaskDone("cancelled", "export" if export else "evaluation"))
         finally:
             self.post_message(TaskDone("end", ""))
 
@@ -189,15 +202,26 @@ class ExportScreen(Screen):
     def on_log_line(self, message: LogLine) -> None:
         self.query_one("#export-log", RichLog).write(message.message)
 
+    def on_job_step(self, message: JobStep) -> None:
+        if self.busy and not self.cancel.is_set():
+            self.query_one(JobProgress).step(message.step)
+
     def on_task_done(self, message: TaskDone) -> None:
         if message.kind == "end":
             self.busy = False
+            self.query_one(JobProgress).stop()
+            self.query_one("#export-back", Button).label = "Back  esc"
             self.refresh_bindings()
             if self.query_one("#export-result", Static).has_class("busy"):
                 self._result("info", "")
             return
-        self._result("done", message.text)
-        self.query_one("#export-log", RichLog).write(message.text)
+        text = message.text
+        if message.kind == "cancelled":
+            started = self.query_one(JobProgress).started or time.monotonic()
+            text = (f"{text} stopped after {time.monotonic() - started:.1f} s; "
+                    "nothing was written")
+        self._result("done", text)
+        self.query_one("#export-log", RichLog).write(text)
 
     def _result(self, kind: str, text: str) -> None:
         result = self.query_one("#export-result", Static)

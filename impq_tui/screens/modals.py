@@ -50,8 +50,8 @@ HELP_PANES = (
     ("budget", "average bits per weight, 2.00 to 4.00 (keys or mouse); the bytes of the "
                "quantized layers and their share of the unquantized ones; Δloss, the predicted "
                "loss increase over all-4-bit in nats/token; SCIP's status and time; how many "
-               "of the last samples left the allocation unchanged. Below: one cell per layer, "
-               "green at 4 bits, amber at 2."),
+               "of the last samples left the allocation unchanged. Below: each layer's bits as a "
+               "digit, in groups of ten (layers 0-9, 10-19, ...): 4 on green, 2 on amber."),
     ("1 Estimates", "φ per layer with ±1 standard error; max se/|φ| as samples arrive (the "
                     "largest standard error relative to its estimate, |φ| floored at a tenth "
                     "of the mean |φ|)."),

@@ -9,13 +9,20 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Grid, Horizontal, VerticalScroll
+from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Button, Checkbox, Footer, Input, Label, Select, Static
+from textual.worker import get_current_worker
 
 from core.errors import InvalidField, UserError, render
 from core.runs import RunConfig
 
+from impq_tui.estimate import Estimate
+
 AUTO = "auto"
+# A sample of the embedded model costs a minute or two on a 2-core CPU (30 evaluations of
+# 1,024 tokens), so the CPU default is a run of minutes, not the GPU default's hours.
+ESTIMATE_AFTER_S = 1.0     # the form waits this long after a change before probing
 
 
 @dataclass(frozen=True)
@@ -24,7 +31,7 @@ class SetupDefaults:
     model: str = "embedded"
     calib_text: str = "builtin"
     backend: str = RunConfig.backend
-    samples: int = RunConfig.samples
+    samples: int | None = None        # None: the device's default (default_samples)
     seed: int = RunConfig.seed
     device: str = AUTO
     windows: int | None = None        # None: the device's default
@@ -51,6 +58,11 @@ def defaults_for(device: str) -> dict:
     return device_defaults(pick_device(None if device == AUTO else device))
 
 
+def default_samples(device: str) -> int:
+    """The device's default (core.settings): fewer on a CPU, where a sample takes long."""
+    return defaults_for(device)["samples"]
+
+
 def run_name(model: str) -> str:
     """The short model name a default run folder is called after (as `impq-tui run`)."""
     from core.models import EMBEDDED, EMBEDDED_NAME
@@ -71,21 +83,39 @@ FIELD_LABELS = {
 }
 
 
+class EstimateReady(Message):
+    """The form's duration estimate for `key` (the inputs it was made for)."""
+
+    def __init__(self, key: tuple, estimate: Estimate | None, why: str = "") -> None:
+        super().__init__()
+        self.key, self.estimate, self.why = key, estimate, why
+
+
 class SetupScreen(Screen):
-    """F5 starts a new run; F6 opens the run folder given instead."""
+    """F5 starts a new run; F6 opens the run folder given instead, or the list of runs.
+    Under the fields, how long the run will take and how that was found out."""
 
     BINDINGS = [
         Binding("f5", "start", "Start run"),
         Binding("f6", "open", "Open run"),
+        Binding("escape", "runs", "Runs", show=False),
     ]
+
+    # Probes already made, by what they measured: the form asks again only for news.
+    measured: dict[tuple, tuple[Estimate | None, str]] = {}
 
     def __init__(self, defaults: SetupDefaults | None = None) -> None:
         super().__init__()
         self.defaults = defaults or SetupDefaults()
+        self.estimate: Estimate | None = None
+        self.estimate_for: tuple | None = None     # the inputs self.estimate was made for
+        self._auto_samples: int | None = None      # the samples default the form filled in
+        self._estimate_timer = None
 
     def compose(self) -> ComposeResult:
         d = self.defaults
         sizes = defaults_for(d.device)
+        self._auto_samples = default_samples(d.device)
         with VerticalScroll(id="setup"):
             yield Static("[b]New SPQE run[/b]  [dim]estimate each layer's Shapley value, then pick "
                          "a budget[/dim]", id="setup-title")
@@ -100,7 +130,7 @@ class SetupScreen(Screen):
                 yield Select([("quanto", "quanto"), ("hqq", "hqq")], value=d.backend,
                              allow_blank=False, id="backend", compact=True)
                 yield Label("Samples M")
-                yield Input(str(d.samples), id="samples", compact=True)
+                yield Input(str(d.samples or self._auto_samples), id="samples", compact=True)
                 yield Label("Seed")
                 yield Input(str(d.seed), id="seed", compact=True)
                 yield Label("Device")
@@ -121,6 +151,9 @@ class SetupScreen(Screen):
                 yield Label("Run folder")
                 yield Input(d.run_dir, id="run_dir", compact=True,
                             placeholder="runs/<model>-<time>; F6 opens an existing run")
+            with Horizontal(id="setup-estimate-row"):
+                yield Label("Duration", id="setup-estimate-label")
+                yield Static(id="setup-estimate")
             with Horizontal(id="setup-buttons"):
                 yield Button("Start  F5", id="start", variant="primary", compact=True)
                 yield Button("Open run  F6", id="open", compact=True)
@@ -131,17 +164,134 @@ class SetupScreen(Screen):
         for field in self.query(Input):
             field.cursor_blink = self.app.cursor_blink
         self.query_one("#model", Input).focus()
+        self._estimate_soon()
 
     @on(Select.Changed, "#device")
     def _device_changed(self, event: Select.Changed) -> None:
         try:
             sizes = defaults_for(str(event.value))
+            samples = default_samples(str(event.value))
         except UserError as exc:
             self.show_error(exc)
             return
         self.query_one("#windows", Input).value = str(sizes["windows"])
         self.query_one("#window_tokens", Input).value = str(sizes["window_tokens"])
+        if self.value("samples") == str(self._auto_samples):    # not one the user typed
+            self.query_one("#samples", Input).value = str(samples)
+        self._auto_samples = samples
+        self._estimate_soon()
 
+    @on(Input.Changed, "#model, #windows, #window_tokens")
+    def _shape_changed(self) -> None:
+        self._estimate_soon()
+
+    @on(Input.Changed, "#samples")
+    def _samples_changed(self) -> None:
+        self._show_estimate()
+
+    # ------------------------------------------------------------------ the estimate
+    def estimate_key(self) -> tuple | None:
+        """What an estimate depends on: (model, device, dtype, windows, window_tokens,
+        micro_batch); None while the sizes are not whole numbers."""
+        from core.models import pick_device
+
+        choice = str(self.query_one("#device", Select).value)
+        try:
+            windows, tokens = int(self.value("windows")), int(self.value("window_tokens"))
+            device = str(pick_device(None if choice == AUTO else choice))
+            sizes = defaults_for(choice)
+        except (ValueError, UserError):
+            return None
+        if windows < 1 or tokens < 2:
+            return None
+        return (self.value("model") or "embedded", device, sizes["dtype"], windows, tokens,
+                sizes["micro_batch"])
+
+    def _estimate_soon(self) -> None:
+        """Estimate once the fields have been left alone for a moment (typing a model name
+        should not start a probe per letter, nor should a form that F5 leaves at once)."""
+        if self._estimate_timer is not None:
+            self._estimate_timer.stop()
+        key = self.estimate_key()
+        if key is not None and key in self.measured:
+            self._estimated(key, *self.measured[key])
+            return
+        self.estimate = None
+        self.estimate_for = None
+        self._show_estimate(pending=key is not None)
+        if key is not None:
+            self._estimate_timer = self.set_timer(ESTIMATE_AFTER_S, lambda: self.app.run_worker(
+                lambda: self._measure(key), name="estimate", group="estimate", thread=True,
+                exclusive=True, exit_on_error=False))
+
+    def _measure(self, key: tuple) -> None:
+        """In a worker: the rate a run of the same model on this device measured, else a
+        probe of the model's shape (a few seconds on a CPU)."""
+        from impq_tui.estimate import from_history, from_probe, model_shape, probe
+
+        model, device, dtype, windows, tokens, micro_batch = key
+        worker = get_current_worker()
+        if not self.is_current:
+            return
+        known = getattr(self.app, "known_runs", None) or ()
+        estimate = from_history(known, model, device, dtype, windows, tokens)
+        why = ""
+        if estimate is None or not estimate.layers:
+            shape = model_shape(model)
+            if shape is None:
+                why = ("no estimate: this model's config is not on this machine (a GGUF, or a hub "
+                       "id not downloaded yet); the dashboard shows the rate once SPQE runs")
+            elif estimate is not None:
+                estimate = Estimate(estimate.sample_s, shape.layers, estimate.how)
+            else:
+                try:
+                    layer_s, head_s = probe(shape, device, dtype, windows, tokens, micro_batch)
+                except (MemoryError, RuntimeError) as exc:
+                    why = f"no estimate: the probe failed ({str(exc).splitlines()[0][:120]})"
+                else:
+                    estimate = from_probe(shape.layers, layer_s, head_s, device, windows, tokens)
+        if not worker.is_cancelled:
+            self.post_message(EstimateReady(key, estimate, why))
+
+    def on_estimate_ready(self, message: EstimateReady) -> None:
+        self.measured[message.key] = (message.estimate, message.why)
+        self._estimated(message.key, message.estimate, message.why)
+
+    def _estimated(self, key: tuple, estimate: Estimate | None, why: str) -> None:
+        if key != self.estimate_key():
+            return          # the fields changed meanwhile; their own estimate is on its way
+        self.estimate, self.estimate_for = estimate, key
+        self._show_estimate(why=why)
+
+    def _show_estimate(self, pending: bool = False, why: str = "") -> None:
+        field = self.query_one("#setup-estimate", Static)
+        estimate = self.estimate
+        if estimate is None:
+            text = why or ("estimating…" if pending else
+                           "no estimate until Windows × tokens are whole numbers")
+            field.update(f"[dim]{_escape(text)}[/dim]")
+            return
+        try:
+            samples = int(self.value("samples"))
+        except ValueError:
+            samples = 0
+        if samples < 1:
+            field.update("[dim]no estimate until Samples M is a whole number[/dim]")
+            return
+        note = ""
+        if self.estimate_for[1] == "cpu":
+            import torch
+
+            from core.settings import device_defaults
+
+            gpu = device_defaults(torch.device("cuda"))["samples"]
+            note = f"\n[dim]CPU default: {default_samples('cpu')} samples ({gpu} on a GPU)[/dim]"
+        field.update(
+            f"[b]≈ {about(estimate.run_s(samples))}[/b] for {samples} × {estimate.layers} "
+            f"evaluations ({about(estimate.sample_s)} a sample), plus loading and quantizing"
+            f"\n[dim]{_escape(estimate.how)}[/dim]{note}")
+
+    # ------------------------------------------------------------------ buttons and keys
     @on(Button.Pressed, "#start")
     def _start_pressed(self) -> None:
         self.action_start()
@@ -206,14 +356,32 @@ class SetupScreen(Screen):
             self.show_error(exc)
 
     def action_open(self) -> None:
+        """The run typed into Run folder; with none typed, the list of runs."""
         path = self.value("run_dir")
         if not path:
-            self.show_message("Type the folder of a saved run into Run folder, then press F6.")
+            self.action_runs()
             return
         try:
             self.app.open_run(path)
         except UserError as exc:
             self.show_error(exc)
+
+    def action_runs(self) -> None:
+        self.app.show_runs()
+
+
+def about(seconds: float) -> str:
+    """A duration as an estimate reads: "40 s", "21 min", "2 h 10 min", "3 d 4 h"."""
+    if seconds < 90:
+        return f"{max(seconds, 1):.0f} s"
+    minutes = round(seconds / 60)
+    if minutes < 90:
+        return f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h"
 
 
 def _escape(text: str) -> str:

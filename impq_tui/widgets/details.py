@@ -10,15 +10,17 @@ from textual.widgets import Static
 
 from core.solver import Allocation, Costs
 
-from impq_tui.analysis import STABILITY_WINDOW, Fit, top_interactions
+from impq_tui.analysis import STABILITY_WINDOW, Fit, noise_note, top_interactions
 from impq_tui.report import fmt_bytes
 from impq_tui.widgets.interactions import scale_legend
 
 
 class SettleDetail(Static):
-    """Under the estimates: samples, max se/|φ|, and how long the allocation has held."""
+    """Under the estimates: samples, max se/|φ|, how long the allocation has held, and
+    whether the estimates are still noise."""
 
     fit: reactive[Fit | None] = reactive(None, layout=True, always_update=True)   # holds arrays
+    allocation: reactive[Allocation | None] = reactive(None, layout=True)
     unchanged: reactive[int | None] = reactive(None, layout=True)
     bits: reactive[float] = reactive(3.0, layout=True)
 
@@ -33,7 +35,12 @@ class SettleDetail(Static):
             window = min(fit.samples - 1, STABILITY_WINDOW)
             parts.append(f"the allocation at {self.bits:.2f} bits is unchanged by the last "
                          f"{self.unchanged} of {window} samples")
-        return " · ".join(parts)
+        text = " · ".join(parts)
+        noise = noise_note(fit, self.allocation)
+        if noise is not None:
+            text = (f"[$warning]The estimates are still noise ({noise}): the allocation and "
+                    f"its predicted loss will move with more samples.[/]\n{text}")
+        return text
 
 
 class LayerDetail(Static):
@@ -52,6 +59,9 @@ class LayerDetail(Static):
         lines = [f"[b]{high}[/b] of {len(a.bits_per_layer)} layers at 4 bits, "
                  f"{len(a.bits_per_layer) - high} at 2 bits; φ in nats/token from {m.samples} "
                  "samples. Click a cell for its numbers."]
+        noise = noise_note(self.fit, a)
+        if noise is not None:
+            lines[0] = f"[$warning]Still noise ({noise}).[/] " + lines[0]
         i = self.picked
         if i is not None and i < len(m.phi):
             lines.append(f"layer {i}: {a.bits_per_layer[i]} bits · φ {m.phi[i]:+.5f} ± "

@@ -1,7 +1,10 @@
 """The layer-bit map: one cell per decoder layer, coloured by the bits it gets at the
-current budget, with its index and Shapley estimate."""
+current budget and saying them as text too (monochrome terminals, colour-blind users):
+in full, each cell's index, bits ("4b") and Shapley estimate; compact, one digit a
+layer, in groups of ten."""
 from __future__ import annotations
 
+from rich.style import Style
 from rich.text import Text
 from textual import events
 from textual.message import Message
@@ -12,11 +15,13 @@ from impq_tui.report import fmt_nats
 
 CELL = 8      # characters per cell
 GAP = 1
+GROUP = 10    # compact: layers per group (a space between groups)
+PENDING = "·"
 
 
 class LayerMap(Widget):
     """Cells wrap to the widget's width; a layer whose bits changed in the last re-solve
-    is marked with a dot. Clicking a cell posts LayerMap.Picked."""
+    is marked with a dot (compact: underlined). Clicking a cell posts LayerMap.Picked."""
 
     COMPONENT_CLASSES = {"layer-map--high", "layer-map--low", "layer-map--pending",
                          "layer-map--changed", "layer-map--picked"}
@@ -51,9 +56,12 @@ class LayerMap(Widget):
         return len(self.bits or self.phi or ())
 
     def _cell_width(self) -> int:
-        return 3 if self.compact else CELL
+        return 1 if self.compact else CELL
 
     def _per_row(self, width: int) -> int:
+        if self.compact:      # whole groups of ten while one fits, then what fits
+            groups = (width + 1) // (GROUP + 1)
+            return groups * GROUP if groups else max(1, width)
         return max(1, (width + GAP) // (self._cell_width() + GAP))
 
     def get_content_height(self, container, viewport, width: int) -> int:
@@ -81,15 +89,18 @@ class LayerMap(Widget):
                 style = styles.get(b, styles[None])
                 if i == self.picked:
                     style = style + picked
-                mark = "•" if i in self.changed else " "
                 if self.compact:
-                    rows[0].append(f"{i:>2}{mark}", style)
-                else:
-                    head = f"{i:>3} {b}b" if b else f"{i:>3}   "
-                    rows[0].append(f"{head:<7}", style)
-                    rows[0].append(mark, style + changed if mark != " " else style)
-                    phi = fmt_nats(self.phi[i]) if self.phi else ""
-                    rows[1].append(f"{phi:>7} ", style)
+                    if i > start and (i - start) % GROUP == 0:
+                        rows[0].append(" ")
+                    mark = changed + Style(underline=True) if i in self.changed else Style()
+                    rows[0].append(str(b) if b else PENDING, style + mark)
+                    continue
+                mark = "•" if i in self.changed else " "
+                head = f"{i:>3} {b}b" if b else f"{i:>3}   "
+                rows[0].append(f"{head:<7}", style)
+                rows[0].append(mark, style + changed if mark != " " else style)
+                phi = fmt_nats(self.phi[i]) if self.phi else ""
+                rows[1].append(f"{phi:>7} ", style)
                 for row in rows:
                     row.append(" " * GAP)
             for row in rows:
@@ -98,14 +109,22 @@ class LayerMap(Widget):
         out.rstrip()
         return out
 
-    def on_click(self, event: events.Click) -> None:
-        L = self.count
-        if not L:
-            return
+    def layer_at(self, x: int, y: int) -> int | None:
+        """The layer drawn at (x, y), if any."""
         per_row = self._per_row(self.size.width)
-        col = event.x // (self._cell_width() + GAP)
-        row = event.y // (1 if self.compact else 2)
+        if self.compact:
+            group, offset = divmod(x, GROUP + 1)
+            col = group * GROUP + offset if offset < GROUP else None
+            row = y
+        else:
+            col, row = x // (CELL + GAP), y // 2
+        if col is None or col >= per_row:
+            return None
         i = row * per_row + col
-        if col < per_row and 0 <= i < L:
+        return i if 0 <= i < self.count else None
+
+    def on_click(self, event: events.Click) -> None:
+        i = self.layer_at(event.x, event.y)
+        if i is not None:
             self.picked = i
             self.post_message(self.Picked(i))

@@ -2,6 +2,8 @@
 solver made of it."""
 from __future__ import annotations
 
+import time
+
 from rich.text import Text
 from textual import events
 from textual.app import ComposeResult
@@ -43,8 +45,9 @@ class ProgressPane(Vertical):
         yield Static(id="progress-rates")
 
     def show(self, *, state: str, detail: str, done: int, total: int,
-             progress: engine_events.Progress | None, summary: str) -> None:
-        """summary: the line shown while no evaluation has been timed yet."""
+             progress: engine_events.Progress | None, summary: str, age_s: float = 0.0) -> None:
+        """summary: the line shown while no evaluation has been timed yet; age_s: how long
+        ago the writer reported `progress` (the clocks run on between its reports)."""
         badge, color = STATE_BADGES.get(state, (state, "$accent"))
         self.query_one("#progress-title", Static).update(f"[bold {color}]{badge}[/] {escape(detail)}")
         if progress is not None and state in ("running", "paused", "stopping"):
@@ -58,14 +61,76 @@ class ProgressPane(Vertical):
         self.query_one("#progress-counts", Static).update(counts)
         self.query_one("#progress-bar", ProgressBar).update(total=bar_total, progress=min(completed, bar_total))
         self.query_one("#progress-rates", Static).update(
-            rates_line(progress, state) if progress is not None else escape(summary))
+            rates_line(progress, state, age_s) if progress is not None else escape(summary))
 
 
-def rates_line(progress: engine_events.Progress, state: str) -> str:
+class JobProgress(Horizontal):
+    """A long job's progress where it runs (compare, evaluation, export): its phase, a bar
+    of that phase's steps (core.events.Step), the time it has taken, ticking every second,
+    and how to stop it. Hidden while no job runs."""
+
+    DEFAULT_CSS = """
+    JobProgress { height: 1; display: none; }
+    JobProgress.-running { display: block; }
+    JobProgress > .job-what { width: auto; margin-right: 1; }
+    JobProgress > ProgressBar, JobProgress Bar { width: 1fr; }
+    JobProgress > .job-clock { width: auto; margin-left: 1; color: $text-muted; }
+    """
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.started: float | None = None
+        self.what = ""
+
+    def compose(self) -> ComposeResult:
+        yield Static(classes="job-what")
+        yield ProgressBar(total=1, show_eta=False)
+        yield Static(classes="job-clock")
+
+    def on_mount(self) -> None:
+        self._clock = self.set_interval(1.0, self._tick, pause=True)
+
+    @property
+    def running(self) -> bool:
+        return self.started is not None
+
+    def start(self, what: str) -> None:
+        self.started = time.monotonic()
+        self.add_class("-running")
+        self.step(engine_events.Step(0, 1, what))
+        self._tick()
+        self._clock.reset()
+        self._clock.resume()
+
+    def step(self, step: engine_events.Step) -> None:
+        self.what = step.what
+        counts = f" {step.done}/{step.total}" if step.total > 1 else ""
+        self.query_one(".job-what", Static).update(f"{escape(step.what)}{counts}")
+        self.query_one(ProgressBar).update(total=max(step.total, 1), progress=min(step.done, step.total))
+
+    def stopping(self) -> None:
+        self.query_one(".job-what", Static).update(f"[$warning]stopping[/] {escape(self.what)}")
+
+    def stop(self) -> float:
+        """Hide the bar; the seconds the job took."""
+        took = time.monotonic() - self.started if self.started is not None else 0.0
+        self.started = None
+        self._clock.pause()
+        self.remove_class("-running")
+        return took
+
+    def _tick(self) -> None:
+        if self.started is not None:
+            elapsed = fmt_duration(time.monotonic() - self.started)
+            self.query_one(".job-clock", Static).update(f"{elapsed} · esc stops")
+
+
+def rates_line(progress: engine_events.Progress, state: str, age_s: float = 0.0) -> str:
     parts = [f"{progress.evals_per_s:.2f} eval/s", f"{progress.tokens_per_s:,.0f} tok/s",
-             f"elapsed {fmt_duration(progress.elapsed_s)}"]
+             f"elapsed {fmt_duration(progress.elapsed_s + age_s)}"]
     if state == "running":
-        parts.append(f"ETA {fmt_duration(progress.eta_s)}")
+        eta = None if progress.eta_s is None else max(progress.eta_s - age_s, 0.0)
+        parts.append(f"ETA {fmt_duration(eta)}")
     parts.append(progress.device)
     if progress.gpu_mem_bytes is not None:
         parts.append(f"GPU {progress.gpu_mem_bytes / 2**30:.1f} GiB")
@@ -129,15 +194,20 @@ class BudgetPane(Vertical):
         yield Static(id="budget-solver")
         yield LayerMap(compact=True, id="budget-strip")
 
-    def show_bits(self, bits: float) -> None:
+    def show_bits(self, bits: float, budget_bytes: int | None = None) -> None:
+        size = f" = {fmt_bytes(budget_bytes)}" if budget_bytes is not None else ""
         self.query_one("#budget-value", Static).update(
-            f"[dim]budget[/] [bold $accent]{bits:.2f}[/] [dim]bits/weight[/] ")
+            f"[dim]budget[/] [bold $accent]{bits:.2f}[/] [dim]bits nominal{size}[/] ")
         self.query_one(BudgetSlider).bits = bits
 
     def show(self, *, bits: float, allocation: Allocation | None, full_bytes: int | None,
              dtype: str, solving: bool, unchanged: int | None, relative_se: float | None,
-             samples: int, note: str = "") -> None:
-        self.show_bits(bits)
+             samples: int, note: str = "", budget_bytes: int | None = None,
+             noise: str | None = None) -> None:
+        """bits: the budget, nominal (2 = every layer's 2-bit size, scales included; 4 the
+        same at 4 bits); budget_bytes: what it allows; noise: why the estimates are still
+        noise (analysis.noise_note), if they are."""
+        self.show_bits(bits, budget_bytes)
         if allocation is None:
             self.query_one("#budget-bytes", Static).update(
                 note or "the allocation appears after the first finished sample")
@@ -147,11 +217,14 @@ class BudgetPane(Vertical):
         high = sum(b == 4 for b in a.bits_per_layer)
         share = f" ({a.bytes / full_bytes:.0%})" if full_bytes else ""
         self.query_one("#budget-bytes", Static).update(
-            f"[bold]{fmt_bytes(a.bytes)}[/] ({a.avg_bits:.2f} b/w) of {fmt_bytes(full_bytes)} "
-            f"{dtype}{share} · Δloss [bold]{fmt_nats(a.predicted_delta_nll)}[/] nats/token")
+            f"[bold]{fmt_bytes(a.bytes)}[/] · Δloss [bold]{fmt_nats(a.predicted_delta_nll)}[/] "
+            f"nats/token · {a.weight_bits:.2f} bits nominal, {a.avg_bits:.2f} effective (with "
+            f"scales) · of {fmt_bytes(full_bytes)} {dtype}{share}")
         took = f" {a.seconds * 1000:.0f} ms" if getattr(self.app, "timings", True) else ""
         solver = f"SCIP {a.status}{took}" + (" · solving…" if solving else "")
         parts = [solver, f"[$success]{high}/{len(a.bits_per_layer)} at 4 bits[/]"]
+        if noise is not None:
+            parts.append(f"[$warning]estimates still noise[/]: {escape(noise)}")
         if unchanged is not None:
             parts.append(f"unchanged by last {unchanged}/{min(samples - 1, STABILITY_WINDOW)} samples")
         if relative_se is not None:

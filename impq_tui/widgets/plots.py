@@ -2,10 +2,14 @@
 data it was given and redraws from it when shown or resized."""
 from __future__ import annotations
 
-import numpy as np
+from rich.text import Text
 from textual_plotext import PlotextPlot
 
 from impq_tui.analysis import BITS_MAX, BITS_MIN, Fit, FrontierPoint
+
+# Below this size plotext has fewer than three rows or about twenty columns for data: it
+# collapses the points onto one line and, smaller still, prints its y labels upside down.
+MIN_WIDTH, MIN_HEIGHT = 24, 8
 
 PHI_COLOR = "cyan"
 BAND_COLOR = "gray"
@@ -14,10 +18,18 @@ MARK_COLOR = "orange"
 
 class _Plot(PlotextPlot):
     EMPTY = "waiting for the first samples"
+    TITLE = ""
 
     def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
         super().__init__(id=id, classes=classes)
         self.has_data = False
+
+    def render(self):
+        width, height = self.size
+        if width < MIN_WIDTH or height < MIN_HEIGHT:
+            return Text(f"{self.TITLE}\n\ntoo small to plot: {width}×{height}, it needs "
+                        f"{MIN_WIDTH}×{MIN_HEIGHT}", style="dim", overflow="fold")
+        return super().render()
 
     def _reset(self, title: str) -> None:
         plt = self.plt

@@ -1,0 +1,137 @@
+"""The form says how long a run will take before F5, and how it knows: from the seconds a
+run of the same model on the same device measured, or from a probe of the real
+evaluator on the model's shape."""
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import statistics
+import time
+
+import pytest
+from run_factory import FROZEN, copy_frozen
+
+from core.models import tiny_config
+from impq_tui import estimate
+from impq_tui.app import ImpqApp
+from impq_tui.screens.picker import RunScan
+from impq_tui.screens.setup import SetupDefaults, SetupScreen, about, default_samples
+
+
+def pilot_test(test):
+    """Run an async Pilot test on a fresh event loop (no asyncio plugin needed)."""
+    @functools.wraps(test)
+    def run(*args, **kwargs):
+        return asyncio.run(test(*args, **kwargs))
+    return run
+
+
+async def estimated(pilot, timeout: float = 120) -> SetupScreen:
+    deadline = time.monotonic() + timeout
+    while not (isinstance(pilot.app.screen, SetupScreen) and pilot.app.screen.estimate):
+        assert time.monotonic() < deadline, "the form never showed its estimate"
+        await pilot.pause(0.05)
+    return pilot.app.screen
+
+
+@pytest.fixture(autouse=True)
+def _no_cached_estimates(monkeypatch):
+    monkeypatch.setattr(SetupScreen, "measured", {})
+
+
+def test_a_sample_costs_L_evaluations_of_half_the_layers_on_average():
+    e = estimate.from_probe(30, layer_s=0.2, head_s=0.5, device="cpu", windows=8,
+                            window_tokens=128)
+    assert e.sample_s == pytest.approx(30 * (0.5 + 0.2 * 31 / 2))
+    assert e.run_s(10) == pytest.approx(10 * e.sample_s)
+    assert "probed now on cpu" in e.how and "8×128" in e.how
+
+
+def test_the_probe_times_the_real_evaluator(monkeypatch):
+    """The probe runs PrefixEvaluator on a random model of the shape; from its times from
+    the first and from the last of its layers it takes one layer's and the head's, the
+    head scaled to the full vocabulary, both to all the windows. (The times are replaced
+    by fixed ones: speed on a shared machine is no test's business.)"""
+    config = tiny_config(layers=6, hidden=128, intermediate=256, vocab=2 * estimate.PROBE_VOCAB)
+    seen = []
+
+    def timed(evaluate, from_layer, device):
+        seen.append((evaluate.__self__.L, evaluate.__self__.windows.shape, from_layer))
+        return {0: 0.5 + 4 * 0.1, estimate.PROBE_LAYERS - 1: 0.5 + 0.1}[from_layer]
+
+    monkeypatch.setattr(estimate, "_timed", timed)
+    layer_s, head_s = estimate.probe(estimate.Shape(config, 6), "cpu", "float32", windows=8,
+                                     window_tokens=64, micro_batch=4)
+    assert {s[:2] for s in seen} == {(estimate.PROBE_LAYERS, (4, 64))}   # one micro-batch
+    assert layer_s == pytest.approx(0.1 * 2)              # 8 windows are two micro-batches
+    assert head_s == pytest.approx(0.5 * 2 * 2)           # and the vocabulary is twice the probe's
+
+
+def test_model_shapes_come_from_local_files_only(tmp_path):
+    assert estimate.model_shape("embedded").layers == 30
+    assert estimate.model_shape("random:llama-3.1-8b").layers == 32
+    assert estimate.model_shape(str(tmp_path / "model.gguf")) is None
+    started = time.monotonic()
+    assert estimate.model_shape("nobody/no-such-model-here") is None    # no network asked
+    assert time.monotonic() - started < 10
+
+
+def test_history_uses_the_measured_seconds_scaled_to_the_calibration(tmp_path):
+    copy_frozen(tmp_path / "runs" / "tiny8")
+    runs = RunScan(tmp_path / "runs").scan()
+    seconds = [json.loads(line)["seconds"] for line in (FROZEN / "samples.jsonl").open()]
+    model = json.loads((FROZEN / "config.json").read_text())["model"]
+    same = estimate.from_history(runs, model, "cpu", "float32", windows=4, window_tokens=32)
+    assert same.sample_s == pytest.approx(statistics.median(seconds[1:]))   # first: warm-up
+    assert same.layers == 8 and "measured by run tiny8" in same.how
+    double = estimate.from_history(runs, model, "cpu", "float32", windows=8, window_tokens=32)
+    assert double.sample_s == pytest.approx(2 * same.sample_s) and "scaled to 8×32" in double.how
+    assert estimate.from_history(runs, model, "cuda", "bfloat16", 4, 32) is None
+    assert estimate.from_history(runs, "embedded", "cpu", "float32", 4, 32) is None
+
+
+@pilot_test
+async def test_the_form_shows_the_duration_and_how_it_knows(monkeypatch):
+    monkeypatch.setattr(estimate, "probe", lambda *args: (0.25, 0.6))
+    app = ImpqApp(setup=SetupDefaults(device="cpu"), cursor_blink=False)
+    async with app.run_test(size=(100, 30)) as pilot:
+        form = await estimated(pilot)
+        assert form.value("samples") == str(default_samples('cpu'))
+        sample_s = 30 * (0.6 + 0.25 * 31 / 2)
+        text = str(form.query_one("#setup-estimate").render())
+        assert f"≈ {about(default_samples('cpu') * sample_s)}" in text and "probed now on cpu" in text
+        assert "CPU default" in text
+        # more samples: the same rate, a longer run, no new probe
+        form.query_one("#samples").value = "40"
+        await pilot.pause()
+        assert f"≈ {about(40 * sample_s)}" in str(form.query_one("#setup-estimate").render())
+        form.query_one("#samples").value = "4O"
+        await pilot.pause()
+        assert "no estimate until Samples M" in str(form.query_one("#setup-estimate").render())
+
+
+@pilot_test
+async def test_the_form_uses_a_run_of_the_same_model_when_there_is_one(tmp_path, monkeypatch):
+    def no_probe(*args):
+        raise AssertionError("a measured rate was there: no probe needed")
+
+    monkeypatch.setattr(estimate, "probe", no_probe)
+    copy_frozen(tmp_path / "runs" / "tiny8")
+    model = json.loads((FROZEN / "config.json").read_text())["model"]
+    app = ImpqApp(runs=str(tmp_path / "runs"),
+                  setup=SetupDefaults(model=model, device="cpu", windows=4, window_tokens=32),
+                  cursor_blink=False)
+    async with app.run_test(size=(100, 30)) as pilot:
+        deadline = time.monotonic() + 60
+        while type(app.screen).__name__ != "RunPicker":
+            assert time.monotonic() < deadline
+            await pilot.pause(0.05)
+        await pilot.press("n")
+        form = await estimated(pilot)
+        assert "measured by run tiny8" in str(form.query_one("#setup-estimate").render())
+
+
+def test_about_reads_like_an_estimate():
+    assert [about(s) for s in (40, 1300, 7800, 3 * 86400 + 4 * 3600)] == [
+        "40 s", "22 min", "2 h 10 min", "3 d 4 h"]
