@@ -280,7 +280,7 @@ def handle_nonfinite(run: RunDir, callback: events.Callback, record: dict,
     blame = (f"layer{'s' if len(culprits) > 1 else ''} {_ranges(culprits)} at 2 bits alone "
              f"give{'' if len(culprits) > 1 else 's'} a non-finite loss" if culprits else
              "no single layer does it alone; it takes several at 2 bits together")
-    message = (f"sample {record['m']}: the loss became {info['value']} ({state}); {blame}. The "
+    message = (f"sample {record['m'] + 1}: the loss became {info['value']} ({state}); {blame}. The "
                "sample is kept in samples.jsonl, flagged, and left out of the estimates.")
     if record["v_low"] is None:
         raise UserError(message + " Every sample passes through the all-2-bit state, so SPQE "

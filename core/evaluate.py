@@ -156,7 +156,8 @@ def evaluate_allocation(run: RunDir, bits_per_layer: list[int], *, eval_text: st
             simulated.restore_original()
             del simulated
         phase(f"quantizing ({exporter.name})", f"quantizing the layers with {exporter.name}")
-        loaded = exporter.quantize(loaded, list(bits_per_layer), config, step)
+        loaded = exporter.quantize(loaded, list(bits_per_layer), config, step,
+                                   on_layer=lambda i, L: events.check_cancel(cancel))
         phase(f"{exporter.name} perplexity", f"perplexity with real {exporter.name} modules")
         with events.cancel_between_layers(loaded.layers, cancel):
             ppl = perplexity(loaded, tokens, micro)

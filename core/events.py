@@ -83,7 +83,7 @@ def ignore(_event: Event) -> None:
 def check_cancel(cancel: threading.Event | None) -> None:
     """Raise core.spqe.Cancelled once `cancel` is set."""
     if cancel is not None and cancel.is_set():
-        from core.spqe import Cancelled
+        from core.errors import Cancelled
 
         raise Cancelled
 

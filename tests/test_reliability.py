@@ -197,7 +197,7 @@ def test_a_transient_nonfinite_state_is_flagged_and_the_run_goes_on(tiny_model_d
     run = RunDir.create(tmp_path / "run", tiny_config(tiny_model_dir))
     seen = Events()
     assert run_spqe(run.config, run, seen) == "completed"
-    warning = next(w for w in seen.warnings() if w.startswith("sample 0:"))
+    warning = next(w for w in seen.warnings() if w.startswith("sample 1:"))
     assert f"the loss became inf (layers at 2 bits then: {first[0]})" in warning
     assert f"layer {first[0]} at 2 bits alone gives a non-finite loss" in warning
     assert len(run.samples()) == 3

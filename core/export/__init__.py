@@ -154,7 +154,8 @@ def export_model(run: RunDir, bits_per_layer: list[int], backend: str, out_dir: 
         module_bits = {name: b for names, b in zip(loaded.linear_names, bits) for name in names}
         phase(f"quantizing ({backend})", f"quantizing {len(module_bits)} linear modules "
               f"({bits.count(HIGH_BITS)} of {len(bits)} layers at {HIGH_BITS} bits)")
-        loaded = exporter.quantize(loaded, bits, config, checkpoint)
+        loaded = exporter.quantize(loaded, bits, config, checkpoint,
+                                   on_layer=lambda i, L: events.check_cancel(cancel))
         phase("writing the files", f"writing the {backend} export")
         written = exporter.write(loaded, module_bits, tmp, config, checkpoint)
         loaded.tokenizer.save_pretrained(tmp)

@@ -54,11 +54,14 @@ class Exporter(ABC):
         return load_model(config.model, device, dtype)
 
     def quantize(self, loaded: LoadedModel, bits_per_layer: list[int], config: RunConfig,
-                 checkpoint: Callable[[str], None]) -> LoadedModel:
+                 checkpoint: Callable[[str], None],
+                 on_layer: Callable[[int, int], None] | None = None) -> LoadedModel:
         """The quantized model: each decoder layer's linears become the library's real
         modules at its bits, built by core.switching.LayerSwitch as SPQE, eval and compare
-        build them (in place here; a format may return another model)."""
-        LayerSwitch(loaded, self.backend(config), real=True, levels=[[b] for b in bits_per_layer])
+        build them (in place here; a format may return another model). `on_layer(i, L)`
+        after each layer: progress, and a cancel that stops between layers."""
+        LayerSwitch(loaded, self.backend(config), real=True, levels=[[b] for b in bits_per_layer],
+                    on_layer=on_layer)
         return loaded
 
     def close(self) -> None:

@@ -78,7 +78,7 @@ class GptqExporter(Exporter):
     def eval_settings(self, config, device, **given):
         return super().eval_settings(config, device, **{**given, "dtype": self.dtype(config)})
 
-    def quantize(self, loaded, bits_per_layer, config, checkpoint) -> LoadedModel:
+    def quantize(self, loaded, bits_per_layer, config, checkpoint, on_layer=None) -> LoadedModel:
         """GPTQ of every decoder layer at its bits, through GPTQModel from the run's
         checkpoint, calibrated on the run's calibration text; then saved once (GPTQModel
         converts its zero points to the layout its kernels compute with only on load) so

@@ -250,7 +250,7 @@ def _run_with_display(config, run, cancel, quiet: bool, engine) -> str:
             elif isinstance(event, events.Log):
                 progress.console.print(log_line(event, FLAGS))
             elif isinstance(event, events.SampleDone):
-                progress.console.print(f"sample {event.index} done: v(all 4-bit)={event.v_high:.4f} "
+                progress.console.print(f"sample {event.index + 1} done: v(all 4-bit)={event.v_high:.4f} "
                                        f"v(all 2-bit)={event.v_low:.4f} nats/token")
 
         return engine(config, run, _surviving_a_closed_output(callback, run), cancel)
