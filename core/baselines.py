@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.models import LoadedModel
+from core.results import BASELINES  # noqa: F401  (the names of the scores computed here)
 from core.solver import Allocation, Costs, solve_knapsack
 from core.switching import nll_sum
 
-BASELINES = ("sensitivity", "lim", "zscore", "activation")
 Z_THRESHOLD = 3.0
 
 # (linear's qualified name, its original weight) -> Q(W), the 2-bit de-quantized weight

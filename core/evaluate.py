@@ -17,6 +17,7 @@ from core.errors import UserError
 from core.fit import FittedModel, fit_states
 from core.interactions import budget_local_model, quadratic_model
 from core.models import LoadedModel, pick_device
+from core.results import IMPQ, IMPQ_FIT, IMPQ_LOCAL, RUN_METHODS  # noqa: F401
 from core.runs import RunDir
 from core.solver import (
     FRONTIER_GRID,
@@ -29,8 +30,6 @@ from core.solver import (
 )
 from core.switching import LayerSwitch, perplexity
 
-IMPQ, IMPQ_LOCAL, IMPQ_FIT = "impq", "impq-local", "impq-fit"
-RUN_METHODS = (IMPQ, IMPQ_LOCAL, IMPQ_FIT)   # the paper's, and our two extensions
 
 
 def allocate(run: RunDir, *, bits: float | None = None, budget: int | None = None,

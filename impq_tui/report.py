@@ -57,7 +57,7 @@ def log_line(event, names: dict[str, str] | None = None) -> Text:
 def allocation_report(alloc, model, costs, source: str, method: str = "impq") -> Group:
     """`impq-tui solve`: per layer its bits, Shapley estimate (phi, se) and bytes, then the
     budget and the predicted loss. `model` is the run's QuadraticModel, `source` the run."""
-    from core.compare import LABELS
+    from core.results import LABELS
 
     kind = LABELS[method]
     table = Table(title=f"{kind} allocation, {source} ({model.samples} samples); phi and se "
@@ -119,14 +119,7 @@ def compare_rows(result) -> tuple[list[str], list[list[str]]]:
     """Headers and rows of a comparison (core.compare's CompareResult): one row per method,
     one perplexity column per budget with the effective bits beside it, then each of our
     models' ratio to the best baseline, then the uniform references."""
-    from core.compare import (
-        IMPQ,
-        IMPQ_FIT,
-        IMPQ_LOCAL,
-        LABELS,
-        UNIFORM_HIGH,
-        UNIFORM_LOW,
-    )
+    from core.results import IMPQ, IMPQ_FIT, IMPQ_LOCAL, LABELS, UNIFORM_HIGH, UNIFORM_LOW
     from core.solver import HIGH_BITS, LOW_BITS
 
     def cell(r) -> str:

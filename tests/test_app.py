@@ -525,7 +525,7 @@ async def test_compare_view_runs_and_shows_the_comparison(tiny_model_dir, tmp_pa
     """`c` on the Compare view evaluates IMPQ and the baselines at the preset budgets and
     the current one, saves them in the run, and shows the same numbers; reopening the run
     shows the saved table."""
-    from core.compare import LABELS, load_saved
+    from core.results import LABELS, load_saved
     from impq_tui.report import format_ppl
 
     run_dir = tmp_path / "run"

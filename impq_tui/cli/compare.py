@@ -13,7 +13,7 @@ from impq_tui.cli.run import on_signals
 
 
 def add_parser(sub) -> None:
-    from core.compare import DEFAULT_BITS
+    from core.results import DEFAULT_BITS
 
     p = sub.add_parser("compare", help="IMPQ vs the baselines: perplexity at equal memory")
     p.add_argument("run_dir", metavar="DIR")

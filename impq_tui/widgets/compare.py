@@ -26,7 +26,7 @@ HINT = ("Press c to evaluate IMPQ and the four isolated baselines (Sensitivity, 
 
 def compare_bits(bits: float) -> list[float]:
     """The preset budgets and the one on screen (the all-2 and all-4 ends are not compared)."""
-    from core.compare import DEFAULT_BITS
+    from core.results import DEFAULT_BITS
 
     return sorted({*DEFAULT_BITS, round(bits, 2)} - {2.0, 4.0})
 
@@ -183,7 +183,7 @@ class CompareView(VerticalScroll):
 
 def saved_status(run: RunDir, backend: str, samples: int, bits: float) -> tuple[str, str, object]:
     """The status line and table of the comparison saved in the run, or what `c` would do."""
-    from core.compare import load_saved
+    from core.results import load_saved
     from core.errors import UserError
 
     try:
