@@ -303,3 +303,12 @@ def test_end_to_end_on_the_embedded_model(tmp_path):
     assert 1 < ev["ppl_original"] < 100
     assert ev["ppl_original"] < ev["ppl"] < float("inf")
     assert ev["ppl"] == pytest.approx(ev["ppl_simulated"], rel=1e-3)
+
+
+def test_the_app_without_a_terminal_refuses_at_once(tmp_path):
+    """Under cron or CI (stdin and stdout not a terminal) the app says so and exits 2,
+    instead of writing escape codes and waiting for keys."""
+    proc = subprocess.run([sys.executable, "-m", "impq_tui"], env=ENV, cwd=tmp_path,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "needs a terminal" in proc.stderr
+    assert "\x1b[" not in proc.stdout
