@@ -76,10 +76,18 @@ def writer_of(run: RunDir, status: dict | None, started: int | None = None) -> W
     elif host is None or host == socket.gethostname():
         alive = _alive(pid)
     else:
-        alive = state == "running" and time.time() - float(status.get("time", 0)) < STALE_S
+        alive = state == "running" and time.time() - _number(status.get("time")) < STALE_S
     if not alive and started is not None:
         return Writer(started, socket.gethostname(), True)
     return Writer(pid, host, alive)
+
+
+def _number(value) -> float:
+    """A time from a file someone could have edited: 0 (long ago) unless it is a number."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return 0.0
 
 
 def _alive(pid: int) -> bool:
@@ -132,6 +140,8 @@ def read_snapshot(run: RunDir, process: subprocess.Popen | None = None) -> Snaps
             status = run.read_json(STATUS)
         except UserError:
             status = None     # rewritten under us; the next look reads it
+        if not isinstance(status, dict):
+            status = None     # not what a writer leaves: nothing to show from it
     progress = None
     if status and isinstance(status.get("progress"), dict):
         try:

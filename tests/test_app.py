@@ -569,3 +569,34 @@ async def test_compare_view_runs_and_shows_the_comparison(tiny_model_dir, tmp_pa
         assert f"{format_ppl(impq.ppl)} @{impq.avg_bits:.2f}" in text_of(
             app.screen.query_one("#compare-table"))
         await pilot.press("q")
+
+
+@pilot_test
+@pytest.mark.parametrize("damage", ["status-not-an-object", "lock-on-another-host", "samples-a-folder"])
+async def test_damaged_run_files_never_crash_the_app(tmp_path, damage):
+    """status.json that is not an object, a run.lock naming another host with a time that
+    is not a number, samples.jsonl that is a folder: the app stays up, and says what is
+    wrong where it cannot show the run."""
+    import shutil
+
+    from impq_tui.screens.modals import ErrorModal
+
+    run = tmp_path / "run"
+    shutil.copytree(ROOT / "tests/fixtures/run-tiny8", run)
+    if damage == "status-not-an-object":
+        (run / "status.json").write_text("[1, 2]")
+    elif damage == "lock-on-another-host":
+        (run / "run.lock").write_text("pid 123 on otherhost")
+        (run / "status.json").write_text('{"state": "running", "pid": 123, "time": "soon"}')
+    else:
+        (run / "samples.jsonl").unlink()
+        (run / "samples.jsonl").mkdir()
+    app = ImpqApp(run_dir=str(run), cursor_blink=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause(1.5)
+        assert app.is_running
+        if damage == "samples-a-folder":
+            assert isinstance(app.screen, ErrorModal)
+            assert "is a folder" in app.screen.message
+        else:
+            assert isinstance(app.screen, Dashboard)
