@@ -57,3 +57,18 @@ def read_control(run_dir: Path) -> dict | None:
         return None
     return data if isinstance(data, dict) else None
 
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` of this host still runs. A zombie (ended, not yet reaped: some
+    containers' init never reaps) counts as gone; another user's process as alive."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True      # no /proc here

@@ -121,18 +121,8 @@ def evaluate_allocation(run: RunDir, bits_per_layer: list[int], *, eval_text: st
                                       window_tokens=window_tokens)
     micro = max(1, config.micro_batch)
 
-    def step(message: str) -> None:
-        events.check_cancel(cancel)
-        callback(events.Log(message))
-
-    phases = 4 + exporter.simulates
-    done = 0
-
-    def phase(what: str, message: str) -> None:
-        nonlocal done
-        step(message)
-        callback(events.Step(done, phases, what))
-        done += 1
+    phase = events.Phases(callback, 4 + exporter.simulates, cancel)
+    step = phase.log
 
     try:
         phase("loading the model", f"loading {config.model} on {dev} ({settings.dtype}) for evaluation")
@@ -160,7 +150,7 @@ def evaluate_allocation(run: RunDir, bits_per_layer: list[int], *, eval_text: st
         phase(f"{exporter.name} perplexity", f"perplexity with real {exporter.name} modules")
         with events.cancel_between_layers(loaded.layers, cancel):
             ppl = perplexity(loaded, tokens, micro)
-        callback(events.Step(phases, phases, "done"))
+        phase.done()
     finally:
         exporter.close()
     return EvalResult(ppl=ppl, ppl_simulated=ppl_simulated, ppl_original=ppl_original,

@@ -88,6 +88,27 @@ def check_cancel(cancel: threading.Event | None) -> None:
         raise Cancelled
 
 
+class Phases:
+    """The phases of a long job (eval, export): `phase(what, message)` stops the job if
+    `cancel` is set, logs `message` and reports Step(done, total, what); `log(message)`
+    only checks and logs; `done()` reports the last step."""
+
+    def __init__(self, callback: Callback, total: int, cancel: threading.Event | None) -> None:
+        self.callback, self.total, self.cancel, self.count = callback, total, cancel, 0
+
+    def log(self, message: str) -> None:
+        check_cancel(self.cancel)
+        self.callback(Log(message))
+
+    def __call__(self, what: str, message: str) -> None:
+        self.log(message)
+        self.callback(Step(self.count, self.total, what))
+        self.count += 1
+
+    def done(self) -> None:
+        self.callback(Step(self.total, self.total, "done"))
+
+
 @contextlib.contextmanager
 def cancel_between_layers(layers, cancel: threading.Event | None):
     """Within the block, each of `layers` (the model's decoder layers, torch modules)

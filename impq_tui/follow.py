@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from core import events
-from core.control import CONTINUE, CONTROL, PAUSE, STOP, read_control
+from core.control import CONTINUE, CONTROL, PAUSE, STOP, pid_alive, read_control
 from core.errors import UserError
 from core.runs import CONFIG, COSTS, LOCK, LOG, SAMPLES, STATUS, RunConfig, RunDir
 from core.solver import Costs
@@ -74,7 +74,7 @@ def writer_of(run: RunDir, status: dict | None, started: int | None = None) -> W
     elif not pid or pid == os.getpid():
         alive = False
     elif host is None or host == socket.gethostname():
-        alive = _alive(pid)
+        alive = pid_alive(pid)
     else:
         alive = state == "running" and time.time() - _number(status.get("time")) < STALE_S
     if not alive and started is not None:
@@ -88,19 +88,6 @@ def _number(value) -> float:
         return float(value)
     except (TypeError, ValueError):
         return 0.0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:     # a zombie (dead, not yet reaped: some containers' init never does) is gone
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True      # no /proc here
 
 
 @dataclass(frozen=True)
@@ -200,7 +187,7 @@ class RunSource:
         while not stop.is_set():
             process = self.process
             key = (fingerprint(self.run), process and (process.pid, process.poll()),
-                   writer is not None and _alive(writer),
+                   writer is not None and pid_alive(writer),
                    time.monotonic() // STALE_S)     # a writer on another host that went quiet
             if key != seen:
                 try:

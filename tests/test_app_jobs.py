@@ -5,8 +5,6 @@ coarse budgets first, the budget remembered per run, the estimates called noise 
 they are, and the clocks between a writer's reports."""
 from __future__ import annotations
 
-import asyncio
-import functools
 import json
 import os
 import shutil
@@ -28,19 +26,12 @@ from impq_tui.screens.dashboard import UI_STATE, Dashboard
 from impq_tui.screens.modals import ErrorModal
 from impq_tui.widgets.compare import CompareView
 from impq_tui.widgets.panes import BudgetPane, JobProgress, rates_line
+from test_app import ROOT, SIZE, pilot_test
 
-ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests/fixtures/run-tiny8"
-SIZE = (100, 30)
 STOP_S = 1.0          # Esc to the job ended: the issue's promise
 PATIENCE_S = 240      # a guard against hanging forever, not a timing assertion
 
-
-def pilot_test(test):
-    @functools.wraps(test)
-    def run(*args, **kwargs):
-        return asyncio.run(test(*args, **kwargs))
-    return run
 
 
 async def until(pilot, condition, what: str) -> None:

@@ -31,6 +31,7 @@ import torch
 from core import events
 from core.data import eval_tokens
 from core.errors import InvalidField, UserError
+from core.control import pid_alive
 from core.export.base import Exporter, Written, layer_bytes
 from core.export.card import model_card
 from core.models import LoadedModel, pick_device
@@ -129,19 +130,8 @@ def export_model(run: RunDir, bits_per_layer: list[int], backend: str, out_dir: 
     settings = exporter.eval_settings(config, dev, text=eval_text, windows=eval_windows,
                                       window_tokens=eval_window_tokens)
 
-    def checkpoint(message: str) -> None:
-        if cancel is not None and cancel.is_set():
-            raise Cancelled
-        callback(events.Log(message))
-
-    phases = 4 + (evaluate or verify) + verify
-    done = 0
-
-    def phase(what: str, message: str) -> None:
-        nonlocal done
-        checkpoint(message)
-        callback(events.Step(done, phases, what))
-        done += 1
+    phase = events.Phases(callback, 4 + (evaluate or verify) + verify, cancel)
+    checkpoint = phase.log
 
     tmp = _partial_folder(out)
     try:
@@ -180,7 +170,7 @@ def export_model(run: RunDir, bits_per_layer: list[int], backend: str, out_dir: 
             _write_card(tmp, exporter, record, out)
         phase("publishing", f"moving the finished export into {out}")
         _publish(tmp, out, force)
-        callback(events.Step(phases, phases, "done"))
+        phase.done()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -291,7 +281,7 @@ def _remove_stale_partials(out: Path) -> None:
     (.OUT.old-PID), whose writing process is gone (killed)."""
     for old in out.parent.glob(f".{out.name}.old-*"):
         pid = old.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
     for partial in out.parent.glob(f".{out.name}{PARTIAL}*"):
         try:
@@ -303,16 +293,6 @@ def _remove_stale_partials(out: Path) -> None:
         except (OSError, ValueError):
             pass                          # no or unreadable pid file: writer gone before it wrote one
         shutil.rmtree(partial, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True       # another user's process: alive
-    return True
 
 
 def _shareable(folder: Path) -> None:
