@@ -69,8 +69,8 @@ async def test_lists_runs_with_their_states_and_opens_one(tmp_path, sleeper):
     (runs / "empty-folder").mkdir()                              # no run: not listed
     app = ImpqApp(runs=str(runs), cursor_blink=False)
     async with app.run_test(size=(120, 30)) as pilot:
-        await until(pilot, lambda: isinstance(app.screen, RunPicker) and app.screen.runs is not None,
-                    "the picker")
+        await until(pilot, lambda: isinstance(app.screen, RunPicker) and app.screen.runs is not None
+                    and app.screen.query_one("DataTable").row_count == 4, "the picker's rows")
         picker = app.screen
         rows = cells(picker)
         assert set(rows) == {"finished", "died", "going", "broken"}
