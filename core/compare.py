@@ -33,8 +33,17 @@ from core.evaluate import IMPQ, IMPQ_FIT, IMPQ_LOCAL, solve_fit, solve_local  # 
 from core.fit import fit_states
 from core.interactions import predicted_delta, quadratic_model
 from core.models import LoadedModel, load_model, pick_device
-from core.results import (COMPARE_DIR, DEFAULT_BITS, LABELS, METHODS, UNIFORM_HIGH,  # noqa: F401
-                          UNIFORM_LOW, CompareResult, MethodResult, load_saved)
+from core.results import (  # noqa: F401
+    COMPARE_DIR,
+    DEFAULT_BITS,
+    LABELS,
+    METHODS,
+    UNIFORM_HIGH,
+    UNIFORM_LOW,
+    CompareResult,
+    MethodResult,
+    load_saved,
+)
 from core.runs import RunDir, write_error
 from core.settings import eval_settings
 from core.solver import (
@@ -45,8 +54,8 @@ from core.solver import (
     solve_impq,
     solve_knapsack,
 )
-from core.spqe import Cancelled
 from core.switching import LayerSwitch, PrefixEvaluator
+
 
 def tokens_sha256(tokens: torch.Tensor) -> str:
     return hashlib.sha256(tokens.to("cpu", torch.int64).numpy().tobytes()).hexdigest()
@@ -83,10 +92,10 @@ def compare(run: RunDir, bits_list=DEFAULT_BITS, *, eval_text: str | None = None
     micro = max(1, config.micro_batch)
     calib = calibration_windows(loaded, config)
     tokens = eval_tokens(loaded.tokenizer, settings, config.calib_text, log)
-    _check_cancel(cancel)
+    events.check_cancel(cancel)
 
     def quantized(i: int, L: int) -> None:
-        _check_cancel(cancel)
+        events.check_cancel(cancel)
         callback(events.Step(i, L, "quantizing layers"))
 
     t = time.perf_counter()
@@ -129,7 +138,7 @@ def compare(run: RunDir, bits_list=DEFAULT_BITS, *, eval_text: str | None = None
                  "evaluations": len(measured) + 1, "rows": len(results),
                  "layer_passes": passes, "total_s": time.perf_counter() - t0},
         device=str(loaded.device), warnings=tuple(warnings))
-    _check_cancel(cancel)      # "nothing was written" must hold for a cancel this late too
+    events.check_cancel(cancel)      # "nothing was written" must hold for a cancel this late too
     return save_result(run, result) if save else result
 
 
@@ -187,11 +196,6 @@ def _check_bits(bits_list) -> list[float]:
     return bits
 
 
-def _check_cancel(cancel: threading.Event | None) -> None:
-    if cancel is not None and cancel.is_set():
-        raise Cancelled
-
-
 def _costs(run: RunDir, real: LayerSwitch, backend, config, log) -> tuple[Costs, str]:
     """The run's costs when evaluating its own backend (so every budget is the one SPQE's
     allocations were solved for); the measured bytes of the modules built here otherwise."""
@@ -224,7 +228,7 @@ def _allocations(qmodel, scores: dict, costs: Costs, bits_list, *, D, perms, alp
     a, K = qmodel.a, qmodel.K
     out: dict[tuple[str, float], Allocation] = {}
     for k, b in enumerate(bits_list):
-        _check_cancel(cancel)
+        events.check_cancel(cancel)
         callback(events.Step(k, len(bits_list), "solving allocations"))
         out[(IMPQ, b)] = solve_impq(D, costs, bits=b, model=qmodel)
         alloc = solve_local(D, perms, costs, bits=b, alpha=alpha)
@@ -253,7 +257,7 @@ def _evaluate_all(evaluator: PrefixEvaluator, real: LayerSwitch, allocations: di
     ppl_original = math.exp(evaluator.evaluate())
     measured, passes = {}, 0
     for k, bits in enumerate(distinct, 1):
-        _check_cancel(cancel)
+        events.check_cancel(cancel)
         callback(events.Step(k, len(distinct) + 1, "evaluating allocations"))
         first = real.apply(bits)
         first = 0 if first is None else first

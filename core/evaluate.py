@@ -16,7 +16,7 @@ from core.data import eval_tokens
 from core.errors import UserError
 from core.fit import FittedModel, fit_states
 from core.interactions import budget_local_model, quadratic_model
-from core.models import LoadedModel, pick_device
+from core.models import pick_device
 from core.results import IMPQ, IMPQ_FIT, IMPQ_LOCAL, RUN_METHODS  # noqa: F401
 from core.runs import RunDir
 from core.solver import (
@@ -29,7 +29,6 @@ from core.solver import (
     solve_impq,
 )
 from core.switching import LayerSwitch, perplexity
-
 
 
 def allocate(run: RunDir, *, bits: float | None = None, budget: int | None = None,
@@ -111,6 +110,7 @@ def evaluate_allocation(run: RunDir, bits_per_layer: list[int], *, eval_text: st
     """Perplexity of the run's model with `bits_per_layer`, built exactly as
     `export_model` builds it (core.export: same loader, quantizer, dtype and tokens)."""
     from core.export import get_exporter
+    from core.export.base import check_layers
 
     config = run.config
     start = time.perf_counter()
@@ -127,7 +127,7 @@ def evaluate_allocation(run: RunDir, bits_per_layer: list[int], *, eval_text: st
     try:
         phase("loading the model", f"loading {config.model} on {dev} ({settings.dtype}) for evaluation")
         loaded = exporter.load(config, dev, settings.torch_dtype)
-        check_layers(loaded, len(bits_per_layer))
+        check_layers(loaded, len(bits_per_layer), config.model)
         tokens = eval_tokens(loaded.tokenizer, settings, config.calib_text,
                              lambda message, level="info": callback(events.Log(message, level)))
         phase("unquantized perplexity", "perplexity of the unquantized model")
@@ -158,9 +158,3 @@ def evaluate_allocation(run: RunDir, bits_per_layer: list[int], *, eval_text: st
                       windows=tokens.shape[0], window_tokens=tokens.shape[1],
                       dtype=settings.dtype, backend=exporter.name,
                       bits_per_layer=tuple(bits_per_layer), seconds=time.perf_counter() - start)
-
-
-def check_layers(loaded: LoadedModel, L: int) -> None:
-    if len(loaded.layers) != L:
-        raise UserError(f"the allocation has {L} layers, the model {len(loaded.layers)}: the "
-                        "model changed since the run.")

@@ -29,6 +29,7 @@ import numpy as np
 
 from core.errors import UserError
 from core.files import read_bytes, read_text
+from core.files import why as os_why
 
 CONFIG, COSTS, SAMPLES, LOG, LOCK = "config.json", "costs.json", "samples.jsonl", "events.log", "run.lock"
 STATUS = "status.json"
@@ -94,10 +95,7 @@ def write_error(path: Path, exc: OSError, lost: str = "nothing was changed",
     """A failed write as a message that says what happened and what was kept. Writes of
     the run's own state (samples, costs, config) end with the resume hint; writes of
     derived files (allocations/, evals/, compare/) only ask to run the command again."""
-    why = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-           errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
-           errno.EPERM: "permission denied", errno.EIO: "input/output error"}.get(
-        exc.errno, exc.strerror or str(exc))
+    why = os_why(exc)
     run_dir = run_dir or path.parent
     if path.parent == run_dir:
         hint = ("Every sample finished before is safe on disk; make room or fix the "

@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 
 from core import events
+from core.control import pid_alive
 from core.data import eval_tokens
 from core.errors import InvalidField, UserError
-from core.control import pid_alive
-from core.export.base import Exporter, Written, layer_bytes
+from core.export.base import Exporter, Written, check_layers, layer_bytes
 from core.export.card import model_card
 from core.models import LoadedModel, pick_device
 from core.runs import RunDir, write_atomic
@@ -138,9 +138,7 @@ def export_model(run: RunDir, bits_per_layer: list[int], backend: str, out_dir: 
         phase("loading the model", f"loading {config.model_name or config.model} on {dev} "
               f"({settings.dtype}) for the {backend} export")
         loaded = exporter.load(config, dev, settings.torch_dtype)
-        if len(loaded.layers) != costs.L:
-            raise UserError(f"the run measured {costs.L} decoder layers, the model {config.model} "
-                            f"now has {len(loaded.layers)}: the model changed since the run.")
+        check_layers(loaded, costs.L, config.model)
         module_bits = {name: b for names, b in zip(loaded.linear_names, bits) for name in names}
         phase(f"quantizing ({backend})", f"quantizing {len(module_bits)} linear modules "
               f"({bits.count(HIGH_BITS)} of {len(bits)} layers at {HIGH_BITS} bits)")

@@ -89,6 +89,13 @@ class Exporter(ABC):
             return self.distribution
 
 
+def check_layers(loaded: LoadedModel, L: int, model: str) -> None:
+    """The model loaded now has the run's L decoder layers (eval and export alike)."""
+    if len(loaded.layers) != L:
+        raise UserError(f"the run measured {L} decoder layers, the model {model} now has "
+                        f"{len(loaded.layers)}: the model changed since the run.")
+
+
 def tensor_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from core.export.base import Exporter, Written, check_all_written, tensor_bytes
+from core.settings import dtype_name
 
 WEIGHTS = "qmodel.pt"
 
@@ -31,7 +32,7 @@ class HqqExporter(Exporter):
         check_all_written(module_bits, module_bytes, "HQQ")
         return Written(module_bytes=module_bytes, weight_files=[WEIGHTS],
                        library=self.library_version(),
-                       dtype=str(loaded.model.dtype).removeprefix("torch."),
+                       dtype=dtype_name(loaded.model.dtype),
                        details={"group_size": config.group_size,
                                 "nbits_by_module": {n: int(stored[n]["nbits"]) for n in names},
                                 "forward": "HQQBackend.PYTORCH"})

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from core.export.base import Exporter, Written, check_all_written, safetensors_bytes
+from core.settings import dtype_name
 
 WEIGHTS, QMAP, GROUPS = "model.safetensors", "quantization_map.json", "group_sizes.json"
 
@@ -47,7 +48,7 @@ class QuantoExporter(Exporter):
         module_bytes = safetensors_bytes([folder / WEIGHTS], {n: f"{n}.weight." for n in module_bits})
         check_all_written(module_bits, module_bytes, "quanto")
         return Written(module_bytes=module_bytes, weight_files=[WEIGHTS],
-                       library=self.library_version(), dtype=str(model.dtype).removeprefix("torch."),
+                       library=self.library_version(), dtype=dtype_name(model.dtype),
                        details={"group_size": config.group_size,
                                 "qtype_by_module": {n: v["weights"] for n, v in qmap.items()},
                                 "tied_word_embeddings": _tied(model.config)})
