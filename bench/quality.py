@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from core import events  # noqa: E402
+from core.backends.gguf import parse_types  # noqa: E402
 from core.compare import DEFAULT_BITS, LABELS, METHODS, CompareResult, compare, draw  # noqa: E402
 from core.engine import run_spqe  # noqa: E402
 from core.interactions import quadratic_model  # noqa: E402
@@ -52,7 +53,9 @@ BAR = {2.25: 0.8, 2.5: 0.8, 3.0: 1.0, 3.5: 1.0}
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--backends", nargs="+", default=["hqq", "quanto"], choices=("hqq", "quanto"))
+    p.add_argument("--backends", nargs="+", default=["hqq", "quanto"], choices=("hqq", "quanto", "gguf"))
+    p.add_argument("--gguf-types", default="Q2_K,Q4_K",
+                   help="the gguf backend's low and high llama.cpp types (default Q2_K,Q4_K)")
     p.add_argument("--model", default="embedded")
     p.add_argument("--samples", type=int, default=100, help="SPQE samples to start with (default 100)")
     p.add_argument("--max-samples", type=int, help="most samples while not settled (default 3 x --samples)")
@@ -84,7 +87,8 @@ def run_config(args, backend: str) -> RunConfig:
                      windows=args.windows or d["windows"],
                      window_tokens=args.window_tokens or d["window_tokens"], seed=args.seed,
                      antithetic=args.antithetic, device=str(device), dtype=d["dtype"],
-                     micro_batch=d["micro_batch"])
+                     micro_batch=d["micro_batch"],
+                     gguf_types=",".join(parse_types(args.gguf_types)) if backend == "gguf" else "")
 
 
 def open_run(path: Path, config: RunConfig) -> RunDir:

@@ -26,10 +26,11 @@ import numpy as np
 import torch
 
 from core import baselines, events
-from core.backends import get_backend
+from core.backends import backend_for
 from core.data import describe, eval_tokens, load_text, token_windows
 from core.errors import InvalidField, UserError
 from core.evaluate import IMPQ, IMPQ_FIT, IMPQ_LOCAL, solve_fit, solve_local  # noqa: F401
+from core.fingerprint import check_model, unchecked
 from core.fit import fit_states
 from core.interactions import predicted_delta, quadratic_model
 from core.models import LoadedModel, load_model, pick_device
@@ -73,7 +74,7 @@ def compare(run: RunDir, bits_list=DEFAULT_BITS, *, eval_text: str | None = None
     With save, the JSON and the plot go to the run's compare/ folder."""
     t0 = time.perf_counter()
     config = run.config
-    bits_list = _check_bits(bits_list)
+    bits_list = _check_bits(bits_list, config.levels)
     D = run.D()
     if len(D) == 0:
         raise UserError(f"run {run.path} has no finished SPQE sample yet: nothing to compare. "
@@ -99,9 +100,11 @@ def compare(run: RunDir, bits_list=DEFAULT_BITS, *, eval_text: str | None = None
         callback(events.Step(i, L, "quantizing layers"))
 
     t = time.perf_counter()
-    log(f"quantizing {sum(map(len, loaded.linear_names))} linears to 2 and 4 bits ({backend_impl.name})")
+    log(f"quantizing {sum(map(len, loaded.linear_names))} linears to "
+        f"{' and '.join(map(str, config.levels))} bits ({backend_impl.name})")
     callback(events.Step(0, len(loaded.layers), "quantizing layers"))
-    real = LayerSwitch(loaded, backend_impl, real=True, keep_original=True, on_layer=quantized)
+    real = LayerSwitch(loaded, backend_impl, real=True, keep_original=True, on_layer=quantized,
+                       levels=[config.levels] * len(loaded.layers))
     real.restore_original()
     t_quantize = time.perf_counter() - t
     t = time.perf_counter()
@@ -123,7 +126,8 @@ def compare(run: RunDir, bits_list=DEFAULT_BITS, *, eval_text: str | None = None
     t_eval = time.perf_counter() - t
 
     sha = tokens_sha256(tokens)
-    results = tuple(_row(method, b, alloc, measured[alloc.bits_per_layer], evaluator.predicted, sha)
+    results = tuple(_row(method, b, alloc, measured[alloc.bits_per_layer], evaluator.predicted, sha,
+                         config.levels[-1])
                     for (method, b), alloc in allocations.items())
     result = CompareResult(
         results=results, bits=tuple(bits_list), ppl_original=ppl_original, scores=scores,
@@ -150,13 +154,18 @@ def _load(run: RunDir, device: str | None, backend: str | None, text, windows, w
     config = run.config
     dev = pick_device(device or config.device)
     settings = eval_settings(config, dev, text=text, windows=windows, window_tokens=window_tokens)
-    backend_impl = get_backend(backend or config.backend, config.group_size)
+    backend_impl = backend_for(config, backend)
+    check_model(config)           # refused when the model's files changed since the run
+    if (note := unchecked(config)) is not None:
+        log(note, "warning")
     log(f"loading {config.model} on {dev} ({settings.dtype})")
     loaded = load_model(config.model, dev, settings.torch_dtype)
-    L, samples_L = len(loaded.layers), run.D().shape[1]
+    L, samples_L = len(loaded.layers), run.D().shape[1] // (len(config.levels) - 1)
     if samples_L != L:
         raise UserError(f"run {run.path} has samples for {samples_L} layers; {config.model} "
                         f"has {L}. The run belongs to another model.")
+    if hasattr(backend_impl, "calibrate"):   # gguf: the importance matrix SPQE quantized with
+        backend_impl.calibrate(loaded, calibration_windows(loaded, config), config.micro_batch)
     return loaded, backend_impl, settings
 
 
@@ -166,15 +175,16 @@ def _baseline_scores(loaded: LoadedModel, calib: torch.Tensor, real: LayerSwitch
     Sensitivity's Q(W) is the weight the real 2-bit module computes with: no second
     quantization of every matrix."""
     return baselines.all_scores(
-        loaded, calib, lambda name, W: backend.dequantize(real.module(name, LOW_BITS)).to(W.dtype),
+        loaded, calib, lambda name, W: backend.dequantize(real.module(name, real.levels[0])).to(W.dtype),
         micro)
 
 
-def _row(method: str, b: float, alloc: Allocation, nll: float, tokens: int, sha: str) -> MethodResult:
+def _row(method: str, b: float, alloc: Allocation, nll: float, tokens: int, sha: str,
+         top: int) -> MethodResult:
     return MethodResult(
         method=method, target_bits=b, avg_bits=alloc.avg_bits, weight_bits=alloc.weight_bits,
         bytes=alloc.bytes, budget_bytes=alloc.budget_bytes,
-        layers_high=sum(x == HIGH_BITS for x in alloc.bits_per_layer),
+        layers_high=sum(x == top for x in alloc.bits_per_layer),
         bits_per_layer=alloc.bits_per_layer, predicted_delta_nll=alloc.predicted_delta_nll,
         nll=nll, ppl=math.exp(nll), eval_tokens=tokens, eval_tokens_sha256=sha)
 
@@ -185,14 +195,15 @@ def calibration_windows(loaded: LoadedModel, config) -> torch.Tensor:
                          config.windows, config.window_tokens, config.seed)
 
 
-def _check_bits(bits_list) -> list[float]:
+def _check_bits(bits_list, levels=(LOW_BITS, HIGH_BITS)) -> list[float]:
     bits = sorted({float(b) for b in bits_list})
+    lo, hi = levels[0], levels[-1]
     if not bits:
         raise InvalidField("bits", "is empty: give at least one target, e.g. 2.25 2.5 3.0 3.5.")
     for b in bits:
-        if not LOW_BITS <= b <= HIGH_BITS:
-            raise UserError(f"a target of {b} bits is outside [2, 4]: choose average precisions "
-                            "between 2 (all 2-bit) and 4 (all 4-bit).")
+        if not lo <= b <= hi:
+            raise UserError(f"a target of {b} bits is outside [{lo}, {hi}]: choose average precisions "
+                            f"between {lo} (all {lo}-bit) and {hi} (all {hi}-bit).")
     return bits
 
 
@@ -200,12 +211,14 @@ def _costs(run: RunDir, real: LayerSwitch, backend, config, log) -> tuple[Costs,
     """The run's costs when evaluating its own backend (so every budget is the one SPQE's
     allocations were solved for); the measured bytes of the modules built here otherwise."""
     costs = run.costs()
-    measured = Costs(m_lo=real.nbytes[LOW_BITS], m_hi=real.nbytes[HIGH_BITS], params=costs.params)
+    lv = costs.levels
+    measured = Costs(m_lo=real.nbytes[lv[0]], m_hi=real.nbytes[lv[-1]], params=costs.params,
+                     levels=lv, mid=[real.nbytes[b] for b in lv[1:-1]])
     if backend.name != config.backend:
         log(f"budgets in {backend.name}'s bytes (the run measured {config.backend}'s)")
         return measured, "measured"
-    if (costs.m_lo, costs.m_hi) != (measured.m_lo, measured.m_hi):
-        log(f"the modules built now take {measured.B_hi:,} B at 4 bits, the run measured "
+    if costs.sizes != measured.sizes:
+        log(f"the modules built now take {measured.B_hi:,} B at {lv[-1]} bits, the run measured "
             f"{costs.B_hi:,} B; budgets follow the run's costs.json", "warning")
     return costs, "run"
 
@@ -239,8 +252,9 @@ def _allocations(qmodel, scores: dict, costs: Costs, bits_list, *, D, perms, alp
         for m in baselines.BASELINES:
             out[(m, b)] = baselines.allocation(scores[m], costs, b, a=a, K=K)
     zeros = np.zeros(costs.L)
-    out[(UNIFORM_LOW, float(LOW_BITS))] = solve_knapsack(zeros, costs, bits=float(LOW_BITS), a=a, K=K)
-    out[(UNIFORM_HIGH, float(HIGH_BITS))] = solve_knapsack(zeros, costs, bits=float(HIGH_BITS), a=a, K=K)
+    lo, hi = float(costs.levels[0]), float(costs.levels[-1])
+    out[(UNIFORM_LOW, lo)] = solve_knapsack(zeros, costs, bits=lo, a=a, K=K)
+    out[(UNIFORM_HIGH, hi)] = solve_knapsack(zeros, costs, bits=hi, a=a, K=K)
     return out
 
 
@@ -263,8 +277,8 @@ def _evaluate_all(evaluator: PrefixEvaluator, real: LayerSwitch, allocations: di
         first = 0 if first is None else first
         measured[bits] = evaluator.evaluate(first)
         passes += len(bits) - first
-        log(f"evaluated allocation {k}/{len(distinct)}: {sum(x == HIGH_BITS for x in bits)} "
-            f"layers at 4 bits, ppl {math.exp(measured[bits]):.3f}")
+        log(f"evaluated allocation {k}/{len(distinct)}: {sum(x == real.levels[-1] for x in bits)} "
+            f"layers at {real.levels[-1]} bits, ppl {math.exp(measured[bits]):.3f}")
     callback(events.Step(len(distinct) + 1, len(distinct) + 1, "evaluating allocations"))
     real.restore_original()   # leave the model as it was loaded
     return measured, ppl_original, passes
@@ -322,9 +336,8 @@ def draw(ax, result: CompareResult) -> None:
         ax.plot([r.avg_bits for r in rows], [r.ppl for r in rows], marker=MARKERS[m],
                 label=LABELS[m], linewidth=2.2 if ours else 1.2, zorder=3 if ours else 2,
                 linestyle={IMPQ_LOCAL: "--", IMPQ_FIT: "-."}.get(m, "-"))
-    for m, b, marker in ((UNIFORM_LOW, float(LOW_BITS), "x"), (UNIFORM_HIGH, float(HIGH_BITS), "+")):
-        r = result.row(m, b)
-        ax.scatter([r.avg_bits], [r.ppl], marker=marker, color="black", s=60, label=LABELS[m], zorder=4)
+    for (label, r), marker in zip(result.uniform(), "x+"):
+        ax.scatter([r.avg_bits], [r.ppl], marker=marker, color="black", s=60, label=label, zorder=4)
     ax.axhline(result.ppl_original, color="grey", linestyle=":", label="unquantized")
     ax.set_yscale("log")
     ax.set_xlabel("effective bits per weight (scales and zeros included)")

@@ -19,6 +19,8 @@ import signal
 import threading
 from pathlib import Path
 
+from core.errors import UserError
+from core.files import read_bytes
 from core.runs import write_atomic
 
 CONTROL = "control.json"
@@ -51,9 +53,9 @@ def install_run_controls(cancel: threading.Event, pause: threading.Event, run_di
 
 def read_control(run_dir: Path) -> dict | None:
     """control.json as its writer left it, or None (no such file, or being replaced)."""
-    try:
-        data = json.loads((Path(run_dir) / CONTROL).read_text())
-    except (OSError, ValueError):
+    try:      # core.files: a FIFO or a device in its place is refused, never read
+        data = json.loads(read_bytes(Path(run_dir) / CONTROL, "the run's control file", limit=1 << 16))
+    except (UserError, ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
 

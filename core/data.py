@@ -38,6 +38,14 @@ def describe(spec: str) -> str:
     return labels.get(spec, Path(spec).name)
 
 
+def resolve_text(spec: str) -> str:
+    """A text spec as a run records it: a local file's path made absolute (against the
+    current folder), the named corpora as they are."""
+    if spec in TEXT_CHOICES or not spec.strip():
+        return spec
+    return os.path.abspath(os.path.expanduser(spec))
+
+
 def load_text(spec: str, role: str) -> str:
     """The text for `role` ("calibration" or "evaluation") named by `spec`."""
     if role not in ROLES:

@@ -27,6 +27,7 @@ from core import events
 from core.engine import (
     _finish,
     _Meter,
+    check_fingerprint,
     costs_record,
     ensure_model_files,
     handle_nonfinite,
@@ -107,6 +108,7 @@ def run_rank(rank: int, world: int, local_rank: int, config: RunConfig | None, r
         config = replace(config, device=f"cuda:{local_rank}" if on_gpu else "cpu")
         prepared = prepare(config, callback if rank == 0 else events.ignore)
         if rank == 0:
+            check_fingerprint(run, config, prepared.windows, callback)
             save_costs(run, costs_record(prepared))
         evaluator = PrefixEvaluator(prepared.loaded, prepared.windows, config.micro_batch,
                                     compile=config.compile,
@@ -115,7 +117,7 @@ def run_rank(rank: int, world: int, local_rank: int, config: RunConfig | None, r
                        prepared.windows.numel(), config.samples - len(todo), parallel=world) \
             if rank == 0 else None
         sampler = Sampler(prepared.switch, evaluator, config.seed, config.antithetic,
-                          on_eval=meter.on_eval if meter else None)
+                          on_eval=meter.on_eval if meter else None, levels=config.levels)
         sampler.start()
         for start in range(0, len(todo), world):
             round_ = todo[start:start + world]

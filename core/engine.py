@@ -11,6 +11,7 @@ event; the caller decides how to show them.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import threading
 import time
@@ -19,19 +20,20 @@ from typing import Callable
 
 import torch
 
-from core import events
-from core.backends import get_backend
+from core import events, fingerprint
+from core.backends import backend_for
 from core.data import load_text, token_windows
 from core.errors import InvalidField, UserError
 from core.models import (
     EMBEDDED,
     LoadedModel,
     embedded_checkpoint,
+    linear_shapes,
     load_model,
     parameter_counts,
     pick_device,
 )
-from core.runs import COSTS, STATUS, RunConfig, RunDir
+from core.runs import COSTS, STATUS, RunConfig, RunDir, overwrite_in_place
 from core.settings import DTYPES
 from core.spqe import Cancelled, Sampler
 from core.switching import LayerSwitch, PrefixEvaluator
@@ -64,13 +66,15 @@ def check_gpu_memory(config: RunConfig, device: torch.device) -> None:
     micro_tokens = min(config.micro_batch, config.windows) * config.window_tokens
     cache = cfg.num_hidden_layers * tokens * cfg.hidden_size * item
     work = micro_tokens * (4 * cfg.intermediate_size + 8 * cfg.hidden_size) * item + (1 << 28) * 4
-    need = (total - linear) * item + 2 * linear * item + cache + work
+    copies = len(config.levels)       # one de-quantized copy of the decoder layers per level
+    need = (total - linear) * item + copies * linear * item + cache + work
     free, _ = torch.cuda.mem_get_info(device)
     if need > free:
         gib = 2 ** 30
         raise UserError(
             f"SPQE on this model needs about {need / gib:.1f} GiB of GPU memory ({(total - linear) * item / gib:.1f} "
-            f"embeddings and head, {2 * linear * item / gib:.1f} for the 2- and 4-bit copies of the decoder "
+            f"embeddings and head, {copies * linear * item / gib:.1f} for the "
+            f"{'- and '.join(map(str, config.levels))}-bit copies of the decoder "
             f"layers, {cache / gib:.1f} for cached hidden states of {tokens:,} calibration tokens), but "
             f"{device} has {free / gib:.1f} GiB free. Use fewer calibration tokens (`windows`, "
             "`window_tokens`), a smaller `micro_batch`, or a GPU with more memory; `gpus` "
@@ -81,21 +85,20 @@ def check_before_loading(config: RunConfig, backend) -> None:
     """From the config alone (a GGUF's header), in seconds: the architecture is one
     impq-tui can take apart, and every decoder linear suits the backend at both precisions."""
     from core.models import check_structure, linear_shapes, structure_of
-    from core.switching import HIGH, LOW
 
     meta = structure_of(config.model)
     if meta is None:
         return           # no readable config: load_model says why
     check_structure(meta)
     for name, shape in linear_shapes(meta):
-        for bits in (LOW, HIGH):
+        for bits in config.levels:
             backend.check(shape, bits, name)
 
 
 def prepare(config: RunConfig, callback: events.Callback = events.ignore,
             cancel: threading.Event | None = None) -> Prepared:
     device = pick_device(config.device)
-    backend = get_backend(config.backend, config.group_size)
+    backend = backend_for(config)
     check_before_loading(config, backend)
     if device.type == "cuda":
         check_gpu_memory(config, device)
@@ -116,15 +119,27 @@ def prepare(config: RunConfig, callback: events.Callback = events.ignore,
         if cancel is not None and cancel.is_set():
             raise Cancelled
         if i == L or i % max(1, L // 5) == 0:
-            callback(events.Log(f"quantized layer {i}/{L} to 2 and 4 bits ({backend.name})"))
+            callback(events.Log(f"quantized layer {i}/{L} to {' and '.join(map(str, config.levels))} "
+                                f"bits ({backend.name})"))
 
-    switch = LayerSwitch(loaded, backend, on_layer=on_layer)
+    if hasattr(backend, "calibrate"):   # gguf: llama.cpp's importance matrix, from these windows
+        callback(events.Log(f"importance matrix on {windows.shape[0]} x {windows.shape[1]} "
+                            "calibration tokens"))
+        backend.calibrate(loaded, windows, config.micro_batch)
+    switch = LayerSwitch(loaded, backend, levels=[config.levels] * len(loaded.layers), on_layer=on_layer)
     return Prepared(loaded=loaded, windows=windows, backend=backend, switch=switch)
 
 
 def costs_record(prepared: Prepared) -> dict:
-    return {"m_lo": prepared.switch.m_lo, "m_hi": prepared.switch.m_hi,
-            "params": prepared.switch.params, "layers": prepared.loaded.linear_names}
+    switch = prepared.switch
+    levels = list(switch.levels)
+    record = {"m_lo": switch.nbytes[levels[0]], "m_hi": switch.nbytes[levels[-1]],
+              "params": switch.params, "layers": prepared.loaded.linear_names}
+    if levels != [2, 4]:          # more levels (or others): their bytes too
+        record["levels"], record["mid"] = levels, [switch.nbytes[b] for b in levels[1:-1]]
+    if hasattr(prepared.backend, "describe"):   # gguf: the types, and llama.cpp's fallbacks
+        record["types"] = prepared.backend.describe(linear_shapes(prepared.loaded.model))
+    return record
 
 
 class _Meter:
@@ -149,7 +164,8 @@ class _Meter:
         self.layer_passes += self.L - from_layer
         elapsed = time.perf_counter() - self.t0
         rate = self.parallel * self.evals / elapsed if elapsed > 0 else 0.0
-        remaining = (self.config.samples - self.sample - 1) * self.L + (steps - step)
+        per_sample = self.L * (len(self.config.levels) - 1)     # evaluations in one walk
+        remaining = (self.config.samples - self.sample - 1) * per_sample + (steps - step)
         gpu = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else None
         self.emit(events.Progress(
             sample=self.sample + 1, samples=self.config.samples, step=step, steps=steps,
@@ -175,7 +191,10 @@ def write_status(run: RunDir, state: str, progress: events.Progress | None = Non
     try:
         run.write_json(STATUS, record)
     except (OSError, UserError):
-        pass   # a watcher's convenience must never stop the run (nor a full disk here)
+        # A watcher's convenience must never stop the run. A final state must still reach
+        # watchers on a full disk, where no new file can be made: rewrite the old one.
+        if state != "running":
+            overwrite_in_place(run.path / STATUS, json.dumps(record, sort_keys=True) + "\n")
 
 
 def run_spqe(config: RunConfig, run: RunDir, callback: events.Callback = events.ignore,
@@ -216,10 +235,12 @@ def _run(config, run, callback, cancel, pause, indices) -> str:
         callback(events.Finished("completed", len(done), str(run.path)))
         return "completed"
 
+    part = check_model_files(run, config)
     try:
         prepared = prepare(config, callback, cancel)
     except Cancelled:
         return _finish(run, callback, "cancelled", "cancelled while preparing")
+    check_fingerprint(run, config, prepared.windows, callback, part)
     save_costs(run, costs_record(prepared))
     if config.model_name != prepared.loaded.name:
         run.update_config(replace(config, model_name=prepared.loaded.name))
@@ -229,7 +250,7 @@ def _run(config, run, callback, cancel, pause, indices) -> str:
                                 compile=config.compile, on_retry=warner(run, callback))
     meter = _Meter(callback, config, run, device, prepared.switch.L, prepared.windows.numel(), len(done))
     sampler = Sampler(prepared.switch, evaluator, config.seed, config.antithetic,
-                      on_eval=meter.on_eval, cancel=cancel, pause=pause)
+                      on_eval=meter.on_eval, cancel=cancel, pause=pause, levels=config.levels)
     try:
         sampler.start()
         for m in todo:
@@ -245,6 +266,47 @@ def _run(config, run, callback, cancel, pause, indices) -> str:
     except Cancelled:
         return _finish(run, callback, "cancelled", "cancelled; the sample in flight was dropped")
     return _finish(run, callback, "completed", "completed")
+
+
+def check_model_files(run: RunDir, config: RunConfig) -> dict | None:
+    """Before loading (seconds, where a load takes minutes): the model's files and the
+    library versions are those the run recorded. Returns the model part taken now."""
+    part = fingerprint.model_part(config.model)
+    stored = run.config.fingerprint
+    if fingerprint.comparable(stored) and part is not None:
+        _refuse_changes(run, fingerprint.differences(
+            stored, {**part, "versions": fingerprint.versions(config.backend)}))
+    return part
+
+
+def check_fingerprint(run: RunDir, config: RunConfig, windows: torch.Tensor,
+                      callback: events.Callback, part: dict | None = None) -> None:
+    """After loading, before anything is written: the whole fingerprint (the calibration
+    tokens too) is the one the run recorded; a run without one records it now."""
+    now = fingerprint.take(config.model, config.backend, windows,
+                           part if part is not None else fingerprint.model_part(config.model))
+    stored = run.config.fingerprint
+    if not fingerprint.comparable(stored):
+        if run.samples():
+            made = ("before impq-tui recorded" if stored is None else
+                    "by an impq-tui that recorded in another way")
+            warner(run, callback)(
+                f"this run was made {made} what its samples were measured with: it cannot be "
+                f"checked that {config.model} and the calibration text are unchanged since. "
+                "Recorded them now; later commands check against these.")
+        run.record_fingerprint(now)
+        return
+    _refuse_changes(run, fingerprint.differences(stored, now))
+
+
+def _refuse_changes(run: RunDir, changes: list[str]) -> None:
+    if not changes:
+        return
+    raise UserError(
+        f"run {run.path} was measured with other inputs than there are now: "
+        f"{'; '.join(changes)}. New samples would be mixed with old ones of a different "
+        "model or text: nothing was written. Put back what the run was made with (or install "
+        "those versions), or start a new run.")
 
 
 def save_costs(run: RunDir, costs: dict) -> None:

@@ -14,19 +14,18 @@ from dataclasses import asdict, dataclass
 from core import events
 from core.data import eval_tokens
 from core.errors import UserError
-from core.fit import FittedModel, fit_states
-from core.interactions import budget_local_model, quadratic_model
+from core.fit import fit_states
+from core.interactions import quadratic_model
 from core.models import pick_device
 from core.results import IMPQ, IMPQ_FIT, IMPQ_LOCAL, RUN_METHODS  # noqa: F401
 from core.runs import RunDir
-from core.solver import (
+from core.solver import (  # noqa: F401  (solve_fit and solve_local are used from here too)
     FRONTIER_GRID,
     Allocation,
     frontier,
-    low_share,
-    resolve_budget,
-    solve,
+    solve_fit,
     solve_impq,
+    solve_local,
 )
 from core.switching import LayerSwitch, perplexity
 
@@ -48,22 +47,6 @@ def allocate(run: RunDir, *, bits: float | None = None, budget: int | None = Non
     if method == IMPQ_FIT:
         return solve_fit(fit_states(D, run.P()), costs, bits=bits, budget=budget)
     return solve_impq(D, costs, bits=bits, budget=budget, alpha=alpha, paired=run.config.antithetic)
-
-
-def solve_fit(fitted: FittedModel, costs, *, bits: float | None = None,
-              budget: int | None = None) -> Allocation:
-    """IMPQ-fit's allocation (our extension): the model fitted to the visited states
-    (core.fit), solved by the same SCIP program under the same budget."""
-    return solve(fitted.a, fitted.K, costs, bits=bits, budget=budget)
-
-
-def solve_local(D, perms, costs, *, bits: float | None = None, budget: int | None = None,
-                alpha: float = 0.5) -> Allocation:
-    """IMPQ-local's allocation (our extension): the model weighted toward this budget's
-    number of 2-bit layers, solved by SCIP under the same budget as IMPQ."""
-    share = low_share(costs, resolve_budget(costs, bits, budget))
-    model = budget_local_model(D, perms, share, alpha=alpha)
-    return solve(model.a, model.K, costs, bits=bits, budget=budget)
 
 
 def result_stem(bits: float | None, budget: int | None = None, method: str = "impq") -> str:

@@ -24,7 +24,8 @@ WHY = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceed
        errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
        errno.EPERM: "permission denied", errno.EIO: "input/output error",
        errno.ENAMETOOLONG: "file name too long", errno.ELOOP: "too many levels of links",
-       errno.ENOTDIR: "a component of the path is not a folder"}
+       errno.ENOTDIR: "a component of the path is not a folder",
+       errno.EEXIST: "a file of that name is in the way"}
 
 
 def why(exc: OSError) -> str:
@@ -32,10 +33,50 @@ def why(exc: OSError) -> str:
     return WHY.get(exc.errno, exc.strerror or str(exc))
 
 
+def read_tail(path: str | os.PathLike, what: str, *, limit: int = MiB) -> bytes:
+    """The last `limit` bytes of a regular file of any size (a log), or a UserError as
+    read_bytes gives: a FIFO or a device is refused, never read."""
+    fd, path = _open_regular(path, what, follow_links=True)
+    try:
+        start = max(0, os.fstat(fd).st_size - limit)
+        chunks, got = [], 0
+        while got < limit and (chunk := os.pread(fd, min(1 << 20, limit - got), start + got)):
+            chunks.append(chunk)
+            got += len(chunk)
+        return b"".join(chunks)
+    except OSError as exc:
+        raise UserError(f"cannot read {what} {path}: {why(exc)}.") from None
+    finally:
+        os.close(fd)
+
+
 def read_bytes(path: str | os.PathLike, what: str, *, limit: int = RUN_FILE_LIMIT,
                follow_links: bool = True) -> bytes:
     """The whole content of a regular file of at most `limit` bytes, or a UserError naming
     `what` the file is. With follow_links False a symbolic link is refused too."""
+    fd, path = _open_regular(path, what, follow_links)
+    try:
+        info = os.fstat(fd)
+        if info.st_size > limit:
+            raise UserError(f"{what} {path} holds {info.st_size:,} bytes, more than the "
+                            f"{limit:,} impq-tui reads from such a file: it is not the file it "
+                            "should be, or it is damaged.")
+        os.set_blocking(fd, True)
+        chunks, size = [], 0
+        while chunk := os.read(fd, 1 << 20):
+            size += len(chunk)
+            if size > limit:      # grew while being read
+                raise UserError(f"{what} {path} grew past {limit:,} bytes while being read.")
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError as exc:
+        raise UserError(f"cannot read {what} {path}: {why(exc)}.") from None
+    finally:
+        os.close(fd)
+
+
+def _open_regular(path: str | os.PathLike, what: str, follow_links: bool) -> tuple[int, Path]:
+    """A descriptor of `path`, opened without blocking (a FIFO), that is a regular file."""
     path = Path(path)
     flags = os.O_RDONLY | os.O_NONBLOCK | (0 if follow_links else os.O_NOFOLLOW)
     try:
@@ -56,22 +97,13 @@ def read_bytes(path: str | os.PathLike, what: str, *, limit: int = RUN_FILE_LIMI
         if not stat.S_ISREG(info.st_mode):
             raise UserError(f"{what} {path} is not a regular file (a pipe or a device?); "
                             "impq-tui reads only regular files.")
-        if info.st_size > limit:
-            raise UserError(f"{what} {path} holds {info.st_size:,} bytes, more than the "
-                            f"{limit:,} impq-tui reads from such a file: it is not the file it "
-                            "should be, or it is damaged.")
-        os.set_blocking(fd, True)
-        chunks, size = [], 0
-        while chunk := os.read(fd, 1 << 20):
-            size += len(chunk)
-            if size > limit:      # grew while being read
-                raise UserError(f"{what} {path} grew past {limit:,} bytes while being read.")
-            chunks.append(chunk)
-        return b"".join(chunks)
     except OSError as exc:
-        raise UserError(f"cannot read {what} {path}: {why(exc)}.") from None
-    finally:
         os.close(fd)
+        raise UserError(f"cannot read {what} {path}: {why(exc)}.") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, path
 
 
 def read_text(path: str | os.PathLike, what: str, *, limit: int = RUN_FILE_LIMIT) -> str:

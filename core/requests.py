@@ -24,6 +24,7 @@ from core.errors import InvalidField, UserError
 BITS_MIN, BITS_MAX = 2.0, 4.0   # every layer at 2 bits ... every layer at 4
 MAX_SAMPLES = 1_000_000         # each sample is L+1 evaluations: far beyond any real run
 MAX_SEED = 2**63 - 1            # numpy and torch generators take 0 ... 2**63-1 everywhere
+MAX_MICRO_BATCH = 1_000_000     # windows per forward pass; above the run's windows it means all
 MAX_BUDGET_BYTES = 10**18       # an exabyte: beyond any model's weights (and a sane file name)
 WINDOW_TOKENS_WHY = ": a window needs one token to predict from and one to predict"
 
@@ -83,6 +84,8 @@ class RunRequest:
     model: str | None = None
     calib_text: str | None = None
     backend: str | None = None
+    gguf_types: str | None = None    # gguf backend: "LOW,HIGH" (default Q2_K,Q4_K)
+    levels: tuple[int, ...] | None = None   # precisions to step through (default 2 and 4)
     group_size: int | None = None
     samples: int | None = None
     windows: int | None = None
@@ -108,11 +111,17 @@ class RunRequest:
                                           "each sample costs one evaluation per layer; a few "
                                           "hundred are plenty.")
         _at_least("group_size", self.group_size, 1)
+        _gguf_types(self.backend, self.gguf_types, self.levels)
+        _levels(self.backend, self.levels)
         _at_least("windows", self.windows, 1)
         _at_least("window_tokens", self.window_tokens, 2, WINDOW_TOKENS_WHY)
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise InvalidField("seed", f"must lie between 0 and 2**63-1 (got {_shown(self.seed)}).")
         _at_least("micro_batch", self.micro_batch, 1)
+        if self.micro_batch is not None and self.micro_batch > MAX_MICRO_BATCH:
+            raise InvalidField("micro_batch", f"{_shown(self.micro_batch)} is more than "
+                                              f"{MAX_MICRO_BATCH:,} windows per forward pass; any "
+                                              "number above the run's windows passes them all at once.")
         self._check_gpus()
         _text("calib_text", self.calib_text, "calibration")
 
@@ -133,8 +142,47 @@ class RunRequest:
         from core.runs import RunConfig
 
         names = {f.name for f in fields(RunConfig)} - {"device"}   # a device is resolved first
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if f.name in names and getattr(self, f.name) is not None}
+        values = {f.name: getattr(self, f.name) for f in fields(self)
+                  if f.name in names and getattr(self, f.name) is not None}
+        if self.backend == "gguf":      # the pair, spelled one way (its default when not given)
+            from core.backends.gguf import parse_types
+
+            values["gguf_types"] = ",".join(parse_types(self.gguf_types, self.levels))
+        return values
+
+
+def _levels(backend: str | None, levels) -> None:
+    """At least two distinct precisions the backend quantizes to (checked again against
+    the run's backend when a run is resumed or its backend is the default)."""
+    if levels is None:
+        return
+    from core.backends import BITS_OF
+
+    levels = list(levels)
+    if len(set(levels)) < 2:
+        raise InvalidField("levels", f"need at least two different precisions (got {_shown(levels)}), "
+                                     "e.g. 2 3 4.")
+    if backend in BITS_OF and not set(levels) <= set(BITS_OF[backend]):
+        raise InvalidField("levels", f"{_shown(levels)} are not all precisions {backend} quantizes to; "
+                                     f"choose among {' '.join(map(str, BITS_OF[backend]))}.")
+
+
+def _gguf_types(backend: str | None, types: str | None, levels) -> None:
+    if types is not None:
+        if backend != "gguf":
+            raise InvalidField("gguf_types", "are the gguf backend's llama.cpp types, one per "
+                                             "level: give them with the gguf `backend`.")
+        from core.backends.gguf import parse_types
+
+        parse_types(types, levels)
+    if backend == "gguf":
+        import importlib.util
+
+        if importlib.util.find_spec("llama_cpp") is None:
+            from core.backends.gguf import INSTALL_HINT
+
+            raise InvalidField("backend", f"gguf quantizes with llama.cpp, through "
+                                          f"llama-cpp-python, which is not installed. {INSTALL_HINT}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -85,6 +85,12 @@ class CompareResult:
         present = {r.method for r in self.results}
         return tuple(m for m in METHODS if m in present)
 
+    def uniform(self) -> list[tuple[str, MethodResult]]:
+        """The references with every layer at the lowest and at the highest level, labelled
+        by their precision ("all 2-bit", "all 4-bit" with the paper's levels)."""
+        return [(f"all {r.target_bits:g}-bit", r) for m in (UNIFORM_LOW, UNIFORM_HIGH)
+                for r in self.results if r.method == m]
+
     def best_baseline(self, bits: float) -> MethodResult:
         return min((self.row(m, bits) for m in BASELINES), key=lambda r: r.ppl)
 

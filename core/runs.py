@@ -19,10 +19,11 @@ import hashlib
 import json
 import os
 import socket
+import stat
 import tempfile
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,13 +53,25 @@ class RunConfig:
     micro_batch: int = 8
     compile: bool = False            # torch.compile the decoder layers (GPU speed; same values)
     model_name: str = ""             # resolved short name (filled in once loaded)
+    gguf_types: str = ""             # gguf backend: "LOW,HIGH" llama.cpp types ("" elsewhere)
+    levels: tuple[int, ...] = (2, 4)  # the precisions SPQE steps through, ascending (README, "Levels")
+    # What the numbers depend on beyond these fields (core.fingerprint): the model's
+    # files, the calibration tokens, library versions. None in runs made before it was kept.
+    fingerprint: dict | None = field(default=None, compare=False, hash=False)
 
     # Fields that decide the sample vectors: a run continues only with these unchanged.
     IDENTITY = ("model", "calib_text", "backend", "group_size", "windows", "window_tokens",
                 "seed", "antithetic", "dtype")
 
+    def __post_init__(self):
+        object.__setattr__(self, "levels", tuple(sorted({int(b) for b in self.levels})))
+
     def identity_hash(self) -> str:
         identity = {k: getattr(self, k) for k in self.IDENTITY}
+        if self.gguf_types:     # only gguf runs set it: every other run keeps its hash
+            identity["gguf_types"] = self.gguf_types
+        if tuple(self.levels) != (2, 4):   # likewise: two-level runs keep their hash
+            identity["levels"] = list(self.levels)
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_json(self) -> dict:
@@ -69,6 +82,19 @@ class RunConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
+    def resolved(self, previous: "RunConfig | None" = None) -> "RunConfig":
+        """The model and calibration text as paths that mean the same files from any
+        folder (absolute); a value equal to `previous`'s is kept as it was recorded."""
+        from core.data import resolve_text
+        from core.models import resolve_model
+
+        changes = {}
+        if previous is None or self.model != previous.model:
+            changes["model"] = resolve_model(self.model)
+        if previous is None or self.calib_text != previous.calib_text:
+            changes["calib_text"] = resolve_text(self.calib_text)
+        return replace(self, **changes)
+
 
 def default_run_dir(model_name: str) -> Path:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -76,18 +102,52 @@ def default_run_dir(model_name: str) -> Path:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write a whole file or nothing: temp file, fsync, rename."""
+    """Write a whole file or nothing: temp file, fsync, rename. The file gets the
+    permissions a plain write would give (mkstemp's are private: a colleague following
+    the run from a shared folder could not read config.json)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process's umask, read (setting it to read it would race the app's threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
+def overwrite_in_place(path: Path, text: str) -> bool:
+    """Rewrite an existing small file inside the blocks it already has: what still works
+    on a full disk, where write_atomic needs a new file. Not atomic (a crash can leave it
+    torn), so only for files readers treat as hints (status.json). False if it failed."""
+    data = text.encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
+        os.fsync(fd)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def write_error(path: Path, exc: OSError, lost: str = "nothing was changed",
@@ -97,13 +157,24 @@ def write_error(path: Path, exc: OSError, lost: str = "nothing was changed",
     derived files (allocations/, evals/, compare/) only ask to run the command again."""
     why = os_why(exc)
     run_dir = run_dir or path.parent
-    if path.parent == run_dir:
+    if path.parent == run_dir and not _has_samples(run_dir):
+        # A new run that fails before its first sample is removed: no folder to resume.
+        hint = ("No sample had finished yet; make room or fix the permissions, then run the "
+                "same command again.")
+    elif path.parent == run_dir:
         hint = ("Every sample finished before is safe on disk; make room or fix the "
                 f"permissions, then resume the run (`resume`) from {run_dir}.")
     else:
         hint = (f"The run in {run_dir} is unchanged; make room or fix the permissions, then "
                 "run the command again.")
     return UserError(f"cannot write {path}: {why} ({lost}). {hint}")
+
+
+def _has_samples(run_dir: Path) -> bool:
+    try:
+        return os.lstat(run_dir / SAMPLES).st_size > 0
+    except OSError:
+        return False
 
 
 def _intact(raw: bytes) -> bool:
@@ -129,6 +200,7 @@ class RunDir:
     @classmethod
     def create(cls, path: str | os.PathLike, config: RunConfig) -> "RunDir":
         run = cls(path)
+        config = config.resolved()      # a missing model path is refused before any folder exists
         if run.path.is_dir():
             run._clear_interrupted_create()
         if run.path.exists() and (not run.path.is_dir() or any(run.path.iterdir())):
@@ -169,7 +241,14 @@ class RunDir:
     @property
     def config(self) -> RunConfig:
         data = self.read_json(CONFIG)
+        if not isinstance(data, dict):
+            raise UserError(f"{self.path / CONFIG} holds no settings (a JSON "
+                            f"{type(data).__name__}, not an object); the run directory is "
+                            "damaged. Restore it, or start a new run.")
         config = RunConfig.from_json(data)
+        if config.fingerprint is not None and not isinstance(config.fingerprint, dict):
+            raise UserError(f"{self.path / CONFIG}: its fingerprint was edited or is damaged. "
+                            "Restore it, or start a new run.")
         if data.get("config_hash") != config.identity_hash():
             raise UserError(f"{self.path / CONFIG} was edited or is damaged: its config_hash does "
                             "not match its contents. Restore it, or start a new run.")
@@ -177,6 +256,9 @@ class RunDir:
 
     def update_config(self, config: RunConfig) -> None:
         old = self.config
+        config = config.resolved(old)
+        if config.fingerprint is None:
+            config = replace(config, fingerprint=old.fingerprint)
         if old.identity_hash() != config.identity_hash():
             diff = [k for k in RunConfig.IDENTITY if getattr(old, k) != getattr(config, k)]
             raise UserError(f"run {self.path} was made with a different configuration "
@@ -184,12 +266,18 @@ class RunDir:
                             "its samples cannot be continued with another one. Start a new run.")
         self.write_json(CONFIG, config.to_json())
 
+    def record_fingerprint(self, fingerprint: dict) -> None:
+        self.write_json(CONFIG, replace(self.config, fingerprint=fingerprint).to_json())
+
     # ------------------------------------------------------------ one writer
     def lock(self) -> None:
         """Hold run.lock for the life of this process; the kernel drops it if we die."""
         if self._lock_fd is not None:
             return
-        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:      # a read-only file system or folder, a full disk
+            raise self._lock_error(exc) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -197,15 +285,30 @@ class RunDir:
             os.close(fd)
             raise UserError(f"run {self.path} is being written by {holder}. Wait for it to finish "
                             f"or stop it; open the run in the app to watch it meanwhile.") from None
-        previous = os.pread(fd, 200, 0).decode(errors="replace").strip()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        try:
+            previous = os.pread(fd, 200, 0).decode(errors="replace").strip()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        except OSError as exc:
+            os.close(fd)            # releases the flock
+            raise self._lock_error(exc) from None
         self._lock_fd = fd
         if previous:
             # The kernel drops a flock when its holder dies, so a name left in the file is
             # a writer that crashed or was killed: its finished samples are all kept.
             self.log(f"took over run.lock from {previous}, which is no longer running")
-        self._drop_torn_tail()
+        try:
+            self._drop_torn_tail()
+        except BaseException:
+            self.unlock()
+            raise
+
+    def _lock_error(self, exc: OSError) -> UserError:
+        return UserError(f"cannot take {self.path / LOCK}, which marks the run's one writer: "
+                         f"{os_why(exc)} (nothing was changed). A run goes on only where it can "
+                         "be written: make room or fix the permissions, or copy the run folder to "
+                         "a writable place and continue it there (`resume`). Commands that only "
+                         "read it (solve, eval, export, compare) work as it is.")
 
     def _drop_torn_tail(self) -> None:
         """Cut a line a crash left unfinished, so the next append starts on a fresh line; a
@@ -218,15 +321,18 @@ class RunDir:
         if data and not data.endswith(b"\n"):
             keep = data.rfind(b"\n") + 1
             whole = _intact(data[keep:])
-            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
             try:
-                if whole:
-                    os.pwrite(fd, b"\n", len(data))
-                else:
-                    os.ftruncate(fd, keep)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+                fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+                try:
+                    if whole:
+                        os.pwrite(fd, b"\n", len(data))
+                    else:
+                        os.ftruncate(fd, keep)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                raise write_error(path, exc) from None
             self.log("closed the last sample record with its missing newline" if whole else
                      f"dropped {len(data) - keep} bytes of a sample record a crash left unfinished")
 
@@ -267,10 +373,18 @@ class RunDir:
         """Append to events.log: a human's record, so a full disk never fails a run here."""
         stamp = datetime.datetime.now().isoformat(timespec="seconds")
         try:
-            with open(self.path / LOG, "a") as f:
-                f.write(f"{stamp} {message}\n")
+            # Never blocks (a FIFO put there) nor writes through a link to another file.
+            fd = os.open(self.path / LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                         | os.O_NONBLOCK, 0o644)
+        except OSError:
+            return
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                os.write(fd, f"{stamp} {message}\n".encode())
         except OSError:
             pass
+        finally:
+            os.close(fd)
 
     # ------------------------------------------------------------ samples
     def append_sample(self, record: dict) -> None:
@@ -291,7 +405,7 @@ class RunDir:
         except OSError as exc:
             # Whatever part of the line reached the disk has no newline: reading drops it
             # and the next lock() cuts it off.
-            raise write_error(path, exc, f"sample {record.get('m')} was not saved") from None
+            raise write_error(path, exc, f"sample {record.get('m', -1) + 1} was not saved") from None
 
     def samples(self) -> list[dict]:
         """Finished samples, ordered by index, each index once. A torn last line (a crash
@@ -333,15 +447,21 @@ class RunDir:
         return [r for r in records if r["m"] not in bad]
 
     def D(self) -> np.ndarray:
-        """The [M, L] matrix of per-sample marginal vectors (non-finite samples left out)."""
+        """The [M, L x S] matrix of per-sample marginal vectors, one column per drop (per
+        layer with two levels); non-finite samples left out."""
         rows = [r["d"] for r in self.finite_samples()]
         if not rows:
-            return np.empty((0, len(self.read_json(COSTS)["m_lo"]) if self.has(COSTS) else 0))
+            steps = len(self.config.levels) - 1
+            return np.empty((0, steps * len(self.read_json(COSTS)["m_lo"]) if self.has(COSTS) else 0))
         return np.asarray(rows, dtype=np.float64)
 
     def P(self) -> np.ndarray:
-        """The [M, L] permutations behind the rows of D(), in the same order."""
-        rows = [r["perm"] for r in self.finite_samples()]
+        """The [M, L x S] walk orders behind the rows of D(), as drop indices (i*S + k; the
+        permutations of layers with two levels), in the same order."""
+        from core.interactions import drop_order
+
+        steps = len(self.config.levels) - 1
+        rows = [drop_order(r["perm"], steps) for r in self.finite_samples()]
         return np.asarray(rows, dtype=np.int64) if rows else np.empty((0, self.D().shape[1]), np.int64)
 
     def write_costs(self, costs: dict) -> None:
@@ -362,4 +482,5 @@ class RunDir:
         from core.solver import Costs
 
         data = self.read_costs()
-        return Costs(m_lo=tuple(data["m_lo"]), m_hi=tuple(data["m_hi"]), params=tuple(data["params"]))
+        return Costs(m_lo=tuple(data["m_lo"]), m_hi=tuple(data["m_hi"]), params=tuple(data["params"]),
+                     levels=tuple(data.get("levels", (2, 4))), mid=tuple(data.get("mid", ())))

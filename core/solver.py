@@ -5,6 +5,11 @@ IMPQ minimizes Delta(q) = a.q + q.K.q subject to B_lo + sum_i c_i (1 - q_i) <= B
 MILP in which each product q_i q_j is replaced by a continuous y_ij. The baselines solve
 a knapsack under the same constraint. Both go to SCIP.
 
+With more than two levels (our extension, METHOD.md's "Levels" in the README) the
+variables are drops: q[i, k] = 1 when layer i has taken its (k+1)-th step down from the
+highest level, with q[i, k+1] <= q[i, k], each drop saving its real bytes; the same
+program over L x (levels - 1) variables. With two levels it is the paper's program.
+
 Byte counts reach 1e10 while SCIP's feasibility tolerance is relative (1e-6), so SCIP
 may call a solution a few kilobytes over the budget feasible. Every solution is checked
 in exact integer arithmetic; one that is over is cut off and the model re-solved.
@@ -22,7 +27,7 @@ import numpy as np
 import pyscipopt as scip
 
 from core.errors import UserError
-from core.interactions import predicted_delta, quadratic_model
+from core.interactions import budget_local_model, predicted_delta, quadratic_model
 
 LOW_BITS, HIGH_BITS = 2, 4
 _MAX_CUTS = 50  # over-budget solutions cut off before giving up; in practice 0 or 1
@@ -30,23 +35,49 @@ _MAX_CUTS = 50  # over-budget solutions cut off before giving up; in practice 0 
 
 @dataclass(frozen=True)
 class Costs:
-    m_lo: tuple[int, ...]    # bytes of layer i at low precision, metadata included
-    m_hi: tuple[int, ...]    # bytes of layer i at high precision, metadata included
+    m_lo: tuple[int, ...]    # bytes of layer i at the lowest level, metadata included
+    m_hi: tuple[int, ...]    # bytes of layer i at the highest level, metadata included
     params: tuple[int, ...]  # quantized weights in layer i
+    levels: tuple[int, ...] = (LOW_BITS, HIGH_BITS)   # the precisions, ascending
+    mid: tuple[tuple[int, ...], ...] = ()              # bytes at each level between, ascending
 
     def __post_init__(self):
-        for name in ("m_lo", "m_hi", "params"):
+        for name in ("m_lo", "m_hi", "params", "levels"):
             object.__setattr__(self, name, tuple(int(x) for x in getattr(self, name)))
+        object.__setattr__(self, "mid", tuple(tuple(int(x) for x in m) for m in self.mid))
         if not len(self.m_lo) == len(self.m_hi) == len(self.params) > 0:
             raise ValueError("m_lo, m_hi and params need one entry per layer, at least one layer")
-        if any(hi < lo for lo, hi in zip(self.m_lo, self.m_hi)):
-            raise ValueError("a layer takes fewer bytes at high precision than at low: m_hi < m_lo")
+        if len(self.levels) < 2 or list(self.levels) != sorted(set(self.levels)):
+            raise ValueError(f"levels must be at least two distinct precisions, ascending: {self.levels}")
+        if len(self.mid) != len(self.levels) - 2 or any(len(m) != self.L for m in self.mid):
+            raise ValueError("mid needs one entry per layer for each level between the lowest and highest")
+        for lower, upper in zip(self.sizes, self.sizes[1:]):
+            if any(hi < lo for lo, hi in zip(lower, upper)):
+                raise ValueError("a layer takes fewer bytes at a higher level than at a lower one")
         if sum(self.params) <= 0:
             raise ValueError("params must count the quantized weights; they sum to zero")
 
     @property
+    def sizes(self) -> tuple[tuple[int, ...], ...]:
+        """Bytes per layer at every level, lowest first."""
+        return (self.m_lo, *self.mid, self.m_hi)
+
+    @property
+    def steps(self) -> int:
+        """S = levels - 1: a layer's drops from the highest level to the lowest."""
+        return len(self.levels) - 1
+
+    @property
+    def n_drops(self) -> int:
+        """L x S drop variables; drop i*S + k lowers layer i by its (k+1)-th step from the top.
+        With two levels drop i is layer i: q_i = 1 keeps it at low precision, as the paper."""
+        return self.L * self.steps
+
+    @property
     def c(self) -> np.ndarray:
-        return np.array(self.m_hi, dtype=np.int64) - np.array(self.m_lo, dtype=np.int64)
+        """[L x S] bytes each drop saves."""
+        S, sizes = self.steps, np.array(self.sizes, dtype=np.int64)   # [levels, L]
+        return np.stack([sizes[S - k] - sizes[S - k - 1] for k in range(S)], axis=1).reshape(-1)
 
     @property
     def B_lo(self) -> int:
@@ -61,17 +92,41 @@ class Costs:
         return len(self.m_lo)
 
     def bytes_used(self, q) -> int:
-        """B_lo + sum_i c_i (1 - q_i), in exact integer arithmetic."""
-        return self.B_lo + sum(hi - lo for lo, hi, qi in zip(self.m_lo, self.m_hi, q) if not qi)
+        """B_hi - sum_j c_j q_j over the drops taken (B_lo + sum_i c_i (1 - q_i) with two
+        levels), in exact integer arithmetic."""
+        return self.B_hi - sum(int(c) for c, qj in zip(self.c, q) if qj)
+
+    def bits_of(self, q) -> tuple[int, ...]:
+        """Each layer's precision from the drop indicators q [L x S]."""
+        S = self.steps
+        return tuple(self.levels[S - int(sum(q[i * S:(i + 1) * S]))] for i in range(self.L))
+
+    def drops_of(self, bits_per_layer) -> list[int]:
+        """The drop indicators q [L x S] of one precision per layer."""
+        S, index = self.steps, {b: k for k, b in enumerate(self.levels)}
+        if len(bits_per_layer) != self.L or not set(bits_per_layer) <= set(index):
+            raise ValueError(f"need one of {self.levels} bits for each of {self.L} layers")
+        return [int(k < S - index[b]) for b in bits_per_layer for k in range(S)]
+
+    def bytes_of(self, bits_per_layer) -> int:
+        return self.bytes_used(self.drops_of(bits_per_layer))
+
+    def to_json(self) -> dict:
+        out = {"m_lo": list(self.m_lo), "m_hi": list(self.m_hi), "params": list(self.params)}
+        if self.levels != (LOW_BITS, HIGH_BITS):
+            out["levels"], out["mid"] = list(self.levels), [list(m) for m in self.mid]
+        return out
 
 
 def budget_bytes(costs: Costs, bits: float) -> int:
-    """floor(B(b)), B(b) = B_lo + (b - 2) / 2 (B_hi - B_lo), with b read as the decimal written."""
-    if not LOW_BITS <= bits <= HIGH_BITS:  # also rejects nan
-        raise UserError(f"Target of {bits} bits per weight is outside [2, 4]: "
-                        "choose an average precision between 2 (all 2-bit) and 4 (all 4-bit).")
+    """floor(B(b)), B(b) = B_lo + (b - lo) / (hi - lo) (B_hi - B_lo) for levels lo..hi
+    (2 and 4: the paper's), with b read as the decimal written."""
+    lo, hi = costs.levels[0], costs.levels[-1]
+    if not lo <= bits <= hi:  # also rejects nan
+        raise UserError(f"Target of {bits} bits per weight is outside [{lo}, {hi}]: choose an average "
+                        f"precision between {lo} (all {lo}-bit) and {hi} (all {hi}-bit).")
     # Fraction(str(...)) makes 2.05 mean 41/20, not the binary float just below it.
-    share = (Fraction(str(bits)) - LOW_BITS) / (HIGH_BITS - LOW_BITS)
+    share = (Fraction(str(bits)) - lo) / (hi - lo)
     return costs.B_lo + math.floor(share * (costs.B_hi - costs.B_lo))
 
 
@@ -84,8 +139,8 @@ def low_share(costs: Costs, B: int) -> float:
 
 @dataclass(frozen=True)
 class Allocation:
-    q: tuple[int, ...]               # 1 = layer at low precision (2-bit), 0 = high (4-bit)
-    bits_per_layer: tuple[int, ...]  # 2 or 4 per layer
+    q: tuple[int, ...]               # drops taken (Costs.n_drops); two levels: 1 = layer at low precision
+    bits_per_layer: tuple[int, ...]  # one of the levels per layer
     target_bits: float | None        # the b asked for; None when a byte budget was given
     budget_bytes: int
     bytes: int                       # B_lo + sum c_i (1 - q_i), the bytes actually used
@@ -112,12 +167,12 @@ def solve(a, K, costs: Costs, *, bits: float | None = None, budget: int | None =
     with fewer rows in F than layers, the program is written in that compact convex form
     (a few continuous variables instead of one per pair), which SCIP solves far faster
     while a run has few samples; both forms have the same optimum."""
-    a, K = _check_model(a, K, costs.L)
+    a, K = _check_model(a, K, costs.n_drops)
     B = resolve_budget(costs, bits, budget)
     start = time.perf_counter()
     if B >= costs.B_hi:
-        return _allocation([0] * costs.L, costs, bits, B, (a, K), "all-high", time.perf_counter() - start)
-    if factor is not None and 0 < len(factor[1]) < costs.L:
+        return _allocation([0] * costs.n_drops, costs, bits, B, (a, K), "all-high", time.perf_counter() - start)
+    if factor is not None and 0 < len(factor[1]) < costs.n_drops:
         model, q = _factored_program(a, factor, costs, B)
     else:
         model, q = _linearized_program(a, K, costs, B)
@@ -128,8 +183,8 @@ def solve(a, K, costs: Costs, *, bits: float | None = None, budget: int | None =
 def _linearized_program(a, K, costs: Costs, B: int):
     """Each product q_i q_j (i < j) as a continuous y_ij (METHOD.md)."""
     model, q = _model_with_budget(costs, B, objective=a + np.diag(K))
-    for i in range(costs.L):
-        for j in range(i + 1, costs.L):
+    for i in range(costs.n_drops):
+        for j in range(i + 1, costs.n_drops):
             w = K[i, j] + K[j, i]  # q.K.q counts the pair twice
             if w == 0:
                 continue
@@ -167,19 +222,46 @@ def solve_impq(D, costs, *, bits: float | None = None, budget: int | None = None
     return solve(model.a, model.K, costs, bits=bits, budget=budget, factor=model.factor)
 
 
+def solve_fit(fitted, costs, *, bits: float | None = None, budget: int | None = None) -> Allocation:
+    """IMPQ-fit's allocation (our extension): the model fitted to the visited states
+    (core.fit.FittedModel), solved by the same SCIP program under the same budget."""
+    return solve(fitted.a, fitted.K, costs, bits=bits, budget=budget)
+
+
+def local_model(D, perms, costs: Costs, *, bits: float | None = None, budget: int | None = None,
+                alpha: float = 0.5):
+    """IMPQ-local's quadratic model (our extension) at a budget: weighted toward the
+    budget's number of low-precision layers (drops, with more levels)."""
+    share = low_share(costs, resolve_budget(costs, bits, budget))
+    return budget_local_model(D, perms, share, alpha=alpha)
+
+
+def solve_local(D, perms, costs: Costs, *, bits: float | None = None, budget: int | None = None,
+                alpha: float = 0.5) -> Allocation:
+    """IMPQ-local's allocation, solved by SCIP under the same budget as IMPQ."""
+    model = local_model(D, perms, costs, bits=bits, budget=budget, alpha=alpha)
+    return solve(model.a, model.K, costs, bits=bits, budget=budget)
+
+
 def solve_knapsack(scores, costs: Costs, *, bits: float | None = None, budget: int | None = None,
                    a=None, K=None, time_limit: float | None = None) -> Allocation:
-    """A baseline: raise the layers of highest score s_i to 4-bit, max sum s_i (1 - q_i)."""
+    """A baseline: raise the layers of highest score s_i to 4-bit, max sum s_i (1 - q_i).
+
+    With more levels it is a multiple-choice knapsack (one level per layer): layer i at
+    level b keeps s_i g(b) of its score, g(b) = (1 - 4^-(b - lo)) / (1 - 4^-(hi - lo)), the
+    share of the lowest level's squared rounding error that b bits remove (a uniform
+    quantizer's error falls 4x per bit); so 3 of 2/3/4 bits keeps 80% of a score. With
+    two levels g is 0 and 1: the knapsack above."""
     s = np.asarray(scores, dtype=np.float64)
     if s.shape != (costs.L,):
         raise ValueError(f"scores has shape {s.shape}, expected ({costs.L},)")
-    aK = None if a is None or K is None else _check_model(a, K, costs.L)
+    aK = None if a is None or K is None else _check_model(a, K, costs.n_drops)
     B = resolve_budget(costs, bits, budget)
     start = time.perf_counter()
     if B >= costs.B_hi:
-        return _allocation([0] * costs.L, costs, bits, B, aK, "all-high", time.perf_counter() - start)
+        return _allocation([0] * costs.n_drops, costs, bits, B, aK, "all-high", time.perf_counter() - start)
     # max sum s_i (1 - q_i) = sum s_i - min sum s_i q_i
-    model, q = _model_with_budget(costs, B, objective=s)
+    model, q = _model_with_budget(costs, B, objective=np.repeat(s, costs.steps) * _step_values(costs))
     q_val, status = _optimize(model, q, costs, B, time_limit)
     return _allocation(q_val, costs, bits, B, aK, status, time.perf_counter() - start)
 
@@ -223,11 +305,29 @@ def resolve_budget(costs: Costs, bits: float | None, budget: int | None) -> int:
     return B
 
 
+def level_value(costs: Costs, bits: float) -> float:
+    """g(b) of solve_knapsack: 0 at the lowest level, 1 at the highest."""
+    lo, hi = costs.levels[0], costs.levels[-1]
+    return (1 - 4.0 ** -(bits - lo)) / (1 - 4.0 ** -(hi - lo))
+
+
+def _step_values(costs: Costs) -> np.ndarray:
+    """[L x S] the share of a baseline score each drop gives up (1 with two levels)."""
+    lv, S = costs.levels, costs.steps
+    per_step = [level_value(costs, lv[S - k]) - level_value(costs, lv[S - k - 1]) for k in range(S)]
+    return np.tile(per_step, costs.L)
+
+
 def _model_with_budget(costs: Costs, B: int, objective) -> tuple[scip.Model, list]:
-    """A minimization over binary q with objective coefficients `objective` and the budget."""
+    """A minimization over binary drops q with objective coefficients `objective`, the budget,
+    and with more than two levels each layer's steps in order: q[i, k+1] <= q[i, k]."""
     model = scip.Model()
     model.hideOutput()
     q = [model.addVar(vtype="B", obj=float(o)) for o in objective]
+    S = costs.steps
+    for i in range(costs.L):
+        for k in range(S - 1):
+            model.addCons(q[i * S + k + 1] <= q[i * S + k])
     # B_lo + sum c_i (1 - q_i) <= B  <=>  sum c_i q_i >= B_hi - B. Divided through by max c:
     # with raw byte counts (1e8 next to objective coefficients of 1e-2) SCIP's presolve has
     # declared solutions "optimal" that were 1e-3 worse than a feasible one.
@@ -245,7 +345,7 @@ def _optimize(model: scip.Model, q: list, costs: Costs, B: int,
             model.setParam("limits/time", max(deadline - time.perf_counter(), 0.0))
         model.optimizeNogil()   # releases the GIL: the app stays responsive while SCIP works
         if model.getNSols() == 0:  # only when stopped early: all-low always fits
-            return [1] * costs.L, model.getStatus()
+            return [1] * costs.n_drops, model.getStatus()
         q_val = [round(model.getVal(x)) for x in q]
         if costs.bytes_used(q_val) <= B:
             return q_val, model.getStatus()
@@ -257,7 +357,7 @@ def _optimize(model: scip.Model, q: list, costs: Costs, B: int,
 
 def _allocation(q, costs: Costs, bits, B: int, aK, status: str, seconds: float) -> Allocation:
     q = tuple(int(v) for v in q)
-    bits_per_layer = tuple(LOW_BITS if v else HIGH_BITS for v in q)
+    bits_per_layer = costs.bits_of(q)
     used, n_params = costs.bytes_used(q), sum(costs.params)
     return Allocation(
         q=q, bits_per_layer=bits_per_layer, target_bits=None if bits is None else float(bits),

@@ -45,7 +45,9 @@ class LayerSwitch:
         self.params = [sum(lin.weight.numel() for lin in layer) for layer in originals]
         # modules[i][bits] = layer i's linears at bits (None: the unquantized ones)
         self.modules: list[dict[int | None, list[nn.Module]]] = []
-        self.nbytes: dict[int, list[int]] = {LOW: [0] * self.L, HIGH: [0] * self.L}
+        # nbytes[bits][i]: bytes of layer i's modules at bits (0 where not built)
+        self.levels = tuple(sorted({b for layer in levels for b in layer}))   # every precision built
+        self.nbytes: dict[int, list[int]] = {b: [0] * self.L for b in self.levels}
         self.bits: list[int | None] = [None] * self.L
         with torch.inference_mode() if real else torch.no_grad():
             for i, layer in enumerate(originals):
@@ -60,17 +62,17 @@ class LayerSwitch:
                     built[None] = layer
                 originals[i] = None     # else freed once replaced below: never two full copies
                 self.modules.append(built)
-                self.set(i, HIGH if HIGH in built else levels[i][0])
+                self.set(i, max(levels[i]))   # every layer starts at its highest precision
                 if on_layer:
                     on_layer(i + 1, self.L)
 
     @property
     def m_lo(self) -> list[int]:
-        return self.nbytes[LOW]
+        return self.nbytes[self.levels[0]]
 
     @property
     def m_hi(self) -> list[int]:
-        return self.nbytes[HIGH]
+        return self.nbytes[self.levels[-1]]
 
     def set(self, i: int, bits: int | None) -> None:
         for name, module in zip(self.names[i], self.modules[i][bits]):

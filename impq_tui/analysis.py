@@ -2,14 +2,23 @@
 worker threads call these and the tests can check them against the engine directly.
 
     fit(D, paired)                       the quadratic model and how its estimates settled
-    Allocations(costs).get(D, bits)      the IMPQ allocation at a budget (SCIP), as `impq-tui solve`
+    Allocations(costs).get(D, bits)      the allocation at a budget (SCIP), as `impq-tui solve`,
+                                         by IMPQ or one of our extensions (method=)
     unchanged_for(D, allocations, bits)  how many of the last samples left that allocation alone
     frontier_points(D, allocations)      predicted loss increase over the whole 2..4 bits range
+    FitProcess(D, P).result()            IMPQ-fit's model (core.fit), fitted in a child process
+
+The allocation model is one of core.results.RUN_METHODS: IMPQ (the paper's, the default),
+IMPQ-local and IMPQ-fit (our extensions, labelled so wherever they are shown).
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import math
+import os
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -17,15 +26,40 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from core.fit import FittedModel
 from core.interactions import QuadraticModel, quadratic_model
 from core.requests import BITS_MAX, BITS_MIN
-from core.solver import FRONTIER_GRID, Allocation, Costs, solve_impq
+from core.results import IMPQ, IMPQ_FIT, IMPQ_LOCAL, LABELS, RUN_METHODS
+from core.solver import (
+    FRONTIER_GRID,
+    Allocation,
+    Costs,
+    local_model,
+    solve_fit,
+    solve_impq,
+    solve_local,
+)
 from impq_tui.report import fmt_bytes  # noqa: F401  (screens/dashboard.py reads analysis.fmt_bytes)
 
 STABILITY_WINDOW = 10          # samples looked back over for "allocation unchanged"
 COARSE_STEPS = (0.5, 0.25, 0.1, 0.05)   # the frontier's budgets, drawn coarse to fine
 NOISY_SE = 1.0                 # max se/|φ| above this: the estimates are still noise
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+MODELS = RUN_METHODS           # the allocation models the dashboard offers, in key order
+EXTENSION = "our extension"    # how IMPQ-local and IMPQ-fit are labelled wherever shown
+
+
+def model_label(method: str, short: bool = False) -> str:
+    """How an allocation model is named on screen: "IMPQ (paper)" or "IMPQ-fit (our
+    extension)", as the README's tables name them; short: the name alone (core.results.LABELS)."""
+    if short:
+        return LABELS[method]
+    return f"{LABELS[method]} ({'paper' if method == IMPQ else EXTENSION})"
+
+
+def next_model(method: str) -> str:
+    """The model after `method` in MODELS, round again after the last."""
+    return MODELS[(MODELS.index(method) + 1) % len(MODELS)] if method in MODELS else IMPQ
 
 
 @dataclass(frozen=True)
@@ -59,48 +93,85 @@ def fit(D: np.ndarray, paired: bool = False, alpha: float = 0.5) -> Fit:
     return Fit(model=model, settle_m=ms, settle=settle, paired=paired)
 
 
+def _digest(*arrays: np.ndarray | None) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    for a in arrays:
+        if a is not None:
+            h.update(repr(a.shape).encode())
+            h.update(np.ascontiguousarray(a).tobytes())
+    return h.digest()
+
+
 class Allocations:
-    """IMPQ allocations of a run by (samples, budget), each solved by SCIP once.
+    """Allocations of a run by (model, samples, budget), each solved by SCIP once.
 
     Every new sample needs the allocation at the current budget, and "unchanged for the
     last k samples" and the frontier ask again for ones solved before; the cache makes
-    those free. Keys hash the samples themselves, so rows arriving out of order (several
-    writers) can never return a stale answer. Worker threads share it."""
+    those free. Keys hash the samples themselves (and their permutations, which
+    IMPQ-local and IMPQ-fit use), so rows arriving out of order (several writers) can
+    never return a stale answer. Worker threads share it.
+
+    method: IMPQ (the paper's model of D), IMPQ-local (the model of D and its walks
+    `perms` weighted toward the budget) or IMPQ-fit (`fitted`, the model core.fit fitted to
+    the states of D's walks), solved as core.evaluate.allocate solves each."""
 
     def __init__(self, costs: Costs, paired: bool = False, alpha: float = 0.5) -> None:
         self.costs, self.paired, self.alpha = costs, paired, alpha
         self._cache: dict[tuple, Allocation] = {}
         self._lock = threading.Lock()
 
-    def get(self, D: np.ndarray, bits: float, model: QuadraticModel | None = None) -> Allocation:
-        key = (hashlib.blake2b(np.ascontiguousarray(D).tobytes(), digest_size=16).digest(),
-               D.shape, round(bits, 2))
+    def get(self, D: np.ndarray, bits: float, model: QuadraticModel | None = None, *,
+            method: str = IMPQ, perms: np.ndarray | None = None,
+            fitted: FittedModel | None = None) -> Allocation:
+        if method not in MODELS:
+            raise ValueError(f"unknown allocation model {method!r}")
+        if method != IMPQ and perms is None:
+            raise ValueError(f"{LABELS[method]} needs the samples' permutations")
+        if method == IMPQ_FIT and fitted is None:
+            raise ValueError("IMPQ-fit needs the fitted model (FitProcess)")
+        key = (method, _digest(D, None if method == IMPQ else perms), round(bits, 2))
         with self._lock:
             hit = self._cache.get(key)
         if hit is not None:
             return hit
-        allocation = solve_impq(D, self.costs, bits=bits, alpha=self.alpha, paired=self.paired,
-                                model=model)
+        if method == IMPQ:
+            allocation = solve_impq(D, self.costs, bits=bits, alpha=self.alpha,
+                                    paired=self.paired, model=model)
+        elif method == IMPQ_LOCAL:
+            allocation = solve_local(D, perms, self.costs, bits=bits, alpha=self.alpha)
+        else:
+            allocation = solve_fit(fitted, self.costs, bits=bits)
         with self._lock:
             self._cache[key] = allocation
         return allocation
 
+    def local_model(self, D: np.ndarray, perms: np.ndarray, bits: float) -> QuadraticModel:
+        """IMPQ-local's model at `bits` (core.solver.solve_local's)."""
+        return local_model(D, perms, self.costs, bits=bits, alpha=self.alpha)
+
 
 def unchanged_for(D: np.ndarray, allocations: Allocations, bits: float, *,
-                  window: int = STABILITY_WINDOW,
+                  window: int = STABILITY_WINDOW, method: str = IMPQ,
+                  perms: np.ndarray | None = None,
                   cancelled: Callable[[], bool] = lambda: False) -> int | None:
     """How many of the last samples (up to `window`) left the allocation at `bits` as it is
     now: k means the allocations from M-k, ..., M samples are all the same. None when
-    cancelled or fewer than two samples exist."""
+    cancelled or fewer than two samples exist, and for IMPQ-fit, which would have to be
+    fitted again for every count of samples."""
     M = len(D)
-    if M < 2:
+    if M < 2 or method == IMPQ_FIT:
         return None
-    current = allocations.get(D, bits).q
+
+    def q(m: int):
+        P = perms[:m] if perms is not None else None
+        return allocations.get(D[:m], bits, method=method, perms=P).q
+
+    current = q(M)
     k = 0
     for m in range(M - 1, max(M - 1 - window, 0), -1):
         if cancelled():
             return None
-        if allocations.get(D[:m], bits).q != current:
+        if q(m) != current:
             break
         k += 1
     return k
@@ -124,14 +195,18 @@ def frontier_order(grid=FRONTIER_GRID) -> list[float]:
 
 
 def frontier_progress(D: np.ndarray, allocations: Allocations, grid=FRONTIER_GRID, *,
+                      method: str = IMPQ, perms: np.ndarray | None = None,
+                      fitted: FittedModel | None = None,
                       cancelled: Callable[[], bool] = lambda: False, every_s: float = 0.25
                       ) -> Iterator[tuple[list[FrontierPoint], bool]]:
-    """The IMPQ frontier of D solved budget by budget, coarse ones first (frontier_order):
-    yields (the points solved so far in order of bits, complete) once the half bits are
-    solved, then at most every `every_s`, and last with every point (complete True).
-    Each budget is solved as core.solver.frontier solves it, through the cache of
-    `allocations`; stops without a last yield once `cancelled()` says so."""
-    model = quadratic_model(D, alpha=allocations.alpha, paired=allocations.paired)
+    """The frontier of D by `method` (Allocations.get) solved budget by budget, coarse ones
+    first (frontier_order): yields (the points solved so far in order of bits, complete)
+    once the half bits are solved, then at most every `every_s`, and last with every point
+    (complete True). Each budget is solved as core.solver.frontier solves it (IMPQ-local:
+    with the model of that budget), through the cache of `allocations`; stops without a
+    last yield once `cancelled()` says so."""
+    model = (quadratic_model(D, alpha=allocations.alpha, paired=allocations.paired)
+             if method == IMPQ else None)
     order = frontier_order(grid)
     first = sum(1 for b in order if math.isclose(b / COARSE_STEPS[0], round(b / COARSE_STEPS[0])))
     points: dict[float, FrontierPoint] = {}
@@ -139,7 +214,7 @@ def frontier_progress(D: np.ndarray, allocations: Allocations, grid=FRONTIER_GRI
     for k, b in enumerate(order, 1):
         if cancelled():
             return
-        alloc = allocations.get(D, b, model)
+        alloc = allocations.get(D, b, model, method=method, perms=perms, fitted=fitted)
         points[b] = FrontierPoint(bits=float(b), avg_bits=alloc.avg_bits,
                                   predicted=alloc.predicted_delta_nll,
                                   high_layers=sum(x == 4 for x in alloc.bits_per_layer))
@@ -149,12 +224,123 @@ def frontier_progress(D: np.ndarray, allocations: Allocations, grid=FRONTIER_GRI
 
 
 def frontier_points(D: np.ndarray, allocations: Allocations, grid=FRONTIER_GRID,
-                    cancelled: Callable[[], bool] = lambda: False) -> list[FrontierPoint] | None:
-    """The whole IMPQ frontier, as points to plot (None when cancelled)."""
-    for points, complete in frontier_progress(D, allocations, grid, cancelled=cancelled):
+                    cancelled: Callable[[], bool] = lambda: False, **model) -> list[FrontierPoint] | None:
+    """The whole frontier, as points to plot (None when cancelled); model: method=,
+    perms=, fitted= as frontier_progress takes them."""
+    for points, complete in frontier_progress(D, allocations, grid, cancelled=cancelled, **model):
         if complete:
             return points
     return None
+
+
+# ------------------------------------------------------------------ IMPQ-fit off the app
+
+# The child: D and P in (an .npz on stdin), the FittedModel out (an .npz on stdout), or
+# core.fit's refusal (a UserError: too few samples) on stderr with exit status 3.
+FIT_CHILD = """
+import io, os, sys
+import numpy as np
+try:
+    os.nice(10)
+except OSError:
+    pass
+from core.errors import UserError
+from core.fit import fit_states
+data = np.load(io.BytesIO(sys.stdin.buffer.read()))
+try:
+    f = fit_states(data["D"], data["P"])
+except UserError as e:
+    sys.stderr.write(str(e))
+    sys.exit(3)
+out = io.BytesIO()
+np.savez(out, u=f.u, W=f.W, lam=f.lam, cv_rmse=f.cv_rmse, samples=f.samples, states=f.states)
+sys.stdout.buffer.write(out.getvalue())
+"""
+REFUSED = 3
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """IMPQ-fit's model of the samples D (their walks P), or why core.fit gave none."""
+    D: np.ndarray
+    P: np.ndarray
+    model: FittedModel | None
+    error: str | None          # core.fit's refusal, as it words it
+    seconds: float
+
+    @property
+    def samples(self) -> int:
+        return len(self.D)
+
+
+class FitProcess:
+    """core.fit.fit_states of (D, P) in a child process of its own, at a lower priority.
+    The fit is numpy work of a second for 30 layers and minutes for 80 on 2 cores: in a
+    thread it could not be stopped once stale, and its Python parts would take the app's
+    GIL. A child is killed at once (`kill`, or `cancelled()` while `result` waits)."""
+
+    def __init__(self, D: np.ndarray, P: np.ndarray) -> None:
+        self.D = np.asarray(D, dtype=np.float64)
+        self.P = np.asarray(P, dtype=np.int64)
+        self._process: subprocess.Popen | None = None
+        self._killed = False
+        self._lock = threading.Lock()
+
+    def result(self, cancelled: Callable[[], bool] = lambda: False,
+               poll_s: float = 0.1) -> FitResult | None:
+        """Fit, waiting for the child (call it off the event loop); None when cancelled."""
+        import core
+
+        start = time.perf_counter()
+        data = io.BytesIO()
+        np.savez(data, D=self.D, P=self.P)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(core.__file__)))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+        with self._lock:
+            if self._killed:
+                return None
+            self._process = subprocess.Popen(
+                [sys.executable, "-c", FIT_CHILD], stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        payload: bytes | None = data.getvalue()
+        while True:
+            try:
+                out, err = self._process.communicate(payload, timeout=poll_s)
+                break
+            except subprocess.TimeoutExpired:
+                payload = None       # sent once; communicate keeps what it has read
+                if cancelled():
+                    self.kill()
+                    return None
+            except (BrokenPipeError, ValueError):   # killed while the input went in
+                self._process.wait()
+                return None
+        if self._killed or cancelled():
+            return None
+        code = self._process.returncode
+        seconds = time.perf_counter() - start
+        if code == REFUSED:
+            return FitResult(self.D, self.P, None, err.decode(errors="replace").strip(), seconds)
+        if code != 0:
+            said = err.decode(errors="replace").strip().splitlines()
+            raise RuntimeError(f"the IMPQ-fit process ended with exit status {code}"
+                               + (f": {said[-1]}" if said else ""))
+        f = np.load(io.BytesIO(out))
+        model = FittedModel(u=f["u"], W=f["W"], lam=float(f["lam"]), cv_rmse=float(f["cv_rmse"]),
+                            samples=int(f["samples"]), states=int(f["states"]))
+        return FitResult(self.D, self.P, model, None, seconds)
+
+    def kill(self) -> None:
+        """Stop the child now (from any thread); `result` then answers None."""
+        with self._lock:
+            self._killed = True
+            process = self._process
+        if process is not None and process.poll() is None:
+            try:
+                process.kill()
+            except OSError:
+                pass
 
 
 def noise_note(fit: Fit, allocation: Allocation | None = None) -> str | None:

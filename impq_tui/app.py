@@ -40,6 +40,7 @@ from impq_tui.screens.setup import SetupDefaults, SetupScreen
 WORKER_TITLES = {
     "solve": "The solver failed",
     "frontier": "The frontier could not be computed",
+    "impq-fit": "IMPQ-fit's model could not be fitted",
     "follow": "The run folder could not be read",
     "export": "Export or evaluation failed",
     "runs": "The runs folder could not be read",
@@ -221,6 +222,9 @@ class ImpqApp(App[int]):
             yield SystemCommand("Set the budget…", "Type an average of bits per weight",
                                 screen.action_ask_budget)
             yield SystemCommand("Export…", "Evaluate and export this allocation", screen.action_export)
+            yield SystemCommand("Next allocation model",
+                                "IMPQ (paper), IMPQ-local, IMPQ-fit (our extensions) (m)",
+                                screen.action_next_model)
             for key, view in enumerate(VIEWS, 1):
                 yield SystemCommand(f"Show {view}", f"key {key}", lambda v=view: screen.action_view(v))
 

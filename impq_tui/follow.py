@@ -9,8 +9,10 @@ and `stop` reach the writing process (core.control holds the process's side).
 """
 from __future__ import annotations
 
+import errno
 import os
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -24,6 +26,7 @@ import numpy as np
 from core import events
 from core.control import CONTINUE, CONTROL, PAUSE, STOP, pid_alive, read_control
 from core.errors import UserError
+from core.files import read_bytes, read_tail
 from core.runs import CONFIG, COSTS, LOCK, LOG, SAMPLES, STATUS, RunConfig, RunDir
 from core.solver import Costs
 
@@ -63,10 +66,10 @@ def writer_of(run: RunDir, status: dict | None, started: int | None = None) -> W
     """Who holds run.lock, and whether that process still runs. Reads the holder's note
     rather than taking the lock, so a watcher can never make a writer fail to start.
     started: the pid of a run this app started that may not hold the lock yet."""
-    try:
-        note = (run.path / LOCK).read_text().split()
+    try:      # core.files: a FIFO or device in its place is refused, never read
+        note = read_bytes(run.path / LOCK, "the run's lock", limit=4096).decode(errors="replace").split()
         pid, host = int(note[1]), note[3]
-    except (OSError, ValueError, IndexError):
+    except (UserError, ValueError, IndexError):
         pid, host = (status or {}).get("pid"), None
     state = (status or {}).get("state")
     if state in FINAL and status and status.get("pid") == pid:
@@ -95,6 +98,7 @@ class Snapshot:
     """What the run directory holds at one moment."""
     config: RunConfig
     D: np.ndarray                 # finite samples only, as every estimate uses them
+    P: np.ndarray                 # the permutations behind D's rows (IMPQ-local, IMPQ-fit)
     costs: Costs | None
     status: dict | None
     writer: Writer
@@ -141,12 +145,13 @@ def read_snapshot(run: RunDir, process: subprocess.Popen | None = None) -> Snaps
     controllable = writer.here and control.get("pid") == writer.pid
     records = run.finite_samples()
     try:
-        log = tuple((run.path / LOG).read_text(errors="replace").splitlines())
-    except OSError:
+        log = tuple(read_tail(run.path / LOG, "the run's log").decode(errors="replace").splitlines())
+    except UserError:
         log = ()
     return Snapshot(
         config=run.config,
         D=np.asarray([r["d"] for r in records], dtype=np.float64) if records else np.empty((0, 0)),
+        P=np.asarray([r["perm"] for r in records], dtype=np.int64) if records else np.empty((0, 0), np.int64),
         costs=run.costs() if run.has(COSTS) else None, status=status, writer=writer,
         progress=progress, controllable=controllable,
         paused=controllable and bool(control.get("paused")), log=log,
@@ -161,8 +166,9 @@ def _error(run: RunDir, status: dict | None, process: subprocess.Popen | None) -
     if status and status.get("state") == "failed" and status.get("pid") == process.pid:
         return status.get("message") or "SPQE failed"
     try:
-        lines = (run.path / PROCESS_LOG).read_text(errors="replace").strip().splitlines()
-    except OSError:
+        lines = read_tail(run.path / PROCESS_LOG, "the run's process log",
+                          limit=64 << 10).decode(errors="replace").strip().splitlines()
+    except UserError:
         lines = []
     said = [line.removeprefix("impq-tui: error: ") for line in lines[-5:] if line.strip()]
     return "\n".join(said) or f"the run's process ended with exit status {process.returncode}"
@@ -214,16 +220,26 @@ class RunSource:
         Its output goes to the run's process.log."""
         import impq_tui
 
-        command = [sys.executable, "-m", "impq_tui", "run", "--resume", str(self.run.path)]
+        # --resume=DIR: a folder named like an option (-r) stays the folder
+        command = [sys.executable, "-m", "impq_tui", "run", f"--resume={self.run.path.absolute()}"]
         if samples is not None:
             command += ["--samples", str(samples)]
         source_root = str(Path(impq_tui.__file__).resolve().parent.parent)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             p for p in (source_root, os.environ.get("PYTHONPATH")) if p)}
-        with open(self.run.path / PROCESS_LOG, "ab") as log:
+        # Opened without blocking and without following a link: a FIFO or a link put in
+        # the folder under that name must not freeze the app nor send output elsewhere.
+        log = os.open(self.run.path / PROCESS_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                      | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        try:
+            if not stat.S_ISREG(os.fstat(log).st_mode):
+                raise OSError(errno.EINVAL, f"{PROCESS_LOG} in the run folder is not a regular file")
+            os.set_blocking(log, True)
             self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
                                             stderr=subprocess.STDOUT, env=env,
                                             start_new_session=True)
+        finally:
+            os.close(log)
         # reap it when it ends, so that its pid does not linger as a live-looking zombie
         threading.Thread(target=self.process.wait, daemon=True, name="run-reaper").start()
 

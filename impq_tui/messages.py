@@ -36,20 +36,33 @@ class RunPolled(Message):
 
 class Fitted(Message):
     """The quadratic model of the samples `of` (the screen's D it was made from) and the
-    allocation at `bits`."""
+    allocation at `bits` by the allocation model `method` (None: IMPQ-fit has no fitted
+    model of these samples yet, or refused to fit them)."""
 
-    def __init__(self, fit: Fit, bits: float, allocation: Allocation, colors: list | None,
-                 of=None) -> None:
+    def __init__(self, fit: Fit, bits: float, allocation: Allocation | None,
+                 colors: list | None, of=None, method: str = "impq") -> None:
         super().__init__()
         self.fit, self.bits, self.allocation = fit, bits, allocation
         self.colors = colors      # K as RGB cells for the interaction view
         self.of = of
+        self.method = method
 
 
 class Stability(Message):
-    def __init__(self, samples: int, bits: float, unchanged: int | None) -> None:
+    def __init__(self, samples: int, bits: float, unchanged: int | None,
+                 method: str = "impq") -> None:
         super().__init__()
         self.samples, self.bits, self.unchanged = samples, bits, unchanged
+        self.method = method
+
+
+class ModelFitted(Message):
+    """The dashboard's IMPQ-fit worker ended: its FitResult (analysis.FitResult), or None
+    when it was cancelled."""
+
+    def __init__(self, worker, result) -> None:
+        super().__init__()
+        self.worker, self.result = worker, result
 
 
 class SolveEnded(Message):
@@ -64,9 +77,11 @@ class FrontierReady(Message):
     """The frontier of `samples` samples: the budgets solved so far (coarse ones first),
     all of them when `complete`."""
 
-    def __init__(self, samples: int, points: list[FrontierPoint], complete: bool = True) -> None:
+    def __init__(self, samples: int, points: list[FrontierPoint], complete: bool = True,
+                 method: str = "impq") -> None:
         super().__init__()
         self.samples, self.points, self.complete = samples, points, complete
+        self.method = method
 
     def can_replace(self, message: Message) -> bool:
         return isinstance(message, FrontierReady)     # newer points, or newer samples'

@@ -61,26 +61,39 @@ def allocation_report(alloc, model, costs, source: str, method: str = "impq") ->
 
     kind = LABELS[method]
     table = Table(title=f"{kind} allocation, {source} ({model.samples} samples); phi and se "
-                        "are the Shapley estimates")
+                        "are the Shapley estimates" + ("" if costs.steps == 1 else
+                                                       " of each step down, from the top"))
     for col in ("layer", "bits", "phi (nats)", "se", "bytes"):
         table.add_column(col, justify="right")
+    S, top = costs.steps, costs.levels[-1]
     for i, bits in enumerate(alloc.bits_per_layer):
-        table.add_row(str(i), Text(str(bits), style="bold green" if bits == 4 else "yellow"),
-                      f"{model.phi[i]:.5f}", f"{model.se[i]:.5f}",
-                      f"{(costs.m_hi if bits == 4 else costs.m_lo)[i]:,}")
+        steps = range(i * S, (i + 1) * S)
+        table.add_row(str(i), Text(str(bits), style="bold green" if bits == top else "yellow"),
+                      " / ".join(f"{model.phi[j]:.5f}" for j in steps),
+                      " / ".join(f"{model.se[j]:.5f}" for j in steps),
+                      f"{costs.sizes[costs.levels.index(bits)][i]:,}")
     target = f"{alloc.target_bits:.2f} bits" if alloc.target_bits is not None else "byte budget"
     return Group(
         table,
         f"target {target}: budget {alloc.budget_bytes:,} B, used {alloc.bytes:,} B; "
         f"effective {alloc.avg_bits:.3f} bits/weight with metadata ({alloc.weight_bits:.3f} "
-        f"without); {high_layers(alloc.bits_per_layer)} of {len(alloc.bits_per_layer)} layers "
-        "at 4 bits",
-        f"predicted loss increase over all-4-bit: {alloc.predicted_delta_nll:.5f} nats/token; "
+        f"without); {level_counts(alloc.bits_per_layer, costs.levels)}",
+        f"predicted loss increase over all-{top}-bit: {alloc.predicted_delta_nll:.5f} nats/token; "
         f"SCIP {alloc.status} in {alloc.seconds * 1000:.0f} ms")
 
 
 def high_layers(bits_per_layer) -> int:
     return sum(b == 4 for b in bits_per_layer)
+
+
+def level_counts(bits_per_layer, levels=(2, 4)) -> str:
+    """"12 of 30 layers at 4 bits" (two levels); "layers at 4/3/2 bits: 10/12/8" (more)."""
+    levels = sorted(levels)
+    if len(levels) == 2:
+        top = levels[-1]
+        return f"{sum(b == top for b in bits_per_layer)} of {len(bits_per_layer)} layers at {top} bits"
+    return (f"layers at {'/'.join(map(str, levels[::-1]))} bits: "
+            + "/".join(str(sum(b == lv for b in bits_per_layer)) for lv in levels[::-1]))
 
 
 def eval_summary(result, alloc) -> str:
@@ -94,8 +107,10 @@ def eval_summary(result, alloc) -> str:
 
 def export_summary(result, target_bits: float, eval_text: str) -> list[str]:
     """`impq-tui export`: where, how big, and (with --eval) the perplexity, then the notes."""
-    lines = [f"{result.backend} export in {result.out_dir}: {high_layers(result.bits_per_layer)} "
-             f"of {len(result.bits_per_layer)} layers at 4 bits",
+    levels = sorted({*result.bits_per_layer, 4}) if len(set(result.bits_per_layer)) <= 2 \
+        else sorted(set(result.bits_per_layer))
+    lines = [f"{result.backend} export in {result.out_dir}: "
+             f"{level_counts(result.bits_per_layer, levels)}",
              f"quantized weights {result.bytes:,} B (budget {result.budget_bytes:,} B at "
              f"{target_bits:.2f} bits), {result.avg_bits:.3f} bits/weight with metadata; "
              f"weight files on disk {result.disk_bytes:,} B"]
@@ -103,7 +118,7 @@ def export_summary(result, target_bits: float, eval_text: str) -> list[str]:
         reloaded = (f", {result.ppl_reloaded:.4f} loaded back in a fresh process"
                     if result.ppl_reloaded is not None else "")
         lines.append(f"perplexity {result.ppl:.4f} ({result.eval_tokens:,} tokens of "
-                     f"{eval_text}){reloaded}")
+                     f"{eval_text or 'the default evaluation text'}){reloaded}")
     return lines + [f"note: {note}" for note in result.notes]
 
 
@@ -119,8 +134,7 @@ def compare_rows(result) -> tuple[list[str], list[list[str]]]:
     """Headers and rows of a comparison (core.compare's CompareResult): one row per method,
     one perplexity column per budget with the effective bits beside it, then each of our
     models' ratio to the best baseline, then the uniform references."""
-    from core.results import IMPQ, IMPQ_FIT, IMPQ_LOCAL, LABELS, UNIFORM_HIGH, UNIFORM_LOW
-    from core.solver import HIGH_BITS, LOW_BITS
+    from core.results import IMPQ, IMPQ_FIT, IMPQ_LOCAL, LABELS
 
     def cell(r) -> str:
         return f"{format_ppl(r.ppl)} @{r.avg_bits:.2f}"
@@ -131,8 +145,8 @@ def compare_rows(result) -> tuple[list[str], list[list[str]]]:
         if ratios := result.versus_best_baseline(m):
             rows.append([f"{LABELS[m]} / best baseline",
                          *(f"{r['ratio']:.3f} ({LABELS[r['best_baseline']]})" for r in ratios)])
-    for m, b in ((UNIFORM_LOW, float(LOW_BITS)), (UNIFORM_HIGH, float(HIGH_BITS))):
-        rows.append([LABELS[m], *([cell(result.row(m, b))] * len(result.bits))])
+    for label, r in result.uniform():
+        rows.append([label, *([cell(r)] * len(result.bits))])
     rows.append(["unquantized", *([format_ppl(result.ppl_original)] * len(result.bits))])
     return headers, rows
 

@@ -115,6 +115,12 @@ async def session(samples: int, device: str, size: tuple[int, int], prefix: str,
 
 
 def to_png(svgs: list[Path]) -> str:
+    for svg in svgs:
+        # Rich writes each run of one style as a <text> of its own; without this, SVG
+        # renderers drop a run's leading spaces ("completed SmolLM2" drawn "completedSmolLM2")
+        text = svg.read_text()
+        if 'xml:space="preserve"' not in text:
+            svg.write_text(text.replace("<svg ", '<svg xml:space="preserve" ', 1))
     converter = shutil.which("rsvg-convert")
     if converter:
         for svg in svgs:

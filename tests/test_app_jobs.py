@@ -284,11 +284,12 @@ async def test_the_frontier_is_kept_per_sample_count():
         await pilot.press("4")
         await until(pilot, lambda: dash.frontier is not None and len(dash.frontier) == 41,
                     "the whole frontier")
-        assert dash._frontiers[len(dash.D)] == dash.frontier
+        assert dash._frontiers[("impq", len(dash.D))] == dash.frontier
         # the same samples again (a reread folder) reuse it at once: no worker
         dash._frontier_of = None
         dash._maybe_frontier()
-        assert dash._frontier_worker is None and dash.frontier == dash._frontiers[len(dash.D)]
+        assert dash._frontier_worker is None
+        assert dash.frontier == dash._frontiers[("impq", len(dash.D))]
 
 
 # ------------------------------------------------------------------ the budget and its labels
@@ -307,7 +308,7 @@ async def test_the_budget_is_remembered_per_run(tmp_path, monkeypatch):
         assert dash.bits == 2.85
         await until(pilot, lambda: (run / UI_STATE).is_file(), "ui.json")
         await pilot.press("left")
-    assert json.loads((run / UI_STATE).read_text()) == {"bits": 2.8}   # written on leaving
+    assert json.loads((run / UI_STATE).read_text()) == {"bits": 2.8, "method": "impq"}   # on leaving
     app = ImpqApp(str(run), cursor_blink=False)
     async with app.run_test(size=SIZE) as pilot:
         dash = await dashboard_settled(pilot)

@@ -158,7 +158,7 @@ def test_quantize_linear_leaves_the_linear_intact(backend):
 
 def test_unknown_backend_names_the_choices():
     with pytest.raises(UserError, match="quanto, hqq"):
-        get_backend("gguf")
+        get_backend("awq")
 
 
 def test_group_size_that_does_not_divide_in_features(backend):
@@ -169,10 +169,23 @@ def test_group_size_that_does_not_divide_in_features(backend):
         misfit.quantize_linear(seeded_linear(), 2)
 
 
-@pytest.mark.parametrize("bits", [3, 8])
+@pytest.mark.parametrize("bits", [1, 3, 5, 8])
 def test_unsupported_bits(backend, bits):
-    with pytest.raises(UserError, match="choose 2 or 4 bits"):
+    """Each backend lists the precisions it quantizes to (`levels`): quanto 2/4/8, HQQ 2/3/4/8."""
+    if bits in backend.BITS:
+        q = backend.quantize_weight(seeded_linear().weight, bits)
+        assert q.weight.shape == seeded_linear().weight.shape and q.nbytes > 0
+        return
+    with pytest.raises(UserError, match="choose among"):
         backend.quantize_weight(seeded_linear().weight, bits)
+
+
+def test_more_bits_cost_more_bytes_and_err_less(backend):
+    W = seeded_linear().weight
+    out = [backend.quantize_weight(W, b) for b in backend.BITS]
+    assert [q.nbytes for q in out] == sorted(q.nbytes for q in out)
+    errors = [float((q.weight - W).pow(2).mean()) for q in out]
+    assert errors == sorted(errors, reverse=True)
 
 
 @pytest.mark.parametrize("group_size", [0, -64])

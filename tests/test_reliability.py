@@ -218,12 +218,23 @@ def test_nonfinite_marginals_never_reach_the_solver():
 
 # ---------------------------------------------------------------- a full disk
 
+def _to_samples(fd: int) -> bool:
+    """Whether fd is open on a samples.jsonl (other writes, events.log's, go through)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}").endswith(SAMPLES)
+    except OSError:
+        return True
+
+
 def _enospc_after(n_ok: int, partial: bool):
-    """os.write that works n_ok times, then (optionally) writes half the bytes and fails."""
+    """os.write to samples.jsonl that works n_ok times, then (optionally) writes half the
+    bytes and fails."""
     real = os.write
     count = [0]
 
     def write(fd, data):
+        if not _to_samples(fd):
+            return real(fd, data)
         count[0] += 1
         if count[0] <= n_ok:
             return real(fd, data)
@@ -242,7 +253,7 @@ def test_disk_full_while_appending_loses_only_that_sample(tiny_model_dir, tmp_pa
     monkeypatch.setattr(core.runs.os, "write", _enospc_after(1, partial))
     with pytest.raises(UserError) as e:
         run_spqe(run.config, run)
-    assert "no space left on device (sample 1 was not saved)" in str(e.value)
+    assert "no space left on device (sample 2 was not saved)" in str(e.value)   # 1-based, as shown
     assert "resume the run (`resume`)" in str(e.value)
     monkeypatch.undo()
     data = (run.path / SAMPLES).read_bytes()
@@ -288,6 +299,10 @@ def test_a_failed_write_of_a_derived_file_says_to_run_the_command_again(tmp_path
     assert "allocations/bits-2.50.json: disk quota exceeded" in message
     assert "`resume`" not in message and "run the command again" in message
     assert f"run in {run.path} is unchanged" in message
+    with pytest.raises(UserError) as e:
+        run.write_json("status.json", {"state": "running"})
+    assert "resume" not in str(e.value) and "run the same command again" in str(e.value)
+    (run.path / SAMPLES).write_text("{}\n")          # once a sample is on disk: resume it
     with pytest.raises(UserError) as e:
         run.write_json("status.json", {"state": "running"})
     assert f"resume the run (`resume`) from {run.path}" in str(e.value)
@@ -350,6 +365,8 @@ def test_a_really_full_disk(tiny_model_dir, small_fs, reference):
     if proc.returncode == 0:
         pytest.skip("the run finished before the disk filled up")
     assert "no space left on device" in stderr and "Traceback" not in stderr, stderr
+    status = json.loads((path / "status.json").read_text())
+    assert status["state"] == "failed", status        # not "running": rewritten in place
     done = [r["m"] for r in RunDir.open(path).samples()]
     assert done == list(range(len(done))) and len(done) >= 1
     ballast.unlink()
@@ -585,3 +602,332 @@ def test_resume_with_fewer_samples_than_done_is_refused(reference, tmp_path):
     proc = cli("run", "--resume", copy, "--samples", 2, "--quiet")
     assert proc.returncode == 2 and "--samples is 2, fewer than the 3 samples" in proc.stderr
     assert (copy / "config.json").read_bytes() == before
+
+
+# ---------------------------------------------------------------- round two (issue 13)
+
+def test_a_new_run_that_fills_the_disk_says_run_again_and_status_says_failed(tiny_model_dir, tmp_path,
+                                                                            monkeypatch):
+    """ENOSPC at the first sample, and no new file can be made either: the message does not
+    ask to resume a run the CLI is about to delete, and status.json does not stay
+    "running" (it is rewritten in place, the one write a full disk still takes)."""
+    import core.runs
+
+    run = RunDir.create(tmp_path / "run", tiny_config(tiny_model_dir))
+    run.write_json("status.json", {"state": "running", "pid": os.getpid()})
+    full = []                     # set at the first sample's write: from then on, nothing fits
+    real_mkstemp, real_write = core.runs.tempfile.mkstemp, os.write
+
+    def write(fd, data):
+        if not _to_samples(fd):
+            return real_write(fd, data)
+        full.append(True)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def mkstemp(*args, **kwargs):
+        if full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_mkstemp(*args, **kwargs)
+
+    monkeypatch.setattr(core.runs.os, "write", write)
+    monkeypatch.setattr(core.runs.tempfile, "mkstemp", mkstemp)
+    with pytest.raises(UserError) as e:
+        run_spqe(run.config, run)
+    monkeypatch.undo()
+    assert "no space left on device (sample 1 was not saved)" in str(e.value)
+    assert "`resume`" not in str(e.value) and "run the same command again" in str(e.value)
+    status = json.loads((run.path / "status.json").read_text())
+    assert status["state"] == "failed" and "no space left" in status["message"]
+
+
+def test_taking_the_lock_on_a_full_disk_or_a_read_only_file_system(reference, tmp_path, monkeypatch):
+    """run.lock cannot be written: a message, the lock not held, nothing changed."""
+    import core.runs
+
+    copy = tmp_path / "run"
+    shutil.copytree(reference.path, copy)
+    before = {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()}
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(core.runs.os, "pwrite", full)
+    with pytest.raises(UserError, match=r"run.lock, which marks the run's one writer: no space left "
+                                        r"on device \(nothing was changed\)"):
+        RunDir.open(copy).lock()
+    monkeypatch.undo()
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if str(path).endswith("run.lock") and flags & (os.O_RDWR | os.O_WRONLY):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(core.runs.os, "open", read_only)
+    with pytest.raises(UserError, match="read-only file system .*solve, eval, export"):
+        RunDir.open(copy).lock()
+    monkeypatch.undo()
+    after = {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()}
+    assert {k: v for k, v in after.items() if k != "run.lock"} == \
+        {k: v for k, v in before.items() if k != "run.lock"}
+    run = RunDir.open(copy)
+    run.lock()                                   # the failed attempts left no lock held
+    run.unlock()
+
+
+def test_resume_on_a_really_read_only_file_system(reference, small_fs):
+    copy = small_fs / "run"
+    shutil.copytree(reference.path, copy)
+    done = subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], capture_output=True,
+                          check=False)
+    if done.returncode != 0:
+        pytest.skip("cannot remount the tmpfs read-only here")
+    proc = cli("run", "--resume", copy, "--samples", 4, "--quiet")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "read-only file system" in proc.stderr
+    solved = cli("solve", copy, "--bits", 3)             # reading it still works
+    assert solved.returncode == 0 and "Traceback" not in solved.stderr, solved.stderr
+
+
+@pytest.mark.parametrize("backend", ["quanto", "hqq"])
+def test_an_export_onto_a_really_full_disk(reference, small_fs, backend):
+    """safetensors (quanto) and torch's zip writer (hqq) each fail their own way."""
+    proc = cli("export", reference.path, "--bits", 3, "--backend", backend, "--out",
+               small_fs / "out")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "no space left on device" in proc.stderr
+    assert list(small_fs.iterdir()) == []            # no partial folder left
+
+
+def _writer_errors():
+    from safetensors import SafetensorError
+
+    return {
+        "safetensors": SafetensorError("Error while serializing: I/O error: No space left on device "
+                                       "(os error 28)"),
+        "torch": RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 192704 "
+                              "vs 192656"),
+        "transformers": OSError(errno.ENOSPC, "No space left on device", "config.json"),
+    }
+
+
+@pytest.mark.parametrize("library", ["safetensors", "torch", "transformers", "tokenizer"])
+def test_an_export_whose_writer_fails_is_a_message(reference, tmp_path, monkeypatch, library):
+    """Each library's own write error (injected; the tmpfs test above does it for real)."""
+    from types import SimpleNamespace
+
+    import core.export.base
+    from core.export import export_model
+    from core.export.quanto import QuantoExporter
+
+    error = _writer_errors().get(library, OSError(errno.ENOSPC, "No space left on device"))
+    if library == "tokenizer":
+        from transformers import PreTrainedTokenizerBase
+
+        target = (PreTrainedTokenizerBase, "save_pretrained")
+    else:
+        target = (QuantoExporter, "write")
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(*target, fail)
+    monkeypatch.setattr(core.export.base.os, "statvfs",        # torch's error has no errno
+                        lambda path: SimpleNamespace(f_bavail=0, f_frsize=4096))
+    with pytest.raises(UserError) as e:
+        export_model(RunDir.open(reference.path), [4] * 4, "quanto", str(tmp_path / "out"))
+    assert f"cannot write the export into {tmp_path}: no space left on device" in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_embedded_model_with_an_unwritable_cache_names_the_variable(tmp_path, monkeypatch):
+    """A read-only HOME (here: a cache path below a file, which root cannot write either):
+    the message names IMPQ_TUI_CACHE, before the GGUF is read (25 s on a CPU)."""
+    import core.models
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("IMPQ_TUI_CACHE", str(tmp_path / "file" / "cache"))
+
+    def not_now(*args):
+        raise AssertionError("the GGUF was read before the cache was found unwritable")
+
+    monkeypatch.setattr(core.models, "_load_gguf", not_now)
+    with pytest.raises(UserError, match="cannot be written: a component of the path is not a "
+                                        "folder. Set IMPQ_TUI_CACHE .or XDG_CACHE_HOME."):
+        core.models.embedded_checkpoint()
+
+
+def test_an_absurd_micro_batch_is_a_message(tmp_path):
+    proc = cli("run", "--micro-batch", "99999999999999999999999", "--run-dir", tmp_path / "run",
+               "--samples", 1, "--quiet")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--micro-batch 99999999999999999999999 is more than 1,000,000" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def _broken_copy(model_dir, path, edit):
+    shutil.copytree(model_dir, path)
+    edit(path)
+    return str(path)
+
+
+def test_damaged_or_mismatched_checkpoints_are_messages(tiny_model_dir, tmp_path):
+    """A weight file cut short, a config.json whose sizes are not the weights', one that
+    asks for more layers than the weights hold (transformers would make them up with
+    random values, silently), one that does not validate."""
+    def truncate(p):
+        os.truncate(p / "model.safetensors", 400_000)
+
+    def config(**changes):
+        def edit(p):
+            data = json.loads((p / "config.json").read_text())
+            (p / "config.json").write_text(json.dumps({**data, **changes}))
+        return edit
+
+    cases = {
+        "truncated": (truncate, ("a weight file is damaged or cut short (Error while deserializing "
+                                 "header")),
+        "wider": (config(intermediate_size=256), ("its weights do not have the shapes its "
+                  "config.json gives: model.layers.0.mlp.down_proj.weight is [64, 128] in "
+                  "model.safetensors, [64, 256] by config.json")),
+        "deeper": (config(num_hidden_layers=6), ("its weight files lack 18 tensors that its "
+                   "config.json asks for (model.layers.4.")),
+        "invalid": (config(num_hidden_layers="four"), ("Validation error for field "
+                    "'num_hidden_layers': TypeError: Field 'num_hidden_layers' expected int, got str")),
+    }
+    for name, (edit, expected) in cases.items():
+        path = _broken_copy(tiny_model_dir, tmp_path / name, edit)
+        with pytest.raises(UserError) as e:
+            load_model(path, torch.device("cpu"))
+        assert expected in str(e.value), (name, str(e.value))
+
+
+def test_an_unreadable_config_is_not_called_damaged(reference, tmp_path, monkeypatch):
+    import core.files
+
+    copy = tmp_path / "run"
+    shutil.copytree(reference.path, copy)
+    real_open = os.open
+
+    def denied(path, flags, *args):
+        if str(path).endswith("config.json"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(core.files.os, "open", denied)
+    with pytest.raises(UserError) as e:
+        RunDir.open(copy)
+    assert "permission denied" in str(e.value) and "damaged" not in str(e.value)
+
+
+# ---------------------------------------------------------------- red team, round two
+
+def _within(seconds: float, fn):
+    """fn() on a thread; fails if it is still running after `seconds` (a hang)."""
+    import threading
+
+    out, error = [], []
+
+    def call():
+        try:
+            out.append(fn())
+        except BaseException as exc:
+            error.append(exc)
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{fn} still running after {seconds} s"
+    if error:
+        raise error[0]
+    return out[0] if out else None
+
+
+@pytest.mark.parametrize("name", ["events.log", "run.lock", "control.json", "process.log"])
+@pytest.mark.parametrize("kind", ["fifo", "zero"])
+def test_the_app_and_the_run_process_never_block_on_a_fifo_or_read_a_device(reference, tmp_path,
+                                                                          name, kind):
+    """The app's follow thread read events.log, run.lock and control.json with plain
+    read_text: a FIFO in their place hung it for good, /dev/zero filled its memory. The run
+    process's log() blocked on a FIFO events.log; starting a run from the app blocked on a
+    FIFO process.log. All are regular-file-only, bounded, non-blocking now."""
+    from impq_tui.follow import RunSource, read_snapshot
+
+    copy = tmp_path / "run"
+    shutil.copytree(reference.path, copy)
+    (copy / name).unlink(missing_ok=True)
+    if kind == "fifo":
+        os.mkfifo(copy / name)
+    else:
+        os.symlink("/dev/zero", copy / name)
+    run = RunDir.open(copy)
+    snapshot = _within(30, lambda: read_snapshot(run))
+    assert len(snapshot.D) == 3
+    _within(30, lambda: run.log("a line"))
+    if name == "process.log":
+        with pytest.raises(OSError):
+            _within(30, lambda: RunSource(run).start())
+
+
+def test_an_option_like_run_folder_is_resumed_by_the_app(reference, tmp_path, monkeypatch):
+    """The app started `impq-tui run --resume -r` for a folder named -r: argparse took it
+    for an option and the run never started."""
+    import impq_tui.follow
+    from impq_tui.follow import RunSource
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(reference.path, tmp_path / "-r")
+    started = []
+
+    class Popen:
+        def __init__(self, command, **kwargs):
+            started.append(command)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(impq_tui.follow.subprocess, "Popen", Popen)
+    RunSource(RunDir.open("-r")).start(samples=4)
+    command = started[0]
+    assert command[3:] == ["run", f"--resume={tmp_path / '-r'}", "--samples", "4"]
+    monkeypatch.undo()
+    proc = subprocess.run([sys.executable, "-m", *command[2:], "--quiet"], env=ENV, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert len(RunDir.open(tmp_path / "-r").samples()) == 4
+
+
+def test_run_files_are_readable_by_others_like_any_written_file(tmp_path):
+    """mkstemp makes files private (0600): a colleague following a run in a shared folder
+    could not read its config.json or status.json."""
+    run = RunDir.create(tmp_path / "run", RunConfig())
+    run.write_json("status.json", {"state": "running"})
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("config.json", "status.json"):
+        assert (run.path / name).stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_export_force_onto_a_link_replaces_the_link_and_leaves_nothing(reference, tmp_path):
+    from core.export import export_model
+
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "file").write_text("precious")
+    (tmp_path / "out").symlink_to(keep)
+    export_model(RunDir.open(reference.path), [4, 2, 4, 2], "hqq", str(tmp_path / "out"), force=True)
+    assert (tmp_path / "out" / "qmodel.pt").is_file() and not (tmp_path / "out").is_symlink()
+    assert (keep / "file").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep", "out"]     # no .out.old-PID
+
+
+def test_an_over_long_export_name_and_a_file_in_the_way_are_messages(reference, tmp_path):
+    """A 250-character --out fits, its hidden partial folder (.OUT.partial-XXXX) does not:
+    that was a traceback. A file where a folder should be said "File exists ... make room"."""
+    from core.export import export_model
+    from core.files import why
+
+    with pytest.raises(UserError, match="file name too long .* Choose a shorter `out`"):
+        export_model(RunDir.open(reference.path), [4] * 4, "hqq", str(tmp_path / ("x" * 250)))
+    assert list(tmp_path.iterdir()) == []
+    assert why(OSError(errno.EEXIST, os.strerror(errno.EEXIST))) == "a file of that name is in the way"

@@ -5,11 +5,24 @@ from core.backends.base import Backend, QuantizedWeight
 from core.errors import UserError
 
 BACKENDS = ("quanto", "hqq")
+OPTIONAL_BACKENDS = ("gguf",)    # an extra: llama-cpp-python (impq-tui[gguf])
 
-__all__ = ["BACKENDS", "Backend", "QuantizedWeight", "get_backend"]
+# The precisions each library quantizes to: the levels a run may step through (`levels`).
+BITS_OF = {"quanto": (2, 4, 8), "hqq": (2, 3, 4, 8),
+           "gguf": (2, 3, 4, 5, 6, 8)}   # gguf: each level stands for a llama.cpp type
+
+__all__ = ["BACKENDS", "BITS_OF", "Backend", "QuantizedWeight", "backend_for", "get_backend"]
 
 
-def get_backend(name: str, group_size: int = 64) -> Backend:
+def backend_for(config, name: str | None = None) -> Backend:
+    """The backend a run's config describes (`name` to use another with its settings)."""
+    return get_backend(name or config.backend, config.group_size,
+                       gguf_types=getattr(config, "gguf_types", None),
+                       levels=getattr(config, "levels", None))
+
+
+def get_backend(name: str, group_size: int = 64, gguf_types: str | None = None,
+                levels=None) -> Backend:
     # Imported on demand: each library takes seconds to import and only one is used per run.
     if name == "quanto":
         from core.backends.quanto import QuantoBackend
@@ -19,4 +32,9 @@ def get_backend(name: str, group_size: int = 64) -> Backend:
         from core.backends.hqq import HqqBackend
 
         return HqqBackend(group_size)
-    raise UserError(f"Unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}.")
+    if name == "gguf":
+        from core.backends.gguf import GgufBackend
+
+        return GgufBackend(group_size, gguf_types, levels)
+    raise UserError(f"Unknown backend {name!r}; choose one of: "
+                    f"{', '.join(BACKENDS + OPTIONAL_BACKENDS)}.")

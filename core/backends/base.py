@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from core.errors import UserError
 
-SUPPORTED_BITS = (2, 4)
+SUPPORTED_BITS = (2, 4)   # the paper's two precisions; each backend lists what it can do in BITS
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,8 @@ class QuantizedWeight:
 
 class Backend(ABC):
     name: str
+    BITS: tuple[int, ...] = SUPPORTED_BITS   # the precisions this library quantizes to (levels)
+    GROUPED_BITS: tuple[int, ...] | None = None  # those that use the group size (None: all)
 
     def __init__(self, group_size: int = 64):
         if not isinstance(group_size, int) or group_size <= 0:
@@ -69,8 +71,11 @@ class Backend(ABC):
         """The weight the real module computes with, in the original weight's dtype."""
 
     def _check(self, shape: torch.Size, bits: int, what: str) -> None:
-        if bits not in SUPPORTED_BITS:
-            raise UserError(f"{bits}-bit is not supported for {what}; choose 2 or 4 bits.")
+        if bits not in self.BITS:
+            raise UserError(f"{bits}-bit is not supported by {self.name} (for {what}); choose among "
+                            f"{', '.join(map(str, self.BITS))} bits.")
+        if self.GROUPED_BITS is not None and bits not in self.GROUPED_BITS:
+            return
         in_features = shape[1]
         if in_features % self.group_size != 0:
             raise UserError(

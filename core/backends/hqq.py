@@ -5,12 +5,14 @@ import torch
 from hqq.core.quantize import BaseQuantizeConfig, HQQBackend, HQQLinear
 from torch import nn
 
+from core.backends import BITS_OF
 from core.backends.base import Backend, linear_holding, tensor_nbytes
 from core.errors import UserError
 
 
 class HqqBackend(Backend):
     name = "hqq"
+    BITS = BITS_OF["hqq"]
 
     def __init__(self, group_size: int = 64):
         super().__init__(group_size)

@@ -1,18 +1,22 @@
-"""optimum-quanto: weight-only qint2/qint4 with per-group float scale and shift (min-max)."""
+"""optimum-quanto: weight-only qint2/qint4 with per-group float scale and shift (min-max);
+qint8 with one scale per output row (quanto allows no groups at 8 bits)."""
 from __future__ import annotations
 
 import torch
-from optimum.quanto import QLinear, qint2, qint4
+from optimum.quanto import QLinear, qint2, qint4, qint8
 from torch import nn
 
+from core.backends import BITS_OF
 from core.backends.base import Backend, tensor_nbytes
 from core.backends.build_lock import clear_stale_locks
 
-QTYPES = {2: qint2, 4: qint4}
+QTYPES = {2: qint2, 4: qint4, 8: qint8}
 
 
 class QuantoBackend(Backend):
     name = "quanto"
+    BITS = BITS_OF["quanto"]
+    GROUPED_BITS = (2, 4)
 
     def __init__(self, group_size: int = 64):
         super().__init__(group_size)
@@ -26,7 +30,8 @@ class QuantoBackend(Backend):
         module = QLinear.from_module(linear, weights=QTYPES[bits])
         # QLinear picks its own group size from in_features (128, else 96, 64, 32);
         # set ours before freezing so every layer uses the configured one.
-        module.weight_group_size = self.group_size
+        if bits in self.GROUPED_BITS:
+            module.weight_group_size = self.group_size
         module.freeze()
         return module
 

@@ -32,11 +32,12 @@ from core import events
 from core.control import pid_alive
 from core.data import eval_tokens
 from core.errors import InvalidField, UserError
-from core.export.base import Exporter, Written, check_layers, layer_bytes
+from core.export.base import Exporter, Written, check_layers, layer_bytes, writing
 from core.export.card import model_card
+from core.fingerprint import unchecked
 from core.models import LoadedModel, pick_device
 from core.runs import RunDir, write_atomic
-from core.solver import HIGH_BITS, LOW_BITS, budget_bytes
+from core.solver import budget_bytes
 from core.spqe import Cancelled
 from core.switching import perplexity
 
@@ -56,10 +57,16 @@ def _gptq_installed() -> bool:
     return importlib.util.find_spec("gptqmodel") is not None
 
 
-# GPTQ is an optional extra; whether it imports is checked when it is used (importing
-# it takes seconds), so that a broken install gives a clear message, not a traceback.
-EXPORT_BACKENDS: tuple[str, ...] = ("quanto", "hqq") + (("gptq",) if _gptq_installed() else ())
-ALL_BACKENDS = ("quanto", "hqq", "gptq")
+def _llama_cpp_installed() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+# GPTQ and GGUF (llama-cpp-python) are optional extras; whether they import is checked
+# when they are used (importing takes seconds), so that a broken install gives a clear
+# message, not a traceback.
+EXPORT_BACKENDS: tuple[str, ...] = (("quanto", "hqq") + (("gptq",) if _gptq_installed() else ())
+                                    + (("gguf",) if _llama_cpp_installed() else ()))
+ALL_BACKENDS = ("quanto", "hqq", "gptq", "gguf")
 
 
 @dataclass(frozen=True)
@@ -99,6 +106,10 @@ def get_exporter(name: str) -> Exporter:
         from core.export.gptq import GptqExporter
 
         return GptqExporter()
+    if name == "gguf":
+        from core.export.gguf import GgufExporter
+
+        return GgufExporter()
     raise UserError(f"unknown export backend {name!r}; choose one of: {', '.join(ALL_BACKENDS)}.")
 
 
@@ -120,9 +131,9 @@ def export_model(run: RunDir, bits_per_layer: list[int], backend: str, out_dir: 
     start = time.perf_counter()
     exporter = get_exporter(backend)
     config, costs = run.config, run.costs()
-    bits = _check_bits(bits_per_layer, costs.L)
+    bits = _check_bits(bits_per_layer, costs)
     budget = (budget_bytes(costs, target_bits) if target_bits is not None
-              else costs.bytes_used([int(b == LOW_BITS) for b in bits]))
+              else costs.bytes_of(bits))
     out = Path(out_dir).expanduser().absolute()
     _check_target(out, run.path.absolute(), force)
     exporter.check_available()
@@ -133,20 +144,24 @@ def export_model(run: RunDir, bits_per_layer: list[int], backend: str, out_dir: 
     phase = events.Phases(callback, 4 + (evaluate or verify) + verify, cancel)
     checkpoint = phase.log
 
-    tmp = _partial_folder(out)
+    with writing(out.parent, out):
+        tmp = _partial_folder(out)
     try:
         phase("loading the model", f"loading {config.model_name or config.model} on {dev} "
               f"({settings.dtype}) for the {backend} export")
+        if (note := unchecked(config)) is not None:
+            callback(events.Log(note, "warning"))
         loaded = exporter.load(config, dev, settings.torch_dtype)
         check_layers(loaded, costs.L, config.model)
         module_bits = {name: b for names, b in zip(loaded.linear_names, bits) for name in names}
         phase(f"quantizing ({backend})", f"quantizing {len(module_bits)} linear modules "
-              f"({bits.count(HIGH_BITS)} of {len(bits)} layers at {HIGH_BITS} bits)")
+              f"({bits.count(costs.levels[-1])} of {len(bits)} layers at {costs.levels[-1]} bits)")
         loaded = exporter.quantize(loaded, bits, config, checkpoint,
                                    on_layer=lambda i, L: events.check_cancel(cancel))
         phase("writing the files", f"writing the {backend} export")
-        written = exporter.write(loaded, module_bits, tmp, config, checkpoint)
-        loaded.tokenizer.save_pretrained(tmp)
+        with writing(tmp, out):
+            written = exporter.write(loaded, module_bits, tmp, config, checkpoint)
+            loaded.tokenizer.save_pretrained(tmp)
         _check_budget(written, budget, target_bits, exporter, config)
         ppl = tokens = None
         if evaluate or verify:
@@ -157,7 +172,8 @@ def export_model(run: RunDir, bits_per_layer: list[int], backend: str, out_dir: 
                 ppl = perplexity(loaded, tokens, max(1, config.micro_batch))
         result = _result(out, backend, bits, target_bits, budget, costs, written, tmp, ppl, tokens)
         record = _allocation_record(run, result, loaded, written, costs, method, settings)
-        _write_card(tmp, exporter, record, out)
+        with writing(tmp, out):
+            _write_card(tmp, exporter, record, out)
         del loaded
         exporter.close()   # free the model before a second copy loads in the fresh process
         if verify:
@@ -165,9 +181,11 @@ def export_model(run: RunDir, bits_per_layer: list[int], backend: str, out_dir: 
             reloaded = _verify(tmp, exporter, tokens, ppl, written.dtype, backend, config, cancel)
             result = replace(result, ppl_reloaded=reloaded)
             record["ppl_reloaded"] = reloaded
-            _write_card(tmp, exporter, record, out)
+            with writing(tmp, out):
+                _write_card(tmp, exporter, record, out)
         phase("publishing", f"moving the finished export into {out}")
-        _publish(tmp, out, force)
+        with writing(tmp, out):
+            _publish(tmp, out, force)
         phase.done()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -206,11 +224,14 @@ def _result(out: Path, backend: str, bits: list[int], target_bits, budget: int, 
 
 def _write_card(folder: Path, exporter: Exporter, record: dict, out: Path) -> None:
     write_atomic(folder / ALLOCATION, json.dumps(record, indent=1) + "\n")
-    write_atomic(folder / README, model_card(exporter, record, str(out)))
+    own = getattr(exporter, "model_card", None)     # gguf: llama.cpp and Ollama usage
+    write_atomic(folder / README, own(record, str(out)) if own else model_card(exporter, record, str(out)))
 
 
 def _verify(folder: Path, exporter: Exporter, tokens, ppl: float, dtype: str, backend: str,
             config, cancel: threading.Event | None) -> float:
+    if hasattr(exporter, "verify"):     # gguf: run by llama.cpp itself, with its own tolerance
+        return exporter.verify(folder, tokens, ppl, config, cancel)
     # The card's snippet with the folder's present (temporary) path: the same code, the
     # path being a literal.
     snippet = exporter.snippet(str(folder), dtype)
@@ -232,13 +253,14 @@ def _budget_words(target_bits: float | None) -> str:
             else "the allocation's own size in the run's accounting")
 
 
-def _check_bits(bits_per_layer, L: int) -> list[int]:
+def _check_bits(bits_per_layer, costs) -> list[int]:
     bits = [int(b) for b in bits_per_layer]
-    if len(bits) != L:
-        raise UserError(f"the allocation has {len(bits)} layers, the run's model {L}.")
-    if not set(bits) <= {LOW_BITS, HIGH_BITS}:
-        raise UserError(f"bit-widths must be {LOW_BITS} or {HIGH_BITS} per layer, got "
-                        f"{sorted(set(bits) - {LOW_BITS, HIGH_BITS})}.")
+    if len(bits) != costs.L:
+        raise UserError(f"the allocation has {len(bits)} layers, the run's model {costs.L}.")
+    if not set(bits) <= set(costs.levels):
+        raise UserError(f"bit-widths must be one of the run's levels "
+                        f"({', '.join(map(str, costs.levels))}) per layer, got "
+                        f"{sorted(set(bits) - set(costs.levels))}.")
     return bits
 
 
@@ -280,7 +302,7 @@ def _remove_stale_partials(out: Path) -> None:
     for old in out.parent.glob(f".{out.name}.old-*"):
         pid = old.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not pid_alive(int(pid)):
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
     for partial in out.parent.glob(f".{out.name}{PARTIAL}*"):
         try:
             pid = int((partial / PID).read_text())
@@ -326,14 +348,23 @@ def _publish(tmp: Path, out: Path, force: bool) -> None:
         os.rename(out, old)
     os.rename(tmp, out)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
+
+
+def _remove(path: Path) -> None:
+    """The old `out` that --force replaced. A link given as `out` is removed itself, never
+    what it points to (rmtree refuses links: `.OUT.old-PID` stayed for good)."""
+    if path.is_symlink():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _allocation_record(run: RunDir, result: ExportResult, loaded: LoadedModel, written: Written,
                        costs, method: str, settings) -> dict:
     config = run.config
     per_layer = layer_bytes(loaded.linear_names, written.module_bytes)
-    q = [int(b == LOW_BITS) for b in result.bits_per_layer]
+    q = costs.drops_of(result.bits_per_layer)
     return {
         "format": FORMAT,
         "tool": f"impq-tui {_version('impq-tui')}",
@@ -346,7 +377,7 @@ def _allocation_record(run: RunDir, result: ExportResult, loaded: LoadedModel, w
         "run": {"id": f"{run.path.name}@{config.identity_hash()}", "path": str(run.path.absolute()),
                 "config_hash": config.identity_hash(), "samples": len(run.samples()),
                 "backend": config.backend, "group_size": config.group_size,
-                "calib_text": config.calib_text},
+                "calib_text": config.calib_text, "levels": list(config.levels)},
         "target_bits": result.target_bits,
         "avg_bits": result.avg_bits,
         "weight_bits": result.weight_bits,
@@ -390,7 +421,7 @@ def _record_in_run(run: RunDir, result: ExportResult, callback) -> None:
 
 def verify_export(folder: str | os.PathLike, tokens: torch.Tensor, micro_batch: int = 8, *,
                   snippet: str | None = None, timeout: float = 3600,
-                  cancel: threading.Event | None = None) -> float:
+                  cancel: threading.Event | None = None, ppl_script: str | None = None) -> float:
     """Perplexity of an export loaded in a fresh Python process (none of our code on its
     path) by the README's snippet, or by `snippet` (the same code for another path), run
     from an unrelated working directory. `cancel` kills that process (within 0.1 s) and
@@ -403,7 +434,8 @@ def verify_export(folder: str | os.PathLike, tokens: torch.Tensor, micro_batch: 
     with tempfile.TemporaryDirectory(prefix="impq-verify-") as work:
         work = Path(work)
         torch.save(tokens.cpu(), work / "tokens.pt")
-        script = snippet + "\n\n" + _PPL_SCRIPT.format(micro_batch=micro_batch)
+        script = snippet + "\n\n" + (ppl_script if ppl_script is not None
+                                       else _PPL_SCRIPT.format(micro_batch=micro_batch))
         (work / "roundtrip.py").write_text(script)
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
         env.pop("PYTHONPATH", None)       # the loader must not reach our own code

@@ -2,8 +2,12 @@
 write it, measure the written quantized weights, and say how to load it back."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import importlib.metadata
 import math
+import os
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +54,10 @@ class Exporter(ABC):
         return eval_settings(config, device, **given)
 
     def load(self, config: RunConfig, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-        """The run's model, unquantized."""
+        """The run's model, unquantized; refused when its files changed since the run."""
+        from core.fingerprint import check_model
+
+        check_model(config)
         return load_model(config.model, device, dtype)
 
     def quantize(self, loaded: LoadedModel, bits_per_layer: list[int], config: RunConfig,
@@ -133,6 +140,54 @@ def check_all_written(module_bits: dict[str, int], module_bytes: dict[str, int],
     if missing:
         raise RuntimeError(f"{what} wrote no quantized weights for {len(missing)} modules, "
                            f"e.g. {missing[:3]}")
+
+
+@contextlib.contextmanager
+def writing(folder: Path, out: Path):
+    """Write failures of the libraries' own writers as one message: safetensors raises
+    SafetensorError ("... (os error 28)"), torch's zip writer a RuntimeError without the
+    errno, transformers and the tokenizers an OSError. `folder` is where the export is
+    being written (removed by the caller), `out` the folder asked for."""
+    try:
+        yield
+    except (OSError, RuntimeError, *_safetensors_error()) as exc:
+        code = write_errno(exc, folder)
+        if code is None:
+            raise
+        from core.files import WHY
+
+        hint = ("choose a shorter `out`" if code == errno.ENAMETOOLONG else
+                "make room or fix the permissions, or choose another `out`")
+        raise UserError(f"cannot write the export into {out.parent}: "
+                        f"{WHY.get(code, os.strerror(code))} (nothing was changed: the partly "
+                        f"written export was removed). {hint[0].upper() + hint[1:]}; then export "
+                        "again.") from None
+
+
+def write_errno(exc: BaseException, folder: Path) -> int | None:
+    """The errno behind a library's write error, None when it is not one."""
+    if isinstance(exc, OSError):
+        return exc.errno
+    found = re.search(r"os error (\d+)", str(exc))
+    if found:
+        return int(found.group(1))
+    if isinstance(exc, RuntimeError) and re.search(r"inline_container|PytorchStreamWriter|"
+                                                   r"file write failed", str(exc)):
+        # torch's zip writer keeps no errno: a full disk is the usual cause, ask it.
+        try:
+            space = os.statvfs(folder)
+            return errno.ENOSPC if space.f_bavail * space.f_frsize < (1 << 20) else errno.EIO
+        except OSError:
+            return errno.EIO
+    return None
+
+
+def _safetensors_error() -> tuple[type[BaseException], ...]:
+    try:
+        from safetensors import SafetensorError
+    except ImportError:
+        return ()
+    return (SafetensorError,)
 
 
 def import_error(exporter: Exporter, exc: BaseException) -> UserError:

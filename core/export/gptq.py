@@ -1,5 +1,5 @@
-"""GPTQ through GPTQModel: 4-bit base config, a `dynamic` override {"bits": 2} for each
-decoder layer kept at low precision, calibrated on the run's calibration text, saved
+"""GPTQ through GPTQModel: 4-bit base config, a `dynamic` override {"bits": b} for each
+decoder layer at another precision, calibrated on the run's calibration text, saved
 in GPTQ's checkpoint format (model.safetensors + quantization_config in config.json)
 that GPTQModel and vLLM load.
 
@@ -87,9 +87,10 @@ class GptqExporter(Exporter):
 
         source = self._checkpoint(config)
         prefix = re.escape(_layers_prefix(loaded))
-        dynamic = {rf"+:^{prefix}\.{i}\.": {"bits": 2}
-                   for i, bits in enumerate(bits_per_layer) if bits == 2}
-        quantize_config = QuantizeConfig(bits=4, group_size=config.group_size, dynamic=dynamic or None,
+        base = 4 if 4 in bits_per_layer else max(bits_per_layer)   # other layers: a `dynamic` override
+        dynamic = {rf"+:^{prefix}\.{i}\.": {"bits": int(bits)}
+                   for i, bits in enumerate(bits_per_layer) if bits != base}
+        quantize_config = QuantizeConfig(bits=base, group_size=config.group_size, dynamic=dynamic or None,
                                          desc_act=False, sym=True, offload_to_disk=False)
         calibration = self._calibration(loaded.tokenizer, config)
         device, dtype = loaded.device, loaded.dtype

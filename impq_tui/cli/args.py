@@ -61,8 +61,24 @@ FLAGS = {
     "bits": "--bits", "budget_bytes": "--budget-bytes", "alpha": "--alpha", "method": "--local/--fit",
     "eval_text": "--eval-text", "eval_windows": "--eval-windows",
     "eval_window_tokens": "--eval-window-tokens", "out": "--out", "force": "--force",
-    "evaluate": "--eval", "verify": "--verify",
+    "evaluate": "--eval", "verify": "--verify", "gguf_types": "--gguf-types",
+    "levels": "--levels",
 }
+
+# --backend of `run` (SPQE's backends) and of eval/export (the export formats: gptq too).
+RUN_BACKENDS = ("quanto", "hqq", "gguf")
+EXPORT_BACKENDS = ("quanto", "hqq", "gptq", "gguf")
+
+
+def add_gguf_types(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gguf-types", nargs="+", metavar="TYPE", type=str.upper,
+                   help="with --backend gguf: the llama.cpp type of each level, lowest first "
+                        "(default Q2_K Q4_K, or Q<bits>_K per --levels; K-quants, Q8_0, IQ types)")
+
+
+def gguf_types(args) -> str | None:
+    types = getattr(args, "gguf_types", None)
+    return ",".join(types) if types else None
 
 
 def add_budget_arguments(p: argparse.ArgumentParser) -> None:

@@ -8,7 +8,7 @@ import sys
 import threading
 
 from core.errors import EXIT_CANCELLED
-from impq_tui.cli.args import FLAGS, add_evaluation_arguments, bits, device, real
+from impq_tui.cli.args import FLAGS, RUN_BACKENDS, add_evaluation_arguments, bits, device, real
 from impq_tui.cli.run import on_signals
 
 
@@ -23,7 +23,7 @@ def add_parser(sub) -> None:
     p.add_argument("--alpha", type=real, default=0.5,
                    help="shrinkage of IMPQ's covariance toward its diagonal (default 0.5)")
     add_evaluation_arguments(p)
-    p.add_argument("--backend", choices=("quanto", "hqq"), help="backend for the real model (default: the run's)")
+    p.add_argument("--backend", choices=RUN_BACKENDS, help="backend for the real model (default: the run's)")
     p.add_argument("--device", type=device, help="cuda, cuda:N or cpu (default: the run's)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")

@@ -3,16 +3,18 @@ saved in the run's evals/ folder."""
 from __future__ import annotations
 
 import json
+import sys
 
 from impq_tui.cli import solve
 from impq_tui.cli.args import (
+    EXPORT_BACKENDS,
     add_budget_arguments,
     add_evaluation_arguments,
     device,
     file_stem,
     method_name,
 )
-from impq_tui.cli.errors import save_or_warn
+from impq_tui.cli.errors import message, save_or_warn
 
 
 def add_parser(sub) -> None:
@@ -20,7 +22,7 @@ def add_parser(sub) -> None:
     ev.add_argument("run_dir", metavar="DIR")
     add_budget_arguments(ev)
     add_evaluation_arguments(ev)
-    ev.add_argument("--backend", choices=("quanto", "hqq", "gptq"),
+    ev.add_argument("--backend", choices=EXPORT_BACKENDS,
                     help="backend for the real model (default: the run's); gptq needs the gptq extra")
     ev.add_argument("--device", type=device, help="cuda, cuda:N or cpu (default: the run's)")
 
@@ -42,6 +44,10 @@ def command(args) -> int:
     req = request(args)
     req.validate()
     run, alloc = solve.allocation(req)
+    from core.fingerprint import unchecked
+
+    if (note := unchecked(run.config)) is not None:
+        print(f"impq-tui: warning: {message(note)}", file=sys.stderr)
     result = evaluate_allocation(run, list(alloc.bits_per_layer), eval_text=req.eval_text,
                                  windows=req.eval_windows, window_tokens=req.eval_window_tokens,
                                  backend=req.backend, device=req.device)

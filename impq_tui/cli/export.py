@@ -6,6 +6,7 @@ import json
 import signal
 
 from impq_tui.cli.args import (
+    EXPORT_BACKENDS,
     FLAGS,
     add_evaluation_arguments,
     add_method_arguments,
@@ -18,15 +19,15 @@ from impq_tui.cli.args import (
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "export", help="write a run's allocation as a quantized model (quanto, hqq or gptq)",
+        "export", help="write a run's allocation as a quantized model (quanto, hqq, gptq or gguf)",
         description="Solve the run's IMPQ allocation at --bits and write the model with each "
                     "decoder layer at its bit-width in the backend's own format, with the "
                     "tokenizer, allocation.json and a README that says how to load it.")
     p.add_argument("run_dir", metavar="DIR", help="the run directory")
     p.add_argument("--bits", type=bits, required=True, help="target average bits per weight, 2.0 to 4.0")
-    p.add_argument("--backend", choices=("quanto", "hqq", "gptq"),
-                   help="format of the export (default: the run's backend); gptq needs the "
-                        "optional extra impq-tui[gptq]")
+    p.add_argument("--backend", choices=EXPORT_BACKENDS,
+                   help="format of the export (default: the run's backend); gptq and gguf need the "
+                        "optional extras impq-tui[gptq] / impq-tui[gguf]")
     p.add_argument("--out", required=True, metavar="OUT", help="folder to create for the export")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
     p.add_argument("--alpha", type=real, default=0.5,
@@ -36,7 +37,8 @@ def add_parser(subparsers) -> None:
                    help="measure perplexity of the quantized model on the evaluation text")
     p.add_argument("--verify", action="store_true",
                    help="also load the export back in a fresh process with its README's snippet "
-                        "and measure perplexity on the same tokens (implies --eval)")
+                        "(gguf: run it in llama.cpp) and measure perplexity on the same tokens "
+                        "(implies --eval)")
     add_evaluation_arguments(p)
     p.add_argument("--device", type=device, help="cuda, cuda:N or cpu (default: cuda when present)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")

@@ -10,14 +10,20 @@ import threading
 from pathlib import Path
 
 from core.errors import EXIT_CANCELLED
-from impq_tui.cli.args import FLAGS, device, whole
+from impq_tui.cli.args import FLAGS, RUN_BACKENDS, add_gguf_types, device, gguf_types, whole
 
 
 def add_parser(sub) -> None:
     run = sub.add_parser("run", help="estimate Shapley values with SPQE into a run directory")
     run.add_argument("--model", help="hub id, checkpoint directory or .gguf (default: embedded SmolLM2-135M-Instruct)")
     run.add_argument("--calib-text", help="builtin, wikitext2, c4 or a .txt/.jsonl/.parquet path (default builtin)")
-    run.add_argument("--backend", choices=("quanto", "hqq"), help="quantization backend (default quanto)")
+    run.add_argument("--backend", choices=RUN_BACKENDS,
+                     help="quantization backend (default quanto); gguf needs the gguf extra")
+    add_gguf_types(run)
+    run.add_argument("--levels", type=whole, nargs="+", metavar="BITS",
+                     help="precisions each layer steps down through, e.g. 2 3 4 (default 2 4, the "
+                          "paper's; quanto 2/4/8, hqq 2/3/4/8); a sample costs layers x "
+                          "(levels - 1) + 1 evaluations")
     run.add_argument("--group-size", type=whole, help="quantization group size (default 64)")
     run.add_argument("--samples", type=whole, help="SPQE samples M (default 10 on CPU, 100 on GPU)")
     run.add_argument("--windows", type=whole, help="calibration windows N (default 8 on CPU, 16 on GPU)")
@@ -42,6 +48,8 @@ def request(args):
     from core.requests import RunRequest
 
     return RunRequest(model=args.model, calib_text=args.calib_text, backend=args.backend,
+                      gguf_types=gguf_types(args),
+                      levels=tuple(args.levels) if args.levels else None,
                       group_size=args.group_size, samples=args.samples, windows=args.windows,
                       window_tokens=args.window_tokens, seed=args.seed, antithetic=args.antithetic,
                       device=args.device, micro_batch=args.micro_batch, compile=args.compile,
@@ -105,6 +113,7 @@ def command(args) -> int:
             raise UserError(f"cannot create the run directory {str(path)!r}: "
                             f"{exc.strerror or exc}. Choose another --run-dir.") from None
         created = True
+        config = run.config             # the model and text as resolved paths
 
     cancel, pause, sampling = threading.Event(), threading.Event(), threading.Event()
     on_signals(cancel, sampling)

@@ -3,9 +3,14 @@ of the estimates (convergence, bit map, interactions, frontier, compare, log).
 
 Every run is followed on disk (impq_tui.follow), whoever writes it: a thread worker
 looks at the folder and posts a snapshot when it changed. The screen holds what it
-shows in reactives: a new D (one row per finished sample) or budget re-fits and
-re-solves in an exclusive worker, and each pane redraws from the reactives it watches.
-Pause, continue and stop are signals to the run's own process.
+shows in reactives: a new D (one row per finished sample), budget or allocation model
+re-fits and re-solves in an exclusive worker, and each pane redraws from the reactives
+it watches. Pause, continue and stop are signals to the run's own process.
+
+The allocation model (`m` cycles it) is IMPQ, the paper's, or one of our extensions,
+IMPQ-local and IMPQ-fit (core.results.RUN_METHODS), labelled so in every pane. IMPQ-fit's
+model is fitted in a child process (analysis.FitProcess), one fit at a time: new samples
+let the fit in work finish and fit again after it, choosing another model kills it.
 """
 from __future__ import annotations
 
@@ -19,18 +24,30 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.markup import escape
 from textual.reactive import var
 from textual.screen import Screen
-from textual.widgets import Footer, RichLog, TabbedContent, TabPane, Tabs
+from textual.widgets import Footer, RichLog, Static, TabbedContent, TabPane, Tabs
 from textual.worker import get_current_worker
 
+from core.errors import UserError
+from core.files import read_bytes
+from core.results import IMPQ, IMPQ_FIT
 from core.runs import SAMPLES, RunConfig, RunDir, write_atomic
 from core.solver import Allocation, Costs, budget_bytes
 
 from impq_tui import analysis
-from impq_tui.analysis import Fit, FrontierPoint
+from impq_tui.analysis import Fit, FitProcess, FitResult, FrontierPoint, model_label
 from impq_tui.follow import FINAL, RunSource, Snapshot
-from impq_tui.messages import Fitted, FrontierReady, LogLine, RunPolled, SolveEnded, Stability
+from impq_tui.messages import (
+    Fitted,
+    FrontierReady,
+    LogLine,
+    ModelFitted,
+    RunPolled,
+    SolveEnded,
+    Stability,
+)
 from impq_tui.widgets.compare import CompareView
 from impq_tui.widgets.details import InteractionDetail, LayerDetail, SettleDetail
 from impq_tui.widgets.interactions import KGrid, diverging_colors
@@ -41,24 +58,40 @@ from impq_tui.widgets.plots import EstimatesPlot, FrontierPlot, SettlePlot
 VIEWS = ("estimates", "bits", "interactions", "frontier", "compare", "log")
 BUDGET = Binding.Group("Budget", compact=True)
 NO_SAMPLES = np.empty((0, 0))
-UI_STATE = "ui.json"       # what the user left on screen for a run: its budget
+NO_PERMS = np.empty((0, 0), dtype=np.int64)
+UI_STATE = "ui.json"       # what the user left on screen for a run: its budget and model
 REMEMBER_AFTER_S = 0.5     # the budget is written once it has rested this long
+
+
+def remembered(run: RunDir) -> tuple[float | None, str | None]:
+    """The budget and allocation model last left on this run's dashboard (ui.json), each
+    if there and valid."""
+    try:      # core.files: bounded, and a FIFO in its place is refused, never read
+        state = json.loads(read_bytes(run.path / UI_STATE, "the run's ui.json", limit=4096))
+    except (UserError, OSError, ValueError):
+        return None, None
+    if not isinstance(state, dict):
+        return None, None
+    try:
+        bits = float(state["bits"])
+    except (KeyError, ValueError, TypeError):
+        bits = None
+    if bits is not None and not analysis.BITS_MIN <= bits <= analysis.BITS_MAX:
+        bits = None
+    method = state.get("method")
+    return bits, method if method in analysis.MODELS else None
 
 
 def remembered_bits(run: RunDir) -> float | None:
     """The budget last left on this run's dashboard (ui.json), if any and valid."""
-    try:
-        bits = float(json.loads((run.path / UI_STATE).read_text())["bits"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return bits if analysis.BITS_MIN <= bits <= analysis.BITS_MAX else None
+    return remembered(run)[0]
 
 
-def remember_bits(run: RunDir, bits: float) -> None:
-    """Keep the budget in the run's ui.json (whole or not at all; a read-only run folder
-    just forgets it)."""
+def remember_bits(run: RunDir, bits: float, method: str = IMPQ) -> None:
+    """Keep the budget and model in the run's ui.json (whole or not at all; a read-only
+    run folder just forgets them)."""
     try:
-        write_atomic(run.path / UI_STATE, json.dumps({"bits": bits}) + "\n")
+        write_atomic(run.path / UI_STATE, json.dumps({"bits": bits, "method": method}) + "\n")
     except OSError:
         pass
 
@@ -73,6 +106,7 @@ class Dashboard(Screen):
         Binding("left_square_bracket,shift+left,pagedown", "budget(-0.25)", "budget −0.25", show=False),
         Binding("right_square_bracket,shift+right,pageup", "budget(0.25)", "budget +0.25", show=False),
         Binding("b", "ask_budget", "type a budget", show=False),
+        Binding("m", "next_model", "Model"),
         Binding("p", "pause", "Pause"),
         Binding("p", "resume", "Resume"),
         Binding("s", "stop", "Stop"),
@@ -92,7 +126,9 @@ class Dashboard(Screen):
     D: var[np.ndarray] = var(NO_SAMPLES, init=False, always_update=True)
     costs: var[Costs | None] = var(None, init=False)
     bits: var[float] = var(3.0, init=False)
+    method: var[str] = var(IMPQ, init=False)             # the allocation model (analysis.MODELS)
     solving: var[bool] = var(False, init=False)
+    fitting: var[bool] = var(False, init=False)          # IMPQ-fit's model is being fitted
     fit: var[Fit | None] = var(None, init=False, always_update=True)
     allocation: var[Allocation | None] = var(None, init=False, always_update=True)
     unchanged: var[int | None] = var(None, init=False)    # samples the allocation held for
@@ -113,11 +149,19 @@ class Dashboard(Screen):
         self.set_reactive(Dashboard.bits, analysis.clamp_bits(bits))
         self.k_colors: list | None = None      # K as RGB cells, for the interaction view
         self._allocations: analysis.Allocations | None = None
-        self._frontier_of: np.ndarray | None = None   # the D of the frontier computed or in work
+        self._frontier_of: tuple | None = None   # (model, D) of the frontier computed or in work
         self._frontier_worker = None
         self._solve_worker = None              # the one solve in work (see _solve)
         self._solve_pending = False            # another budget or sample waits for it
-        self._frontiers: dict[int, list[FrontierPoint]] = {}   # complete frontiers by samples
+        # complete frontiers by (model, samples)
+        self._frontiers: dict[tuple[str, int], list[FrontierPoint]] = {}
+        self.P: np.ndarray = NO_PERMS          # the permutations behind the rows of D
+        self.fitted: FitResult | None = None   # IMPQ-fit's latest model (or refusal)
+        self._fit_worker = None                # the one IMPQ-fit process in work
+        self._fit_process: FitProcess | None = None
+        self._fit_started: float | None = None     # when it started (time.monotonic)
+        self._fit_for: np.ndarray = NO_SAMPLES     # the D it fits
+        self._fitted_of: np.ndarray | None = None  # the D that self.fitted was made from
         self._remember_timer = None
         self._first_screen = False           # the first allocation and frontier were drawn
         self._fit_of: np.ndarray | None = None   # the D that self.fit was made from
@@ -137,17 +181,21 @@ class Dashboard(Screen):
                     yield EstimatesPlot(id="estimates-plot")
                     yield SettlePlot(id="settle-plot")
                 yield SettleDetail(id="settle-detail").data_bind(
-                    Dashboard.fit, Dashboard.allocation, Dashboard.unchanged, Dashboard.bits)
+                    Dashboard.fit, Dashboard.allocation, Dashboard.unchanged, Dashboard.bits,
+                    Dashboard.method)
             with TabPane("2 Bits", id="bits"):
                 with Vertical(id="bits-box"):
+                    yield Static(id="bits-title")
                     yield LayerMap(id="layer-map").data_bind(Dashboard.picked)
                     yield LayerDetail(id="layer-detail").data_bind(
-                        Dashboard.fit, Dashboard.allocation, Dashboard.costs, Dashboard.picked)
+                        Dashboard.fit, Dashboard.allocation, Dashboard.costs, Dashboard.picked,
+                        Dashboard.method)
             with TabPane("3 Interactions", id="interactions"):
                 with Horizontal(id="interactions-row"):
                     with VerticalScroll(id="k-scroll"):
                         yield KGrid(id="k-grid")
-                    yield InteractionDetail(id="interaction-detail").data_bind(Dashboard.fit)
+                    yield InteractionDetail(id="interaction-detail").data_bind(
+                        Dashboard.fit, Dashboard.method)
             with TabPane("4 Frontier", id="frontier"):
                 yield FrontierPlot(id="frontier-plot")
             with TabPane("5 Compare", id="compare"):
@@ -166,10 +214,12 @@ class Dashboard(Screen):
                        self.query_one(CompareView)):
             widget.can_focus = False
         if self.remembers:
-            bits = remembered_bits(self.run)      # a few bytes: read before the first draw
+            bits, method = remembered(self.run)   # a few bytes: read before the first draw
             if bits is not None:
                 self.set_reactive(Dashboard.bits, analysis.clamp_bits(bits))
-        self._show_budget()
+            if method is not None:
+                self.set_reactive(Dashboard.method, method)
+        self._show_model()
         self._show_progress()
         self.set_interval(1.0, self._tick)
         self._follower = self.app.run_worker(self._follow, name="follow", group="follow",
@@ -178,9 +228,11 @@ class Dashboard(Screen):
     def on_unmount(self) -> None:
         if self._follower is not None:
             self._follower.cancel()
+        if self._fit_process is not None:          # no fit left running after the app
+            self._fit_process.kill()
         if self._remember_timer is not None:       # a budget not written yet
             self._remember_timer.stop()
-            remember_bits(self.run, self.bits)
+            remember_bits(self.run, self.bits, self.method)
 
     @property
     def remembers(self) -> bool:
@@ -188,9 +240,12 @@ class Dashboard(Screen):
         return self.remember_headless or not self.app.is_headless
 
     def _tick(self) -> None:
-        """Every second: the elapsed clock and ETA of a run going on."""
+        """Every second: the elapsed clock and ETA of a run going on, and the clock of a
+        fit in work."""
         if self.state in ("running", "stopping") and self.snapshot is not None:
             self._show_progress()
+        if self.fitting:
+            self._show_model()
 
     # ------------------------------------------------------------------ the run on disk
     def _follow(self) -> None:
@@ -208,6 +263,7 @@ class Dashboard(Screen):
         if snap.costs is not None and self.costs is None:
             self.costs = snap.costs
         if snap.D.shape != self.D.shape or not np.array_equal(snap.D, self.D):
+            self.P = snap.P         # before D: its watchers read both
             self.D = snap.D
         self.state = self._state_of(snap)
         self._show_log(snap.log)
@@ -272,14 +328,32 @@ class Dashboard(Screen):
 
     def watch_D(self) -> None:
         self.unchanged = None
+        self._ensure_fit()
         self._solve()
         self._maybe_frontier()
 
     def watch_bits(self, bits: float) -> None:
         self.unchanged = None
         self._solve()
-        self._show_budget()
+        self._show_model()
         self.query_one(FrontierPlot).show(bits=bits, y=self._marker_y())
+        self._remember_later()
+
+    def watch_method(self, method: str) -> None:
+        """Another allocation model: its allocation and frontier replace the other's (which
+        are not this model's and are taken off the screen at once)."""
+        self.unchanged = None
+        if method != IMPQ_FIT:
+            self._stop_fit()
+        self.allocation = None
+        self.frontier = None
+        self._ensure_fit()
+        self._solve()
+        self._maybe_frontier()
+        self._show_model()
+        self._remember_later()
+
+    def _remember_later(self) -> None:
         if self.remembers:
             if self._remember_timer is not None:
                 self._remember_timer.stop()
@@ -287,9 +361,9 @@ class Dashboard(Screen):
 
     def _remember(self) -> None:
         self._remember_timer = None
-        run, bits = self.run, self.bits
-        self.app.run_worker(lambda: remember_bits(run, bits), name="remember", group="remember",
-                            thread=True, exit_on_error=False)
+        run, bits, method = self.run, self.bits, self.method
+        self.app.run_worker(lambda: remember_bits(run, bits, method), name="remember",
+                            group="remember", thread=True, exit_on_error=False)
 
     def watch_state(self) -> None:
         self._show_progress()
@@ -297,6 +371,9 @@ class Dashboard(Screen):
 
     def watch_solving(self) -> None:
         self._show_budget()
+
+    def watch_fitting(self) -> None:
+        self._show_model()
 
     def watch_unchanged(self) -> None:
         self._show_budget()
@@ -306,26 +383,33 @@ class Dashboard(Screen):
         self.query_one(SettlePlot).show(fit)
         self.query_one(KGrid).show(fit.model.K if self.k_colors else None, self.k_colors)
 
-    def watch_allocation(self, allocation: Allocation) -> None:
-        phi = tuple(map(float, self.fit.model.phi))
-        self.query_one("#layer-map", LayerMap).show(allocation.bits_per_layer, phi)
-        self.query_one("#budget-strip", LayerMap).show(allocation.bits_per_layer, phi)
-        self._show_budget()
-        self.query_one(FrontierPlot).show(bits=self.bits, y=allocation.predicted_delta_nll)
+    def watch_allocation(self, allocation: Allocation | None) -> None:
+        phi = tuple(map(float, self.fit.model.phi)) if self.fit is not None else None
+        bits = allocation.bits_per_layer if allocation is not None else None
+        self.query_one("#layer-map", LayerMap).show(bits, phi)
+        self.query_one("#budget-strip", LayerMap).show(bits, phi)
+        self._show_model()
+        self.query_one(FrontierPlot).show(bits=self.bits, y=self._marker_y())
 
-    def watch_frontier(self, points: list[FrontierPoint]) -> None:
-        self.query_one(FrontierPlot).show(points, self.bits, self._marker_y())
+    def watch_frontier(self, points: list[FrontierPoint] | None) -> None:
+        self.query_one(FrontierPlot).show(points or [], self.bits, self._marker_y())
 
     @property
     def is_current(self) -> bool:
-        """Everything on screen reflects the run on disk and the budget held now (for
-        tests and the screenshot script, which wait for it)."""
+        """Everything on screen reflects the run on disk, the budget and the model held
+        now (for tests and the screenshot script, which wait for it)."""
         if self.snapshot is None:
             return False
         if not len(self.D) or self.costs is None:
             return True
-        return (not self.solving and self.fit is not None and self.fit.samples == len(self.D)
-                and self.allocation is not None and self.allocation.target_bits == self.bits)
+        settled = not self.solving and self.fit is not None and self.fit.samples == len(self.D)
+        if self.method == IMPQ_FIT:
+            if self.fitting or self.fitted is None or self._fitted_of is not self.D:
+                return False
+            if self.fitted.model is None:      # core.fit refused: its message is shown
+                return settled and self.allocation is None
+        return (settled and self.allocation is not None
+                and self.allocation.target_bits == self.bits)
 
     @property
     def allocations(self) -> analysis.Allocations | None:
@@ -335,11 +419,13 @@ class Dashboard(Screen):
         return self._allocations
 
     def _solve(self) -> None:
-        """Fit the samples and solve at the budget, in a worker. One solve at a time: a
-        newer budget or sample cancels the one in flight (its answer would be stale, and
-        SCIP finishes the solve it is in) and starts when it has ended, so keys pressed
-        faster than SCIP solves skip the budgets passed over instead of piling up threads
-        that would leave the screen a fraction of the GIL."""
+        """Fit the samples and solve at the budget by the chosen model, in a worker. One
+        solve at a time: a newer budget, model or sample cancels the one in flight (its
+        answer would be stale, and SCIP finishes the solve it is in) and starts when it
+        has ended, so keys pressed faster than SCIP solves skip the budgets passed over
+        instead of piling up threads that would leave the screen a fraction of the GIL.
+        IMPQ-fit solves with the latest model fitted (FitProcess), which may be of fewer
+        samples while the next fit is in work; the panes say so."""
         if self.costs is None or not len(self.D):
             return
         self.solving = True
@@ -347,9 +433,11 @@ class Dashboard(Screen):
             self._solve_worker.cancel()
             self._solve_pending = True
             return
-        D, bits, allocations, of = self.D.copy(), self.bits, self.allocations, self.D
+        D, P, bits, method = self.D.copy(), self.P.copy(), self.bits, self.method
+        allocations, of = self.allocations, self.D
         # a new budget on the same samples keeps their fit (and the plots drawn from it)
         fitted = (self.fit, self.k_colors) if self._fit_of is of and self.fit is not None else None
+        states = self.fitted if method == IMPQ_FIT else None    # IMPQ-fit's model, if any
 
         def fit_and_solve() -> None:
             worker = get_current_worker()
@@ -359,14 +447,22 @@ class Dashboard(Screen):
                     colors = diverging_colors(fit.model.K) if np.any(fit.model.K) else None
                 else:
                     fit, colors = fitted
-                allocation = allocations.get(D, bits, fit.model)
+                if method == IMPQ:
+                    allocation = allocations.get(D, bits, fit.model)
+                elif method != IMPQ_FIT:
+                    allocation = allocations.get(D, bits, method=method, perms=P)
+                elif states is not None and states.model is not None:
+                    allocation = allocations.get(states.D, bits, method=method, perms=states.P,
+                                                 fitted=states.model)
+                else:
+                    allocation = None        # being fitted, or core.fit refused
                 if worker.is_cancelled:
                     return
-                self.post_message(Fitted(fit, bits, allocation, colors, of))
-                unchanged = analysis.unchanged_for(D, allocations, bits,
+                self.post_message(Fitted(fit, bits, allocation, colors, of, method))
+                unchanged = analysis.unchanged_for(D, allocations, bits, method=method, perms=P,
                                                    cancelled=lambda: worker.is_cancelled)
                 if not worker.is_cancelled:
-                    self.post_message(Stability(len(D), bits, unchanged))
+                    self.post_message(Stability(len(D), bits, unchanged, method))
             finally:
                 self.post_message(SolveEnded(worker))
 
@@ -382,8 +478,8 @@ class Dashboard(Screen):
             self._solve()
 
     def on_fitted(self, message: Fitted) -> None:
-        if message.bits != self.bits or message.of is not self.D:
-            return    # a newer budget or sample is being solved
+        if message.bits != self.bits or message.of is not self.D or message.method != self.method:
+            return    # a newer budget, sample or model is being solved
         self.solving = False
         self._fit_of = message.of
         if message.fit is not self.fit:
@@ -391,6 +487,73 @@ class Dashboard(Screen):
             self.fit = message.fit
         self.allocation = message.allocation
         self._when_idle()
+
+    # ------------------------------------------------------------------ IMPQ-fit's model
+    def _ensure_fit(self) -> None:
+        """With IMPQ-fit chosen, fit its model of the samples on screen in a child process,
+        unless it is fitted or a fit is in work. One fit at a time: one in work for fewer
+        samples finishes first (a fit of 80 layers takes a minute on 2 cores; a run adds
+        a sample every few seconds, and cancelling on each would never let one end), and
+        on_model_fitted then starts the next."""
+        if self.method != IMPQ_FIT or not len(self.D) or self._fit_worker is not None:
+            return
+        if self.fitted is not None and self._fitted_of is self.D:
+            return
+        D, P = self.D, self.P
+        process = self._fit_process = FitProcess(D, P)
+        self._fit_for = D
+        self._fit_started = time.monotonic()
+        self.fitting = True
+
+        def fit() -> None:
+            worker = get_current_worker()
+            result = None
+            try:
+                result = process.result(cancelled=lambda: worker.is_cancelled)
+            finally:
+                self.post_message(ModelFitted(worker, result))
+
+        self._fit_worker = self.app.run_worker(fit, name="impq-fit", group="impq-fit",
+                                               thread=True, exit_on_error=False)
+
+    def _stop_fit(self) -> None:
+        """Kill the fit in work (another model was chosen, or the screen goes away)."""
+        if self._fit_process is not None:
+            self._fit_process.kill()
+        if self._fit_worker is not None:
+            self._fit_worker.cancel()
+        self._fit_worker = self._fit_process = None
+        self.fitting = False
+
+    def on_model_fitted(self, message: ModelFitted) -> None:
+        if message.worker is not self._fit_worker:
+            return     # killed: another model was chosen meanwhile
+        self._fit_worker = self._fit_process = None
+        if message.result is not None:         # None: it failed, and the app says why
+            self.fitted, self._fitted_of = message.result, self._fit_for
+        self.fitting = False
+        if self.method == IMPQ_FIT and message.result is not None:
+            self._ensure_fit()       # samples that came meanwhile are fitted next
+            self._solve()
+            self._maybe_frontier()
+        self._show_model()
+
+    def _model_note(self) -> str | None:
+        """Where IMPQ-fit's model stands when it is not simply fitted to the samples on
+        screen: being fitted (with its clock), fitted to fewer samples, or refused by
+        core.fit (its own words: too few samples)."""
+        if self.method != IMPQ_FIT or not len(self.D):
+            return None
+        parts = []
+        done = self.fitted
+        if done is not None and done.model is not None and self._fitted_of is not self.D:
+            parts.append(f"fitted on {done.samples} of {len(self.D)} samples")
+        if self.fitting:
+            took = time.monotonic() - (self._fit_started or time.monotonic())
+            parts.append(f"fitting on {len(self._fit_for)} samples… {took:.0f} s")
+        elif done is not None and done.error is not None:
+            parts.append(done.error)
+        return " · ".join(parts) or None
 
     def _when_idle(self) -> None:
         """What waits until the first screen and the frontier are drawn: the saved
@@ -404,26 +567,40 @@ class Dashboard(Screen):
         self.query_one(CompareView).load_saved(self.run, snap.config.backend, len(snap.D), self.bits)
 
     def on_stability(self, message: Stability) -> None:
-        if message.bits == self.bits and message.samples == len(self.D):
+        if (message.bits == self.bits and message.samples == len(self.D)
+                and message.method == self.method):
             self.unchanged = message.unchanged
 
     def _maybe_frontier(self) -> None:
-        """41 solves, coarse budgets first (analysis.frontier_progress), drawn as they come:
-        worth it when the frontier is on screen, or when no run competes for the CPU. New
-        samples make the one in work stale: it is cancelled and the new one starts; a
-        complete frontier is kept per sample count. The solve at the budget and its
-        stability check go first: the frontier waits while they run."""
-        if self.allocations is None or not len(self.D) or self._frontier_of is self.D:
+        """41 solves by the chosen model, coarse budgets first (analysis.frontier_progress),
+        drawn as they come: worth it when the frontier is on screen, or when no run
+        competes for the CPU. New samples make the one in work stale: it is cancelled and
+        the new one starts; a complete frontier is kept per model and sample count. The
+        solve at the budget and its stability check go first: the frontier waits while they
+        run. IMPQ-fit's waits for its model of these samples."""
+        method, D = self.method, self.D
+        if self.allocations is None or not len(D) or (
+                self._frontier_of is not None and self._frontier_of[0] == method
+                and self._frontier_of[1] is D):
             return
         if self._frontier_worker is not None:
-            self._frontier_worker.cancel()      # of older samples: stale
+            self._frontier_worker.cancel()      # of older samples or another model: stale
             self._frontier_worker = None
         if self.query_one(TabbedContent).active != "frontier" and self.writer is not None:
             return
-        D, allocations = self.D, self.allocations
-        self._frontier_of = D
-        if len(D) in self._frontiers:
-            self.frontier = self._frontiers[len(D)]
+        states = None
+        if method == IMPQ_FIT:
+            if self.fitted is None or self._fitted_of is not D:
+                return                          # on_model_fitted comes back here
+            if self.fitted.model is None:       # refused: the plot says why
+                self._frontier_of = (method, D)
+                self.frontier = []
+                return
+            states = self.fitted.model
+        P, allocations = self.P, self.allocations
+        self._frontier_of = (method, D)
+        if (method, len(D)) in self._frontiers:
+            self.frontier = self._frontiers[(method, len(D))]
             return
 
         def frontier() -> None:
@@ -435,8 +612,9 @@ class Dashboard(Screen):
                     time.sleep(0.02)
                 return worker.is_cancelled
 
-            for points, complete in analysis.frontier_progress(D, allocations, cancelled=cancelled):
-                self.post_message(FrontierReady(len(D), points, complete))
+            for points, complete in analysis.frontier_progress(
+                    D, allocations, method=method, perms=P, fitted=states, cancelled=cancelled):
+                self.post_message(FrontierReady(len(D), points, complete, method))
 
         self._frontier_worker = self.app.run_worker(frontier, name="frontier", group="frontier",
                                                     exclusive=True, thread=True, exit_on_error=False)
@@ -447,10 +625,10 @@ class Dashboard(Screen):
         return self.solving or self._solve_worker is not None
 
     def on_frontier_ready(self, message: FrontierReady) -> None:
-        if message.samples != len(self.D):
+        if message.samples != len(self.D) or message.method != self.method:
             return       # stale: a newer frontier is in work
         if message.complete:
-            self._frontiers[message.samples] = message.points
+            self._frontiers[(message.method, message.samples)] = message.points
         self.frontier = message.points
         if message.complete:
             self._frontier_worker = None        # it has nothing left to do
@@ -530,13 +708,32 @@ class Dashboard(Screen):
         config = self.config
         full = (analysis.full_precision_bytes(self.costs, config.dtype)
                 if self.costs is not None and config is not None else None)
+        # the negative-prediction test of noise_note holds for the paper's model only
+        allocation = self.allocation if self.method == IMPQ else None
         self.query_one(BudgetPane).show(
             bits=self.bits, allocation=self.allocation, full_bytes=full,
             dtype=config.dtype if config else "", solving=self.solving, unchanged=self.unchanged,
             relative_se=self.fit.settle[-1] if self.fit and self.fit.settle else None,
             samples=len(self.D),
             budget_bytes=budget_bytes(self.costs, self.bits) if self.costs is not None else None,
-            noise=analysis.noise_note(self.fit, self.allocation) if self.fit is not None else None)
+            noise=analysis.noise_note(self.fit, allocation) if self.fit is not None else None,
+            method=self.method, model_note=self._model_note())
+
+    def _show_model(self) -> None:
+        """Which model the allocation and its predictions are of, wherever they are shown:
+        the budget pane, the bit map's title, the picked layer's terms and the frontier."""
+        self._show_budget()
+        note = self._model_note()
+        label = model_label(self.method)
+        title = f"[b]{escape(label)}[/b] allocation at {self.bits:.2f} bits"
+        if note is not None:
+            title += f" · [$warning]{escape(note)}[/]"
+        self.query_one("#bits-title", Static).update(title)
+        detail = self.query_one(LayerDetail)
+        done = self.fitted
+        detail.fitted_u = (done.model.u if self.method == IMPQ_FIT and done is not None
+                           and done.model is not None else None)
+        self.query_one(FrontierPlot).set_model(label, note)
 
     # ------------------------------------------------------------------ actions
     def check_action(self, action: str, parameters: tuple) -> bool | None:
@@ -610,10 +807,17 @@ class Dashboard(Screen):
         from impq_tui.screens.export import ExportScreen
 
         if self.allocation is None:
-            self.app.notify("No allocation yet: export needs at least one finished sample.",
-                            severity="warning", timeout=4)
+            why = self._model_note() if len(self.D) else None
+            self.app.notify(f"No {model_label(self.method, short=True)} allocation yet: "
+                            + (why or "export needs at least one finished sample."),
+                            severity="warning", timeout=6)
             return
-        self.app.push_screen(ExportScreen(self.run, self.allocation, self.bits))
+        self.app.push_screen(ExportScreen(self.run, self.allocation, self.bits, self.method))
+
+    def action_next_model(self) -> None:
+        """m: the next allocation model, IMPQ (the paper's) -> IMPQ-local -> IMPQ-fit (our
+        extensions) -> IMPQ."""
+        self.method = analysis.next_model(self.method)
 
     def action_compare(self) -> None:
         self.action_view("compare")     # the key's answer is on screen at once

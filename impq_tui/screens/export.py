@@ -1,6 +1,7 @@
-"""Export the allocation at the chosen budget: pick a backend and a folder, optionally
-measure perplexity first (core.evaluate), then write a model ordinary tools load
-(core.export, shared with the headless CLI)."""
+"""Export the allocation at the chosen budget, by the allocation model chosen on the
+dashboard (IMPQ, or our IMPQ-local or IMPQ-fit, as `export --local/--fit`): pick a
+backend and a folder, optionally measure perplexity first (core.evaluate), then write a
+model ordinary tools load (core.export, shared with the headless CLI)."""
 from __future__ import annotations
 
 import threading
@@ -14,15 +15,27 @@ from textual.containers import Grid, Horizontal, Vertical
 from textual.markup import escape
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Button, Checkbox, Footer, Input, Label, RichLog, Select, Static
+from textual.widgets import (
+    Button,
+    Checkbox,
+    Footer,
+    Input,
+    Label,
+    RichLog,
+    Select,
+    Static,
+)
 from textual.worker import get_current_worker
 
 from core import events
+from core.evaluate import result_stem
 from core.export import EXPORT_BACKENDS, ExportResult, export_model
+from core.results import IMPQ
 from core.runs import RunDir
-from core.spqe import Cancelled
 from core.solver import Allocation
+from core.spqe import Cancelled
 
+from impq_tui.analysis import model_label
 from impq_tui.messages import JobStep, LogLine
 from impq_tui.report import fmt_bytes
 from impq_tui.widgets.panes import JobProgress
@@ -41,9 +54,11 @@ class ExportScreen(Screen):
         Binding("escape", "back", "Back"),
     ]
 
-    def __init__(self, run: RunDir, allocation: Allocation, bits: float) -> None:
+    def __init__(self, run: RunDir, allocation: Allocation, bits: float,
+                 method: str = IMPQ) -> None:
+        """method: the allocation model `allocation` is of (core.results.RUN_METHODS)."""
         super().__init__()
-        self.run, self.allocation, self.bits = run, allocation, bits
+        self.run, self.allocation, self.bits, self.method = run, allocation, bits, method
         self.busy = False
         self.cancel = threading.Event()      # export_model stops between its steps
 
@@ -53,9 +68,10 @@ class ExportScreen(Screen):
         backend = (self.run.config.backend if self.run.config.backend in EXPORT_BACKENDS
                    else EXPORT_BACKENDS[0])
         with Vertical(id="export"):
-            yield Static(f"[b]Export[/b] the allocation at [b]{self.bits:.2f}[/b] bits: {high} of "
-                         f"{len(a.bits_per_layer)} layers at 4 bits, {fmt_bytes(a.bytes)} "
-                         f"({a.avg_bits:.3f} bits/weight with metadata)", id="export-title")
+            yield Static(f"[b]Export[/b] the [b]{escape(model_label(self.method))}[/b] allocation "
+                         f"at [b]{self.bits:.2f}[/b] bits: {high} of {len(a.bits_per_layer)} "
+                         f"layers at 4 bits, {fmt_bytes(a.bytes)} ({a.avg_bits:.3f} bits/weight "
+                         "with metadata)", id="export-title")
             with Grid(id="export-form"):
                 yield Label("Backend")
                 yield Select([(b, b) for b in EXPORT_BACKENDS], value=backend, allow_blank=False,
@@ -88,7 +104,9 @@ class ExportScreen(Screen):
         self.cancel.set()      # quitting stops a job in flight (and kills a verify process)
 
     def _default_out(self, backend: str) -> str:
-        return str(self.run.path / "exports" / f"{backend}-{self.bits:.2f}")
+        # IMPQ's folder as before; our models' get the suffix of their files (-local, -fit)
+        model = result_stem(self.bits, method=self.method).removeprefix(result_stem(self.bits))
+        return str(self.run.path / "exports" / f"{backend}-{self.bits:.2f}{model}")
 
     @on(Select.Changed, "#export-backend")
     def _backend_changed(self, event: Select.Changed) -> None:
@@ -172,9 +190,10 @@ class ExportScreen(Screen):
                 return
             if not worker.is_cancelled:
                 exported = export_model(self.run, bits, backend, out, force=force,
-                                        target_bits=self.bits, evaluate=evaluate, verify=verify,
-                                        eval_text=eval_text, callback=callback, cancel=self.cancel)
-                self.post_message(TaskDone("export", describe(exported)))
+                                        target_bits=self.bits, method=self.method,
+                                        evaluate=evaluate, verify=verify, eval_text=eval_text,
+                                        callback=callback, cancel=self.cancel)
+                self.post_message(TaskDone("export", describe(exported, self.method)))
         except Cancelled:
             self.post_message(TaskDone("cancelled", "export" if export else "evaluation"))
         finally:
@@ -187,14 +206,14 @@ class ExportScreen(Screen):
 
         result = evaluate_allocation(self.run, bits, eval_text=eval_text, backend=backend,
                                      callback=callback, cancel=self.cancel)
-        record = {**result.to_json(), "allocation": self.allocation.to_json(),
-                  "run": str(self.run.path)}
-        from core.evaluate import result_stem
-
-        self.run.write_json(f"evals/{result_stem(self.bits)}-{result.backend}.json", record)
+        record = {**result.to_json(), "method": self.method,
+                  "allocation": self.allocation.to_json(), "run": str(self.run.path)}
+        self.run.write_json(f"evals/{result_stem(self.bits, method=self.method)}-"
+                            f"{result.backend}.json", record)
         simulated = (f"{result.ppl_simulated:.3f} simulated, "
                      if result.ppl_simulated is not None else "")
         self.post_message(TaskDone("eval", (
+            f"{model_label(self.method)} allocation: "
             f"perplexity {result.ppl:.3f} with {result.backend} modules, {simulated}"
             f"{result.ppl_original:.3f} unquantized ({result.eval_tokens:,} tokens of "
             f"{result.eval_text})")))
@@ -229,11 +248,11 @@ class ExportScreen(Screen):
         result.update(f"[$error]{escape(text)}[/]" if kind == "error" else escape(text))
 
 
-def describe(result: ExportResult) -> str:
-    """A few lines for an ExportResult."""
+def describe(result: ExportResult, method: str = IMPQ) -> str:
+    """A few lines for an ExportResult of an allocation by `method`."""
     lines = [f"exported to {result.out_dir}",
-             f"{fmt_bytes(result.bytes)} of quantized weights (budget "
-             f"{fmt_bytes(result.budget_bytes)}), {result.avg_bits:.3f} bits/weight, "
+             f"the {model_label(method)} allocation: {fmt_bytes(result.bytes)} of quantized "
+             f"weights (budget {fmt_bytes(result.budget_bytes)}), {result.avg_bits:.3f} bits/weight, "
              f"{fmt_bytes(result.disk_bytes)} on disk, {result.seconds:.0f} s"]
     if result.ppl is not None:
         ppl = f"perplexity {result.ppl:.3f}"

@@ -64,7 +64,11 @@ HELP_PANES = (
     ("5 Compare", "perplexity of IMPQ and the four isolated baselines at the same memory, with "
                   "the real backend (`impq-tui compare`); c runs it in the background."),
     ("6 Log", "what the engine reported."),
-    ("e Export", "evaluate perplexity and export the allocation with quanto, HQQ or GPTQ."),
+    ("m Model", "the allocation model every pane shows: IMPQ (the paper's, the default), or our "
+                "extensions IMPQ-local (weighted toward the budget) and IMPQ-fit (fitted to the "
+                "states SPQE visited, in a process of its own; it needs 2 samples)."),
+    ("e Export", "evaluate perplexity and export the allocation of the chosen model with quanto, "
+                 "HQQ or GPTQ."),
 )
 
 HELP_OUTRO = ("SPQE runs in a process of its own that writes the run folder, which the app "

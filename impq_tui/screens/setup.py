@@ -37,6 +37,7 @@ class SetupDefaults:
     windows: int | None = None        # None: the device's default
     window_tokens: int | None = None
     group_size: int = RunConfig.group_size
+    gguf_types: str = "Q2_K,Q4_K"     # the gguf backend's low and high llama.cpp types
     antithetic: bool = False
     run_dir: str = ""
 
@@ -77,7 +78,7 @@ def run_name(model: str) -> str:
 FIELD_LABELS = {
     "model": "Model", "calib_text": "Calibration text", "backend": "Backend",
     "samples": "Samples M", "seed": "Seed", "device": "Device", "windows": "Windows",
-    "window_tokens": "Tokens per window", "group_size": "Group size",
+    "window_tokens": "Tokens per window", "group_size": "Group size", "gguf_types": "GGUF types",
     "antithetic": "Antithetic pairs", "run_dir": "Run folder", "resume": "Run folder",
     "micro_batch": "micro-batch", "gpus": "GPUs",
 }
@@ -127,8 +128,15 @@ class SetupScreen(Screen):
                 yield Input(d.calib_text, id="calib_text", compact=True,
                             placeholder="builtin, wikitext2, c4 or a .txt/.jsonl/.parquet path")
                 yield Label("Backend")
-                yield Select([("quanto", "quanto"), ("hqq", "hqq")], value=d.backend,
-                             allow_blank=False, id="backend", compact=True)
+                yield Select([("quanto", "quanto"), ("hqq", "hqq"), ("gguf (llama.cpp)", "gguf")],
+                             value=d.backend, allow_blank=False, id="backend", compact=True)
+                # Shown only for the gguf backend: its pair of llama.cpp types.
+                gguf_label = Label("GGUF types", id="gguf_types_label")
+                gguf_types = Input(d.gguf_types, id="gguf_types", compact=True,
+                                   placeholder="low,high: Q2_K,Q4_K (K-quants, Q8_0, IQ types)")
+                gguf_label.display = gguf_types.display = d.backend == "gguf"
+                yield gguf_label
+                yield gguf_types
                 yield Label("Samples M")
                 yield Input(str(d.samples or self._auto_samples), id="samples", compact=True)
                 yield Label("Seed")
@@ -180,6 +188,14 @@ class SetupScreen(Screen):
             self.query_one("#samples", Input).value = str(samples)
         self._auto_samples = samples
         self._estimate_soon()
+
+    @on(Select.Changed, "#backend")
+    def _backend_changed(self, event: Select.Changed) -> None:
+        self._show_gguf_types(str(event.value) == "gguf")
+
+    def _show_gguf_types(self, shown: bool) -> None:
+        for widget in (self.query_one("#gguf_types_label"), self.query_one("#gguf_types")):
+            widget.display = shown
 
     @on(Input.Changed, "#model, #windows, #window_tokens")
     def _shape_changed(self) -> None:
@@ -333,6 +349,8 @@ class SetupScreen(Screen):
         request = RunRequest(
             model=self.value("model") or "embedded", calib_text=self.value("calib_text"),
             backend=str(self.query_one("#backend", Select).value),
+            gguf_types=(self.value("gguf_types") or None
+                        if str(self.query_one("#backend", Select).value) == "gguf" else None),
             group_size=self.integer("group_size"), samples=self.integer("samples"),
             windows=self.integer("windows"), window_tokens=self.integer("window_tokens"),
             seed=self.integer("seed"), antithetic=self.query_one("#antithetic", Checkbox).value)

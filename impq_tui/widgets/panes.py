@@ -8,16 +8,23 @@ from rich.text import Text
 from textual import events
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
+from textual.markup import escape
 from textual.message import Message
 from textual.reactive import reactive
 from textual.widget import Widget
-from textual.markup import escape
 from textual.widgets import ProgressBar, Static
 
 from core import events as engine_events
 from core.solver import Allocation
 
-from impq_tui.analysis import BITS_MAX, BITS_MIN, STABILITY_WINDOW, clamp_bits
+from impq_tui.analysis import (
+    BITS_MAX,
+    BITS_MIN,
+    IMPQ,
+    STABILITY_WINDOW,
+    clamp_bits,
+    model_label,
+)
 from impq_tui.report import fmt_bytes, fmt_duration, fmt_nats
 from impq_tui.widgets.layer_map import LayerMap
 
@@ -183,8 +190,8 @@ class BudgetSlider(Widget):
 
 
 class BudgetPane(Vertical):
-    """The budget, the bytes it means, the predicted loss increase, the solver, and the
-    layers in compact form."""
+    """The budget, the bytes it means, the allocation model and the loss increase it
+    predicts, the solver, and the layers in compact form."""
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="budget-row"):
@@ -203,26 +210,35 @@ class BudgetPane(Vertical):
     def show(self, *, bits: float, allocation: Allocation | None, full_bytes: int | None,
              dtype: str, solving: bool, unchanged: int | None, relative_se: float | None,
              samples: int, note: str = "", budget_bytes: int | None = None,
-             noise: str | None = None) -> None:
+             noise: str | None = None, method: str = IMPQ, model_note: str | None = None) -> None:
         """bits: the budget, nominal (2 = every layer's 2-bit size, scales included; 4 the
         same at 4 bits); budget_bytes: what it allows; noise: why the estimates are still
-        noise (analysis.noise_note), if they are."""
+        noise (analysis.noise_note), if they are; method: the allocation model (IMPQ or one
+        of our extensions, named as analysis.model_label names them); model_note: where
+        its model stands (IMPQ-fit being fitted, or refused), if not simply ready."""
         self.show_bits(bits, budget_bytes)
+        model = f"[b]{escape(model_label(method))}[/b]"
         if allocation is None:
             self.query_one("#budget-bytes", Static).update(
-                note or "the allocation appears after the first finished sample")
-            self.query_one("#budget-solver", Static).update("solving…" if solving else "")
+                f"[$warning]{escape(model_note)}[/]" if model_note and samples
+                else note or "the allocation appears after the first finished sample")
+            self.query_one("#budget-solver", Static).update(
+                model + (" · solving…" if solving else ""))
             return
         a = allocation
         high = sum(b == 4 for b in a.bits_per_layer)
         share = f" ({a.bytes / full_bytes:.0%})" if full_bytes else ""
         self.query_one("#budget-bytes", Static).update(
             f"[bold]{fmt_bytes(a.bytes)}[/] · Δloss [bold]{fmt_nats(a.predicted_delta_nll)}[/] "
-            f"nats/token · {a.weight_bits:.2f} bits nominal, {a.avg_bits:.2f} effective (with "
-            f"scales) · of {fmt_bytes(full_bytes)} {dtype}{share}")
+            f"nats/token by {escape(model_label(method, short=True))} · {a.weight_bits:.2f} bits "
+            f"nominal, {a.avg_bits:.2f} effective (with scales) · of {fmt_bytes(full_bytes)} "
+            f"{dtype}{share}")
         took = f" {a.seconds * 1000:.0f} ms" if getattr(self.app, "timings", True) else ""
         solver = f"SCIP {a.status}{took}" + (" · solving…" if solving else "")
-        parts = [solver, f"[$success]{high}/{len(a.bits_per_layer)} at 4 bits[/]"]
+        parts = [model]
+        if model_note:
+            parts.append(f"[$warning]{escape(model_note)}[/]")
+        parts += [solver, f"[$success]{high}/{len(a.bits_per_layer)} at 4 bits[/]"]
         if noise is not None:
             parts.append(f"[$warning]estimates still noise[/]: {escape(noise)}")
         if unchanged is not None:

@@ -97,16 +97,36 @@ class SettlePlot(_Plot):
 
 
 class FrontierPlot(_Plot):
-    """Predicted loss increase of the optimal allocation against the target bits."""
+    """Predicted loss increase of the optimal allocation against the target bits, by the
+    allocation model named in the title (set_model)."""
 
-    TITLE = "predicted loss increase (nats/token) vs average bits"
+    WHAT = "predicted Δloss, nats/token"     # after the model's name: fits 60 columns
+    TITLE = WHAT
     EMPTY = "the frontier appears after the first sample"
 
-    def on_mount(self) -> None:
+    def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
+        super().__init__(id=id, classes=classes)
         self.points: list[FrontierPoint] = []
         self.bits: float | None = None
         self.y: float | None = None
-        self._empty(self.TITLE)
+        self.note: str | None = None     # why there is no frontier (set_model)
+
+    def on_mount(self) -> None:
+        self.show()
+
+    def set_model(self, label: str, note: str | None = None) -> None:
+        """The model whose predictions are drawn (analysis.model_label), and, while it has
+        no frontier, why (IMPQ-fit being fitted, or refused)."""
+        title = f"{label}: {self.WHAT}"
+        if (title, note) != (self.TITLE, self.note):
+            self.TITLE, self.note = title, note
+            self.show()
+
+    def render(self):
+        if not self.points and self.note:      # a sentence, wrapped, rather than plotted
+            return Text.assemble((self.TITLE, "bold"), "\n\n", (self.note, "yellow"),
+                                 overflow="fold", justify="center")
+        return super().render()
 
     def show(self, points: list[FrontierPoint] | None = None, bits: float | None = None,
              y: float | None = None) -> None:
