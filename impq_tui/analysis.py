@@ -5,7 +5,8 @@ worker threads call these and the tests can check them against the engine direct
     Allocations(costs).get(D, bits)      the allocation at a budget (SCIP), as `impq-tui solve`,
                                          by IMPQ or one of our extensions (method=)
     unchanged_for(D, allocations, bits)  how many of the last samples left that allocation alone
-    frontier_points(D, allocations)      predicted loss increase over the whole 2..4 bits range
+    frontier_points(D, allocations)      predicted loss increase over the run's whole bits range
+                                         (2..4 for the paper's levels; frontier_grid)
     FitProcess(D, P).result()            IMPQ-fit's model (core.fit), fitted in a child process
 
 The allocation model is one of core.results.RUN_METHODS: IMPQ (the paper's, the default),
@@ -65,15 +66,54 @@ def next_model(method: str) -> str:
 @dataclass(frozen=True)
 class Fit:
     """The quadratic model of M samples and the settle curve: after each m = 2..M samples,
-    the largest standard error relative to its estimate (see `relative_se`)."""
+    the largest standard error relative to its estimate (see `relative_se`).
+
+    With more than two levels the model's entries are drops (layer i's step k is entry
+    i*S + k, k = 0 the step down from the highest level); `layer` sums each layer's steps:
+    its whole drop from the highest level to the lowest (layer_terms). With two levels
+    `layer` is the model's own phi, se and K."""
     model: QuadraticModel
     settle_m: tuple[int, ...]
     settle: tuple[float, ...]
     paired: bool
+    steps: int = 1                       # S = levels - 1
+    layer: "LayerTerms | None" = None    # per layer; None: the model's own (two levels)
 
     @property
     def samples(self) -> int:
         return self.model.samples
+
+    @property
+    def layer_phi(self) -> np.ndarray:
+        return self.model.phi if self.layer is None else self.layer.phi
+
+    @property
+    def layer_se(self) -> np.ndarray:
+        return self.model.se if self.layer is None else self.layer.se
+
+    @property
+    def layer_K(self) -> np.ndarray:
+        return self.model.K if self.layer is None else self.layer.K
+
+
+@dataclass(frozen=True)
+class LayerTerms:
+    """Per layer, its steps summed: phi (the mean of the per-sample row sums
+    D[:, i*S:(i+1)*S].sum(1)), se of that mean from those row sums (the steps of one
+    layer are correlated, so their variances do not add), and K summed over both
+    layers' steps (the model's q.K.q term of two layers taken all the way down)."""
+    phi: np.ndarray
+    se: np.ndarray
+    K: np.ndarray
+
+
+def layer_terms(D: np.ndarray, model: QuadraticModel, steps: int, paired: bool = False,
+                alpha: float = 0.5) -> LayerTerms:
+    M, n = D.shape
+    L = n // steps
+    sums = quadratic_model(D.reshape(M, L, steps).sum(axis=2), alpha=alpha, paired=paired)
+    K = model.K.reshape(L, steps, L, steps).sum(axis=(1, 3))
+    return LayerTerms(phi=sums.phi, se=sums.se, K=K)
 
 
 def relative_se(model: QuadraticModel) -> float:
@@ -84,13 +124,15 @@ def relative_se(model: QuadraticModel) -> float:
     return float(np.max(model.se / np.maximum(mag, floor)))
 
 
-def fit(D: np.ndarray, paired: bool = False, alpha: float = 0.5) -> Fit:
+def fit(D: np.ndarray, paired: bool = False, alpha: float = 0.5, steps: int = 1) -> Fit:
+    """steps: S = levels - 1 of the run (D has L x S columns)."""
     D = np.asarray(D, dtype=np.float64)
     model = quadratic_model(D, alpha=alpha, paired=paired)
     first = 4 if paired else 2          # se needs two independent draws
     ms = tuple(range(first, len(D) + 1))
     settle = tuple(relative_se(quadratic_model(D[:m], alpha=alpha, paired=paired)) for m in ms)
-    return Fit(model=model, settle_m=ms, settle=settle, paired=paired)
+    layer = layer_terms(D, model, steps, paired, alpha) if steps > 1 else None
+    return Fit(model=model, settle_m=ms, settle=settle, paired=paired, steps=steps, layer=layer)
 
 
 def _digest(*arrays: np.ndarray | None) -> bytes:
@@ -182,7 +224,21 @@ class FrontierPoint:
     bits: float                  # target average bits b
     avg_bits: float              # effective bits per weight with metadata
     predicted: float             # Delta(q) of the optimal q at b
-    high_layers: int             # layers at 4 bits
+    high_layers: int             # layers at the highest level (4 bits for the paper's)
+
+
+def bits_range(levels=(2, 4)) -> tuple[float, float]:
+    """The budgets a run's levels allow: all at the lowest .. all at the highest."""
+    return float(min(levels)), float(max(levels))
+
+
+def frontier_grid(levels=(2, 4)) -> tuple[float, ...]:
+    """The frontier's budgets: every 0.05 bits over the levels' range (core.solver's
+    FRONTIER_GRID, 2.00 .. 4.00, for the paper's)."""
+    lo, hi = bits_range(levels)
+    if (lo, hi) == (2.0, 4.0):
+        return FRONTIER_GRID
+    return tuple(round(lo + 0.05 * k, 2) for k in range(round((hi - lo) / 0.05) + 1))
 
 
 def frontier_order(grid=FRONTIER_GRID) -> list[float]:
@@ -194,7 +250,7 @@ def frontier_order(grid=FRONTIER_GRID) -> list[float]:
     return order + [b for b in grid if b not in order]
 
 
-def frontier_progress(D: np.ndarray, allocations: Allocations, grid=FRONTIER_GRID, *,
+def frontier_progress(D: np.ndarray, allocations: Allocations, grid=None, *,
                       method: str = IMPQ, perms: np.ndarray | None = None,
                       fitted: FittedModel | None = None,
                       cancelled: Callable[[], bool] = lambda: False, every_s: float = 0.25
@@ -204,7 +260,10 @@ def frontier_progress(D: np.ndarray, allocations: Allocations, grid=FRONTIER_GRI
     once the half bits are solved, then at most every `every_s`, and last with every point
     (complete True). Each budget is solved as core.solver.frontier solves it (IMPQ-local:
     with the model of that budget), through the cache of `allocations`; stops without a
-    last yield once `cancelled()` says so."""
+    last yield once `cancelled()` says so. grid: the run's (frontier_grid of its levels)
+    unless given."""
+    grid = frontier_grid(allocations.costs.levels) if grid is None else grid
+    top = allocations.costs.levels[-1]
     model = (quadratic_model(D, alpha=allocations.alpha, paired=allocations.paired)
              if method == IMPQ else None)
     order = frontier_order(grid)
@@ -217,13 +276,13 @@ def frontier_progress(D: np.ndarray, allocations: Allocations, grid=FRONTIER_GRI
         alloc = allocations.get(D, b, model, method=method, perms=perms, fitted=fitted)
         points[b] = FrontierPoint(bits=float(b), avg_bits=alloc.avg_bits,
                                   predicted=alloc.predicted_delta_nll,
-                                  high_layers=sum(x == 4 for x in alloc.bits_per_layer))
+                                  high_layers=sum(x == top for x in alloc.bits_per_layer))
         if k == len(order) or k == first or (k > first and time.monotonic() - shown >= every_s):
             shown = time.monotonic()
             yield [points[x] for x in sorted(points)], k == len(order)
 
 
-def frontier_points(D: np.ndarray, allocations: Allocations, grid=FRONTIER_GRID,
+def frontier_points(D: np.ndarray, allocations: Allocations, grid=None,
                     cancelled: Callable[[], bool] = lambda: False, **model) -> list[FrontierPoint] | None:
     """The whole frontier, as points to plot (None when cancelled); model: method=,
     perms=, fitted= as frontier_progress takes them."""
@@ -367,8 +426,10 @@ def full_precision_bytes(costs: Costs, dtype: str) -> int:
     return sum(costs.params) * DTYPE_BYTES.get(dtype, 4)
 
 
-def clamp_bits(bits: float) -> float:
-    return round(min(BITS_MAX, max(BITS_MIN, bits)), 2)
+def clamp_bits(bits: float, levels=(BITS_MIN, BITS_MAX)) -> float:
+    """bits within the range of `levels` (2..4, the paper's, unless given)."""
+    lo, hi = bits_range(levels)
+    return round(min(hi, max(lo, bits)), 2)
 
 
 def top_interactions(K: np.ndarray, n: int = 3) -> list[tuple[int, int, float]]:

@@ -14,6 +14,10 @@ calibration set. They come from, in order of trust:
   2. a probe: PrefixEvaluator timed on a four-layer model of the chosen model's shape
      with random weights (speed does not depend on the values), on the chosen device.
 Loading the model and quantizing its layers come on top of either.
+
+With more levels (README, "More than two levels") a sample takes each layer down
+S = levels - 1 steps in a random interleaving: L x S evaluations, each again re-running
+about half the layers, so S times the seconds above (Estimate.sample_for).
 """
 from __future__ import annotations
 
@@ -30,13 +34,19 @@ PROBE_MAX_BYTES = 3 * 2**30   # a probe model larger than this is not built
 
 @dataclass(frozen=True)
 class Estimate:
-    """A sample's duration and how it was found out."""
+    """A sample's duration with the paper's two levels, and how it was found out. With
+    more levels a sample walks each layer down S = levels - 1 steps, L x S evaluations
+    (plus the first state, shared with the previous sample): S times as long."""
     sample_s: float
     layers: int
     how: str
 
-    def run_s(self, samples: int) -> float:
-        return self.sample_s * samples
+    def sample_for(self, steps: int = 1) -> float:
+        """A sample's seconds with `steps` steps a layer (levels - 1)."""
+        return self.sample_s * steps
+
+    def run_s(self, samples: int, steps: int = 1) -> float:
+        return self.sample_for(steps) * samples
 
 
 @dataclass(frozen=True)
@@ -148,11 +158,13 @@ def from_history(runs, model: str, device: str, dtype: str, windows: int,
         seconds = info.sample_seconds[1:] or info.sample_seconds
         measured = statistics.median(seconds)
         scale = (windows * window_tokens) / (c.windows * c.window_tokens)
+        steps = len(getattr(c, "levels", (2, 4))) - 1     # its samples took this many steps a layer
         layers = info.layers or 0
         how = (f"measured by run {info.name} on {c.device}: {_short(measured)} a sample at "
                f"{c.windows}×{c.window_tokens} tokens"
+               + ("" if steps == 1 else f" with {steps} steps a layer")
                + ("" if scale == 1 else f", scaled to {windows}×{window_tokens}"))
-        return Estimate(measured * scale, layers, how)
+        return Estimate(measured * scale / steps, layers, how)
     return None
 
 

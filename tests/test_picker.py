@@ -81,7 +81,7 @@ async def test_lists_runs_with_their_states_and_opens_one(tmp_path, sleeper):
         assert rows["finished"][1:3] == ["impq-tui-tiny8", "quanto"]
         # a damaged run says why, and Enter on it is a message, not a crash
         picker.query_one("DataTable").move_cursor(row=list(rows).index("broken"))
-        await until(pilot, lambda: "cannot be read as a run" in str(
+        await until(pilot, lambda: "holds no settings" in str(
             picker.query_one("#picker-detail").render()), "the reason it is damaged")
         await pilot.press("enter")
         await until(pilot, lambda: type(app.screen).__name__ == "ErrorModal", "the message")

@@ -63,9 +63,9 @@ UI_STATE = "ui.json"       # what the user left on screen for a run: its budget 
 REMEMBER_AFTER_S = 0.5     # the budget is written once it has rested this long
 
 
-def remembered(run: RunDir) -> tuple[float | None, str | None]:
+def remembered(run: RunDir, levels=(2, 4)) -> tuple[float | None, str | None]:
     """The budget and allocation model last left on this run's dashboard (ui.json), each
-    if there and valid."""
+    if there and valid (the budget within the range of the run's `levels`)."""
     try:      # core.files: bounded, and a FIFO in its place is refused, never read
         state = json.loads(read_bytes(run.path / UI_STATE, "the run's ui.json", limit=4096))
     except (UserError, OSError, ValueError):
@@ -76,7 +76,8 @@ def remembered(run: RunDir) -> tuple[float | None, str | None]:
         bits = float(state["bits"])
     except (KeyError, ValueError, TypeError):
         bits = None
-    if bits is not None and not analysis.BITS_MIN <= bits <= analysis.BITS_MAX:
+    lo, hi = analysis.bits_range(levels)
+    if bits is not None and not lo <= bits <= hi:
         bits = None
     method = state.get("method")
     return bits, method if method in analysis.MODELS else None
@@ -322,7 +323,25 @@ class Dashboard(Screen):
         return snap.writer if snap is not None and snap.writer.alive else None
 
     # ------------------------------------------------------------------ fitting and solving
-    def watch_costs(self) -> None:
+    @property
+    def levels(self) -> tuple[int, ...]:
+        """The run's precisions, ascending (the paper's 2 and 4 until its costs are read)."""
+        return self.costs.levels if self.costs is not None else (2, 4)
+
+    def watch_costs(self, costs: Costs) -> None:
+        levels = costs.levels
+        for layer_map in self.query(LayerMap):
+            layer_map.levels = levels
+        self.query_one(BudgetSlider).levels = levels
+        self.query_one(FrontierPlot).levels = levels
+        lo, hi = analysis.bits_range(levels)
+        if (lo, hi) != (analysis.BITS_MIN, analysis.BITS_MAX):
+            # the budget was read against 2..4 before the run's levels were known
+            bits = remembered(self.run, levels)[0] if self.remembers else None
+            if bits is None:
+                bits = self.bits if lo <= self.bits <= hi else (lo + hi) / 2
+            self.set_reactive(Dashboard.bits, analysis.clamp_bits(bits, levels))
+            self._show_model()
         self._solve()
         self._show_budget()
 
@@ -379,12 +398,12 @@ class Dashboard(Screen):
         self._show_budget()
 
     def watch_fit(self, fit: Fit) -> None:
-        self.query_one(EstimatesPlot).show(fit)
+        self.query_one(EstimatesPlot).show(fit, self.levels)
         self.query_one(SettlePlot).show(fit)
-        self.query_one(KGrid).show(fit.model.K if self.k_colors else None, self.k_colors)
+        self.query_one(KGrid).show(fit.layer_K if self.k_colors else None, self.k_colors)
 
     def watch_allocation(self, allocation: Allocation | None) -> None:
-        phi = tuple(map(float, self.fit.model.phi)) if self.fit is not None else None
+        phi = tuple(map(float, self.fit.layer_phi)) if self.fit is not None else None
         bits = allocation.bits_per_layer if allocation is not None else None
         self.query_one("#layer-map", LayerMap).show(bits, phi)
         self.query_one("#budget-strip", LayerMap).show(bits, phi)
@@ -443,8 +462,8 @@ class Dashboard(Screen):
             worker = get_current_worker()
             try:
                 if fitted is None:
-                    fit = analysis.fit(D, paired=allocations.paired)
-                    colors = diverging_colors(fit.model.K) if np.any(fit.model.K) else None
+                    fit = analysis.fit(D, paired=allocations.paired, steps=allocations.costs.steps)
+                    colors = diverging_colors(fit.layer_K) if np.any(fit.layer_K) else None
                 else:
                     fit, colors = fitted
                 if method == IMPQ:
@@ -650,7 +669,7 @@ class Dashboard(Screen):
 
     # ------------------------------------------------------------------ the budget
     def set_bits(self, bits: float) -> None:
-        self.bits = analysis.clamp_bits(bits)
+        self.bits = analysis.clamp_bits(bits, self.levels)
 
     def action_budget(self, step: float) -> None:
         self.set_bits(self.bits + step)
@@ -662,8 +681,9 @@ class Dashboard(Screen):
             if bits is not None:
                 self.set_bits(bits)
 
-        self.app.push_screen(NumberModal("Average bits per weight (2.00 to 4.00)", f"{self.bits:.2f}",
-                                         minimum=2.0, maximum=4.0), chosen)
+        lo, hi = analysis.bits_range(self.levels)
+        self.app.push_screen(NumberModal(f"Average bits per weight ({lo:.2f} to {hi:.2f})",
+                                         f"{self.bits:.2f}", minimum=lo, maximum=hi), chosen)
 
     @on(BudgetSlider.Changed)
     def _slider(self, event: BudgetSlider.Changed) -> None:
@@ -717,7 +737,7 @@ class Dashboard(Screen):
             samples=len(self.D),
             budget_bytes=budget_bytes(self.costs, self.bits) if self.costs is not None else None,
             noise=analysis.noise_note(self.fit, allocation) if self.fit is not None else None,
-            method=self.method, model_note=self._model_note())
+            method=self.method, model_note=self._model_note(), levels=self.levels)
 
     def _show_model(self) -> None:
         """Which model the allocation and its predictions are of, wherever they are shown:

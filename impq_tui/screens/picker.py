@@ -81,7 +81,8 @@ def read_run(path: Path) -> RunInfo:
                        problem=f"{path} cannot be read as a run ({type(exc).__name__}: {exc}).")
     state = STATES.get(snapshot.state, snapshot.state)
     writer = snapshot.writer
-    layers = snapshot.D.shape[1] if snapshot.D.size else (
+    steps = max(1, len(snapshot.config.levels) - 1)      # D has a column per drop
+    layers = snapshot.D.shape[1] // steps if snapshot.D.size else (
         len(snapshot.costs.m_lo) if snapshot.costs is not None else None)
     return RunInfo(path, config=snapshot.config, state=state,
                    pid=writer.pid if writer.alive else None, done=len(snapshot.D),

@@ -23,6 +23,25 @@ AUTO = "auto"
 # A sample of the embedded model costs a minute or two on a 2-core CPU (30 evaluations of
 # 1,024 tokens), so the CPU default is a run of minutes, not the GPU default's hours.
 ESTIMATE_AFTER_S = 1.0     # the form waits this long after a change before probing
+# The sets of precisions the form offers (README, "More than two levels"), as the Levels
+# field names them; each is offered where the backend quantizes to all of its levels.
+LEVEL_CHOICES = (("2 4 (paper)", (2, 4)), ("2 3 4", (2, 3, 4)), ("2 3 4 8", (2, 3, 4, 8)),
+                 ("4 8", (4, 8)))
+PAPER_LEVELS = "2 4"
+
+
+def level_choices(backend: str) -> list[tuple[str, str]]:
+    """(label, value) of the Levels the backend can do (core.backends.BITS_OF); the value
+    is the levels written with spaces, as `run --levels` takes them."""
+    from core.backends import BITS_OF
+
+    allowed = set(BITS_OF.get(backend, (2, 4)))
+    return [(label, " ".join(map(str, levels))) for label, levels in LEVEL_CHOICES
+            if set(levels) <= allowed]
+
+
+def parse_levels(value: str) -> tuple[int, ...]:
+    return tuple(int(b) for b in value.split())
 
 
 @dataclass(frozen=True)
@@ -38,6 +57,7 @@ class SetupDefaults:
     window_tokens: int | None = None
     group_size: int = RunConfig.group_size
     gguf_types: str = "Q2_K,Q4_K"     # the gguf backend's low and high llama.cpp types
+    levels: str = PAPER_LEVELS        # one of LEVEL_CHOICES' values: "2 3 4"
     antithetic: bool = False
     run_dir: str = ""
 
@@ -80,6 +100,7 @@ FIELD_LABELS = {
     "samples": "Samples M", "seed": "Seed", "device": "Device", "windows": "Windows",
     "window_tokens": "Tokens per window", "group_size": "Group size", "gguf_types": "GGUF types",
     "antithetic": "Antithetic pairs", "run_dir": "Run folder", "resume": "Run folder",
+    "levels": "Levels",
     "micro_batch": "micro-batch", "gpus": "GPUs",
 }
 
@@ -130,6 +151,11 @@ class SetupScreen(Screen):
                 yield Label("Backend")
                 yield Select([("quanto", "quanto"), ("hqq", "hqq"), ("gguf (llama.cpp)", "gguf")],
                              value=d.backend, allow_blank=False, id="backend", compact=True)
+                yield Label("Levels (bits)")
+                choices = level_choices(d.backend)
+                yield Select(choices, allow_blank=False, id="levels", compact=True,
+                             value=d.levels if d.levels in dict(map(reversed, choices))
+                             else PAPER_LEVELS)
                 # Shown only for the gguf backend: its pair of llama.cpp types.
                 gguf_label = Label("GGUF types", id="gguf_types_label")
                 gguf_types = Input(d.gguf_types, id="gguf_types", compact=True,
@@ -192,6 +218,19 @@ class SetupScreen(Screen):
     @on(Select.Changed, "#backend")
     def _backend_changed(self, event: Select.Changed) -> None:
         self._show_gguf_types(str(event.value) == "gguf")
+        levels = self.query_one("#levels", Select)
+        choices = level_choices(str(event.value))
+        kept = levels.value if levels.value in {v for _, v in choices} else PAPER_LEVELS
+        levels.set_options(choices)
+        levels.value = kept
+
+    @on(Select.Changed, "#levels")
+    def _levels_changed(self) -> None:
+        self._show_estimate()
+
+    def levels(self) -> tuple[int, ...]:
+        """The precisions chosen in Levels."""
+        return parse_levels(str(self.query_one("#levels", Select).value))
 
     def _show_gguf_types(self, shown: bool) -> None:
         for widget in (self.query_one("#gguf_types_label"), self.query_one("#gguf_types")):
@@ -294,6 +333,7 @@ class SetupScreen(Screen):
         if samples < 1:
             field.update("[dim]no estimate until Samples M is a whole number[/dim]")
             return
+        steps = len(self.levels()) - 1
         note = ""
         if self.estimate_for[1] == "cpu":
             import torch
@@ -302,10 +342,13 @@ class SetupScreen(Screen):
 
             gpu = device_defaults(torch.device("cuda"))["samples"]
             note = f"\n[dim]CPU default: {default_samples('cpu')} samples ({gpu} on a GPU)[/dim]"
+        each = about(estimate.sample_for(steps))
+        per_sample = (f"{estimate.layers} evaluations ({each} a sample)" if steps == 1 else
+                      f"{estimate.layers} × {steps} evaluations ({steps} steps a layer, {each} "
+                      "a sample)")
         field.update(
-            f"[b]≈ {about(estimate.run_s(samples))}[/b] for {samples} × {estimate.layers} "
-            f"evaluations ({about(estimate.sample_s)} a sample), plus loading and quantizing"
-            f"\n[dim]{_escape(estimate.how)}[/dim]{note}")
+            f"[b]≈ {about(estimate.run_s(samples, steps))}[/b] for {samples} × {per_sample}, "
+            f"plus loading and quantizing\n[dim]{_escape(estimate.how)}[/dim]{note}")
 
     # ------------------------------------------------------------------ buttons and keys
     @on(Button.Pressed, "#start")
@@ -353,7 +396,8 @@ class SetupScreen(Screen):
                         if str(self.query_one("#backend", Select).value) == "gguf" else None),
             group_size=self.integer("group_size"), samples=self.integer("samples"),
             windows=self.integer("windows"), window_tokens=self.integer("window_tokens"),
-            seed=self.integer("seed"), antithetic=self.query_one("#antithetic", Checkbox).value)
+            seed=self.integer("seed"), antithetic=self.query_one("#antithetic", Checkbox).value,
+            levels=None if self.levels() == (2, 4) else self.levels())
         request.validate()
         return RunConfig(**request.config_values(), device=str(device), dtype=sizes["dtype"],
                          micro_batch=sizes["micro_batch"])

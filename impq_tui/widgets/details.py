@@ -19,7 +19,7 @@ from impq_tui.analysis import (
     noise_note,
     top_interactions,
 )
-from impq_tui.report import fmt_bytes
+from impq_tui.report import fmt_bytes, level_counts
 from impq_tui.widgets.interactions import scale_legend
 
 
@@ -66,26 +66,53 @@ class LayerDetail(Static):
     def render(self) -> str:
         if self.fit is None or self.allocation is None or self.costs is None:
             return ""
+        if self.costs.steps > 1:
+            return self._render_levels()
         m, a = self.fit.model, self.allocation
-        high = sum(b == 4 for b in a.bits_per_layer)
-        lines = [f"[b]{high}[/b] of {len(a.bits_per_layer)} layers at 4 bits, "
-                 f"{len(a.bits_per_layer) - high} at 2 bits; φ in nats/token from {m.samples} "
+        lo, hi = self.costs.levels
+        high = sum(b == hi for b in a.bits_per_layer)
+        lines = [f"[b]{high}[/b] of {len(a.bits_per_layer)} layers at {hi} bits, "
+                 f"{len(a.bits_per_layer) - high} at {lo} bits; φ in nats/token from {m.samples} "
                  "samples. Click a cell for its numbers."]
         noise = noise_note(self.fit, a if self.method == IMPQ else None)
         if noise is not None:
             lines[0] = f"[$warning]Still noise ({noise}).[/] " + lines[0]
         i = self.picked
         if i is not None and i < len(m.phi):
-            # the linear term of the model that chose: the paper's a, IMPQ-fit's u (the
-            # loss of the layer alone at 2 bits); IMPQ-local's depends on the budget
-            term = ""
-            if self.method == IMPQ:
-                term = f" · a {m.a[i]:+.5f}"
-            elif self.method == IMPQ_FIT and self.fitted_u is not None:
-                term = f" · u {self.fitted_u[i]:+.5f} ({model_label(IMPQ_FIT, short=True)})"
             lines.append(f"layer {i}: {a.bits_per_layer[i]} bits · φ {m.phi[i]:+.5f} ± "
-                         f"{m.se[i]:.5f}{term} · {fmt_bytes(self.costs.m_lo[i])} "
-                         f"at 2 bits, {fmt_bytes(self.costs.m_hi[i])} at 4 bits")
+                         f"{m.se[i]:.5f}{self._term(i)} · {fmt_bytes(self.costs.m_lo[i])} "
+                         f"at {lo} bits, {fmt_bytes(self.costs.m_hi[i])} at {hi} bits")
+        return "\n".join(lines)
+
+    def _term(self, j: int) -> str:
+        """The linear term of drop j in the model that chose: the paper's a, IMPQ-fit's u
+        (the loss of the drop alone); IMPQ-local's depends on the budget."""
+        if self.method == IMPQ:
+            return f" · a {self.fit.model.a[j]:+.5f}"
+        if self.method == IMPQ_FIT and self.fitted_u is not None and j < len(self.fitted_u):
+            return f" · u {self.fitted_u[j]:+.5f} ({model_label(IMPQ_FIT, short=True)})"
+        return ""
+
+    def _render_levels(self) -> str:
+        """More than two levels: the layers per level; the picked layer's whole drop (its
+        steps summed), its bytes at every level, and each step's own numbers."""
+        fit, a, costs = self.fit, self.allocation, self.costs
+        m, S, levels = fit.model, costs.steps, costs.levels
+        lines = [f"{level_counts(a.bits_per_layer, levels)}; φ in nats/token from {m.samples} "
+                 f"samples, per layer the sum of its {S} steps "
+                 f"({levels[-1]}→{levels[0]} bits). Click a cell for its numbers."]
+        noise = noise_note(fit, a if self.method == IMPQ else None)
+        if noise is not None:
+            lines[0] = f"[$warning]Still noise ({noise}).[/] " + lines[0]
+        i = self.picked
+        if i is not None and i < costs.L:
+            sizes = ", ".join(f"{fmt_bytes(size[i])} at {b}" for b, size in zip(levels, costs.sizes))
+            lines.append(f"layer {i}: {a.bits_per_layer[i]} bits · φ {fit.layer_phi[i]:+.5f} ± "
+                         f"{fit.layer_se[i]:.5f} over its {S} steps · {sizes} bits")
+            for k in range(S):
+                j = i * S + k
+                lines.append(f"  step {levels[S - k]}→{levels[S - k - 1]} bits: φ {m.phi[j]:+.5f} "
+                             f"± {m.se[j]:.5f}{self._term(j)}")
         return "\n".join(lines)
 
 
@@ -98,10 +125,13 @@ class InteractionDetail(Static):
     def render(self) -> Text | str:
         if self.fit is None or not np.any(self.fit.model.K):
             return ""
-        K = self.fit.model.K
+        K = self.fit.layer_K
         text = Text("K of IMPQ, the paper's model: covariance of the marginal vectors, shrunk "
                     "to its diagonal (α 0.5), nats². Colours end at the largest pair; the "
                     "diagonal (variances) saturates.\n", "dim")
+        if self.fit.steps > 1:
+            text.append(f"Per layer pair, K summed over both layers' {self.fit.steps} steps "
+                        "(the pair's term with both taken to the lowest level).\n", "dim")
         if self.method != IMPQ:
             text.append(f"The allocation is {model_label(self.method)}'s, whose pairwise "
                         "terms are not these.\n", "yellow")

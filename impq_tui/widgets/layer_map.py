@@ -1,9 +1,11 @@
 """The layer-bit map: one cell per decoder layer, coloured by the bits it gets at the
 current budget and saying them as text too (monochrome terminals, colour-blind users):
 in full, each cell's index, bits ("4b") and Shapley estimate; compact, one digit a
-layer, in groups of ten."""
+layer, in groups of ten. Every level of the run has its colour: the lowest the low
+colour, the highest the high one, those between running from low through mid to high."""
 from __future__ import annotations
 
+from rich.color import Color, blend_rgb
 from rich.style import Style
 from rich.text import Text
 from textual import events
@@ -23,16 +25,18 @@ class LayerMap(Widget):
     """Cells wrap to the widget's width; a layer whose bits changed in the last re-solve
     is marked with a dot (compact: underlined). Clicking a cell posts LayerMap.Picked."""
 
-    COMPONENT_CLASSES = {"layer-map--high", "layer-map--low", "layer-map--pending",
-                         "layer-map--changed", "layer-map--picked"}
+    COMPONENT_CLASSES = {"layer-map--high", "layer-map--mid", "layer-map--low",
+                         "layer-map--pending", "layer-map--changed", "layer-map--picked"}
     DEFAULT_CSS = """
     LayerMap { height: auto; }
+    LayerMap > .layer-map--mid { background: $primary 50%; color: $text; }
     """
 
     bits: reactive[tuple[int, ...] | None] = reactive(None, layout=True)
     phi: reactive[tuple[float, ...] | None] = reactive(None, layout=True)
     picked: reactive[int | None] = reactive(None)
     compact: reactive[bool] = reactive(False, layout=True)
+    levels: reactive[tuple[int, ...]] = reactive((2, 4))    # the run's precisions, ascending
 
     class Picked(Message):
         def __init__(self, layer: int) -> None:
@@ -76,9 +80,7 @@ class LayerMap(Widget):
             return Text("" if self.compact else "no allocation yet: it appears after the first sample",
                         style="dim")
         per_row = self._per_row(self.size.width)
-        styles = {4: self.get_component_rich_style("layer-map--high"),
-                  2: self.get_component_rich_style("layer-map--low"),
-                  None: self.get_component_rich_style("layer-map--pending")}
+        styles = self.level_styles()
         changed = self.get_component_rich_style("layer-map--changed", partial=True)
         picked = self.get_component_rich_style("layer-map--picked", partial=True)
         out = Text(no_wrap=True, overflow="crop")
@@ -108,6 +110,28 @@ class LayerMap(Widget):
                 out.append("\n")
         out.rstrip()
         return out
+
+    def level_styles(self) -> dict[int | None, Style]:
+        """The style of each level (None: no allocation yet)."""
+        low = self.get_component_rich_style("layer-map--low")
+        high = self.get_component_rich_style("layer-map--high")
+        styles: dict[int | None, Style] = {None: self.get_component_rich_style("layer-map--pending")}
+        levels = sorted(self.levels)
+        if len(levels) == 2:
+            return styles | {levels[0]: low, levels[1]: high}
+        mid = self.get_component_rich_style("layer-map--mid")
+        for k, b in enumerate(levels):
+            t = k / (len(levels) - 1)
+            if t in (0.0, 1.0):
+                styles[b] = low if t == 0 else high
+                continue
+            a, z, share = (low, mid, 2 * t) if t < 0.5 else (mid, high, 2 * t - 1)
+            if share == 0.0 or a.bgcolor is None or z.bgcolor is None:
+                styles[b] = a
+                continue
+            bg = blend_rgb(a.bgcolor.get_truecolor(), z.bgcolor.get_truecolor(), share)
+            styles[b] = mid + Style(bgcolor=Color.from_triplet(bg))
+        return styles
 
     def layer_at(self, x: int, y: int) -> int | None:
         """The layer drawn at (x, y), if any."""

@@ -25,7 +25,7 @@ from impq_tui.analysis import (
     clamp_bits,
     model_label,
 )
-from impq_tui.report import fmt_bytes, fmt_duration, fmt_nats
+from impq_tui.report import fmt_bytes, fmt_duration, fmt_nats, level_counts
 from impq_tui.widgets.layer_map import LayerMap
 
 STATE_BADGES = {
@@ -145,13 +145,15 @@ def rates_line(progress: engine_events.Progress, state: str, age_s: float = 0.0)
 
 
 class BudgetSlider(Widget):
-    """Average bits from 2.00 to 4.00: click or scroll with the mouse; the screen's keys
-    step it. Posts BudgetSlider.Changed with the value asked for."""
+    """Average bits over the run's levels (2.00 to 4.00 for the paper's): click or scroll
+    with the mouse; the screen's keys step it. Posts BudgetSlider.Changed with the value
+    asked for."""
 
     COMPONENT_CLASSES = {"budget-slider--track", "budget-slider--fill", "budget-slider--knob"}
     DEFAULT_CSS = "BudgetSlider { height: 1; width: 1fr; }"
 
     bits: reactive[float] = reactive(3.0)
+    levels: reactive[tuple[int, ...]] = reactive((int(BITS_MIN), int(BITS_MAX)))
 
     class Changed(Message):
         def __init__(self, bits: float) -> None:
@@ -160,33 +162,36 @@ class BudgetSlider(Widget):
 
     def render(self) -> Text:
         width = max(self.size.width, 3)
-        inner = width - 2
-        pos = round((self.bits - BITS_MIN) / (BITS_MAX - BITS_MIN) * (inner - 1))
-        text = Text("2", style="dim", no_wrap=True)
+        lo, hi = min(self.levels), max(self.levels)
+        inner = width - len(str(lo)) - len(str(hi))
+        share = min(max((self.bits - lo) / (hi - lo), 0.0), 1.0)
+        pos = round(share * (inner - 1))
+        text = Text(str(lo), style="dim", no_wrap=True)
         fill = self.get_component_rich_style("budget-slider--fill")
         track = self.get_component_rich_style("budget-slider--track")
         knob = self.get_component_rich_style("budget-slider--knob")
         text.append("━" * pos, fill)
         text.append("●", knob)
         text.append("─" * (inner - 1 - pos), track)
-        text.append("4", style="dim")
+        text.append(str(hi), style="dim")
         return text
 
     def _bits_at(self, x: int) -> float:
-        inner = max(self.size.width - 2, 2)
-        share = min(max((x - 1) / (inner - 1), 0.0), 1.0)
-        return clamp_bits(round((BITS_MIN + share * (BITS_MAX - BITS_MIN)) * 20) / 20)
+        lo, hi = min(self.levels), max(self.levels)
+        inner = max(self.size.width - len(str(lo)) - len(str(hi)), 2)
+        share = min(max((x - len(str(lo))) / (inner - 1), 0.0), 1.0)
+        return clamp_bits(round((lo + share * (hi - lo)) * 20) / 20, self.levels)
 
     def on_click(self, event: events.Click) -> None:
         self.post_message(self.Changed(self._bits_at(event.x)))
 
     def on_mouse_scroll_up(self, event: events.MouseScrollUp) -> None:
         event.stop()
-        self.post_message(self.Changed(clamp_bits(self.bits + 0.05)))
+        self.post_message(self.Changed(clamp_bits(self.bits + 0.05, self.levels)))
 
     def on_mouse_scroll_down(self, event: events.MouseScrollDown) -> None:
         event.stop()
-        self.post_message(self.Changed(clamp_bits(self.bits - 0.05)))
+        self.post_message(self.Changed(clamp_bits(self.bits - 0.05, self.levels)))
 
 
 class BudgetPane(Vertical):
@@ -210,9 +215,10 @@ class BudgetPane(Vertical):
     def show(self, *, bits: float, allocation: Allocation | None, full_bytes: int | None,
              dtype: str, solving: bool, unchanged: int | None, relative_se: float | None,
              samples: int, note: str = "", budget_bytes: int | None = None,
-             noise: str | None = None, method: str = IMPQ, model_note: str | None = None) -> None:
+             noise: str | None = None, method: str = IMPQ, model_note: str | None = None,
+             levels: tuple[int, ...] = (2, 4)) -> None:
         """bits: the budget, nominal (2 = every layer's 2-bit size, scales included; 4 the
-        same at 4 bits); budget_bytes: what it allows; noise: why the estimates are still
+        same at 4 bits; the run's lowest and highest `levels` likewise); budget_bytes: what it allows; noise: why the estimates are still
         noise (analysis.noise_note), if they are; method: the allocation model (IMPQ or one
         of our extensions, named as analysis.model_label names them); model_note: where
         its model stands (IMPQ-fit being fitted, or refused), if not simply ready."""
@@ -226,7 +232,6 @@ class BudgetPane(Vertical):
                 model + (" · solving…" if solving else ""))
             return
         a = allocation
-        high = sum(b == 4 for b in a.bits_per_layer)
         share = f" ({a.bytes / full_bytes:.0%})" if full_bytes else ""
         self.query_one("#budget-bytes", Static).update(
             f"[bold]{fmt_bytes(a.bytes)}[/] · Δloss [bold]{fmt_nats(a.predicted_delta_nll)}[/] "
@@ -238,7 +243,7 @@ class BudgetPane(Vertical):
         parts = [model]
         if model_note:
             parts.append(f"[$warning]{escape(model_note)}[/]")
-        parts += [solver, f"[$success]{high}/{len(a.bits_per_layer)} at 4 bits[/]"]
+        parts += [solver, f"[$success]{escape(split_line(a.bits_per_layer, levels))}[/]"]
         if noise is not None:
             parts.append(f"[$warning]estimates still noise[/]: {escape(noise)}")
         if unchanged is not None:
@@ -246,3 +251,12 @@ class BudgetPane(Vertical):
         if relative_se is not None:
             parts.append(f"max se/|φ| {relative_se:.2f}")
         self.query_one("#budget-solver", Static).update(" · ".join(parts))
+
+
+def split_line(bits_per_layer, levels=(2, 4)) -> str:
+    """How the layers split over the levels, short: "12/30 at 4 bits" (two levels),
+    "layers at 4/3/2 bits: 10/12/8" (more)."""
+    if len(levels) > 2:
+        return level_counts(bits_per_layer, levels)
+    top = max(levels)
+    return f"{sum(b == top for b in bits_per_layer)}/{len(bits_per_layer)} at {top} bits"

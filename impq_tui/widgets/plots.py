@@ -47,19 +47,24 @@ class _Plot(PlotextPlot):
 
 
 class EstimatesPlot(_Plot):
-    """phi_i per layer with a band of +- one standard error."""
+    """phi_i per layer with a band of +- one standard error. With more than two levels,
+    a layer's phi is the sum of its steps' (its whole drop from the highest level to the
+    lowest), with the standard error of that sum (analysis.LayerTerms)."""
 
     TITLE = "φ per layer (nats/token) ± se"
 
     def on_mount(self) -> None:
         self._empty(self.TITLE)
 
-    def show(self, fit: Fit | None) -> None:
+    def show(self, fit: Fit | None, levels: tuple[int, ...] = (2, 4)) -> None:
+        title = self.TITLE if fit is None or fit.steps == 1 else (
+            f"φ per layer, {max(levels)}→{min(levels)} bits: its {fit.steps} steps summed ± se")
+        self.shown_title = title
         if fit is None:
-            return self._empty(self.TITLE)
-        phi, se = fit.model.phi, fit.model.se
+            return self._empty(title)
+        phi, se = fit.layer_phi, fit.layer_se
         x = list(range(len(phi)))
-        self._reset(self.TITLE)
+        self._reset(title)
         plt = self.plt
         plt.horizontal_line(0, color=BAND_COLOR)
         if fit.samples >= 2:
@@ -110,6 +115,7 @@ class FrontierPlot(_Plot):
         self.bits: float | None = None
         self.y: float | None = None
         self.note: str | None = None     # why there is no frontier (set_model)
+        self.levels: tuple[int, ...] = (int(BITS_MIN), int(BITS_MAX))    # the run's
 
     def on_mount(self) -> None:
         self.show()
@@ -147,8 +153,10 @@ class FrontierPlot(_Plot):
             y = self.y if self.y is not None else min(
                 self.points, key=lambda p: abs(p.bits - self.bits)).predicted
             plt.scatter([self.bits], [y], color=MARK_COLOR, marker="●")
-        plt.xlim(BITS_MIN, BITS_MAX)
-        plt.xticks([2, 2.5, 3, 3.5, 4])
+        lo, hi = min(self.levels), max(self.levels)
+        plt.xlim(lo, hi)
+        ticks = [lo + (hi - lo) * k / 4 for k in range(5)]
+        plt.xticks([int(t) if t == int(t) else t for t in ticks])
         plt.xlabel("target bits per weight")
         self.has_data = True
         self.refresh()
