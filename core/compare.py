@@ -202,8 +202,9 @@ def _check_bits(bits_list, levels=(LOW_BITS, HIGH_BITS)) -> list[float]:
         raise InvalidField("bits", "is empty: give at least one target, e.g. 2.25 2.5 3.0 3.5.")
     for b in bits:
         if not lo <= b <= hi:
-            raise UserError(f"a target of {b} bits is outside [{lo}, {hi}]: choose average precisions "
-                            f"between {lo} (all {lo}-bit) and {hi} (all {hi}-bit).")
+            raise InvalidField("bits", f"{b:g} is outside [{lo}, {hi}], the run's levels: choose "
+                                       f"average precisions between {lo} (all {lo}-bit) and {hi} "
+                                       f"(all {hi}-bit).")
     return bits
 
 

@@ -120,7 +120,9 @@ def _model_part(location: Path) -> dict:
                 "weights": {location.name: digest(location)}, "model_config": {}, "tokenizer": {}}
     files = sorted(p for p in location.iterdir() if p.is_file())
     return {"path": str(location.absolute()),
-            "weights": {p.name: digest(p) for p in files if p.name.endswith(WEIGHT_SUFFIXES)},
+            # a .gguf beside a checkpoint (a llama.cpp conversion) is not what transformers loads
+            "weights": {p.name: digest(p) for p in files
+                        if p.name.endswith(WEIGHT_SUFFIXES) and not p.name.endswith(".gguf")},
             "model_config": {p.name: digest(p) for p in files if p.name in CONFIG_FILES},
             "tokenizer": {p.name: digest(p) for p in files if p.name in TOKENIZER_FILES}}
 
@@ -144,6 +146,22 @@ def calibration(windows) -> str:
     h = hashlib.sha256(json.dumps(list(ids.shape)).encode())
     h.update(ids.tobytes())
     return f"{ids.shape[0]}x{ids.shape[1]} sha256 {h.hexdigest()[:32]}"
+
+
+def check_calibration(config, windows) -> None:
+    """Refuse when these calibration windows are not the ones the run measured (an export
+    that calibrates, as gguf's importance matrix does, on the run's text)."""
+    stored = config.fingerprint
+    if not comparable(stored) or "calibration" not in stored:
+        return
+    now = calibration(windows)
+    if now != stored["calibration"]:
+        from core.errors import UserError
+
+        raise UserError(f"the calibration text {config.calib_text} gives other tokens than the run "
+                        f"measured with ({_shown(stored['calibration'])} then, {_shown(now)} now): "
+                        "the importance matrix would not be the one SPQE used. Put back the "
+                        "run's calibration text.")
 
 
 def take(model: str, backend: str, windows=None, part: dict | None = None) -> dict:

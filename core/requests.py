@@ -21,7 +21,8 @@ from pathlib import Path
 
 from core.errors import InvalidField, UserError
 
-BITS_MIN, BITS_MAX = 2.0, 4.0   # every layer at 2 bits ... every layer at 4
+BITS_MIN, BITS_MAX = 2.0, 4.0   # every layer at 2 bits ... every layer at 4 (the paper's levels)
+LEVELS_MAX = 8.0                # the highest level any backend offers (`levels`)
 MAX_SAMPLES = 1_000_000         # each sample is L+1 evaluations: far beyond any real run
 MAX_SEED = 2**63 - 1            # numpy and torch generators take 0 ... 2**63-1 everywhere
 MAX_MICRO_BATCH = 1_000_000     # windows per forward pass; above the run's windows it means all
@@ -41,9 +42,12 @@ def _at_least(field: str, value: int | None, minimum: int, why: str = "") -> Non
 
 
 def _bits(field: str, value: float) -> None:
-    if not BITS_MIN <= value <= BITS_MAX:     # also NaN
+    """Within the widest range any run's levels allow; the run's own levels (2 to 4 by
+    default) are checked where the run is read (core.solver.budget_bytes)."""
+    if not BITS_MIN <= value <= LEVELS_MAX:     # also NaN
         raise InvalidField(field, f"{_shown(value)} is outside [2, 4]: choose an average "
-                                  "precision between 2 (all 2-bit) and 4 (all 4-bit).")
+                                  "precision between 2 (all 2-bit) and 4 (all 4-bit), or up "
+                                  f"to {LEVELS_MAX:g} on a run with more `levels`.")
 
 
 def _alpha(value: float) -> None:

@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 import pyscipopt as scip
 
-from core.errors import UserError
+from core.errors import InvalidField, UserError
 from core.interactions import budget_local_model, predicted_delta, quadratic_model
 
 LOW_BITS, HIGH_BITS = 2, 4
@@ -123,8 +123,9 @@ def budget_bytes(costs: Costs, bits: float) -> int:
     (2 and 4: the paper's), with b read as the decimal written."""
     lo, hi = costs.levels[0], costs.levels[-1]
     if not lo <= bits <= hi:  # also rejects nan
-        raise UserError(f"Target of {bits} bits per weight is outside [{lo}, {hi}]: choose an average "
-                        f"precision between {lo} (all {lo}-bit) and {hi} (all {hi}-bit).")
+        raise InvalidField("bits", f"{bits:g} is outside [{lo}, {hi}], the run's levels: choose an "
+                                   f"average precision between {lo} (all {lo}-bit) and {hi} (all "
+                                   f"{hi}-bit).")
     # Fraction(str(...)) makes 2.05 mean 41/20, not the binary float just below it.
     share = (Fraction(str(bits)) - lo) / (hi - lo)
     return costs.B_lo + math.floor(share * (costs.B_hi - costs.B_lo))

@@ -77,7 +77,7 @@ class Fit:
     settle: tuple[float, ...]
     paired: bool
     steps: int = 1                       # S = levels - 1
-    layer: "LayerTerms | None" = None    # per layer; None: the model's own (two levels)
+    layer: LayerTerms | None = None      # per layer; None: the model's own (two levels)
 
     @property
     def samples(self) -> int:

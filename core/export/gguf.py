@@ -145,6 +145,9 @@ class GgufExporter(Exporter):
         loaded = super().load(config, device, dtype)
         windows = token_windows(load_text(config.calib_text, "calibration"), loaded.tokenizer,
                                 config.windows, config.window_tokens, config.seed)
+        from core.fingerprint import check_calibration
+
+        check_calibration(config, windows)      # the run's own windows, or a refusal
         self._backend = backend_for(config, self.name)
         self._backend.calibrate(loaded, windows, config.micro_batch)
         return loaded

@@ -37,7 +37,7 @@ from core.spqe import Cancelled
 
 from impq_tui.analysis import model_label
 from impq_tui.messages import JobStep, LogLine
-from impq_tui.report import fmt_bytes
+from impq_tui.report import fmt_bytes, level_counts
 from impq_tui.widgets.panes import JobProgress
 
 
@@ -64,13 +64,13 @@ class ExportScreen(Screen):
 
     def compose(self) -> ComposeResult:
         a = self.allocation
-        high = sum(b == 4 for b in a.bits_per_layer)
+        counts = level_counts(a.bits_per_layer, self.run.config.levels)
         backend = (self.run.config.backend if self.run.config.backend in EXPORT_BACKENDS
                    else EXPORT_BACKENDS[0])
         with Vertical(id="export"):
             yield Static(f"[b]Export[/b] the [b]{escape(model_label(self.method))}[/b] allocation "
-                         f"at [b]{self.bits:.2f}[/b] bits: {high} of {len(a.bits_per_layer)} "
-                         f"layers at 4 bits, {fmt_bytes(a.bytes)} ({a.avg_bits:.3f} bits/weight "
+                         f"at [b]{self.bits:.2f}[/b] bits: {counts}, "
+                         f"{fmt_bytes(a.bytes)} ({a.avg_bits:.3f} bits/weight "
                          "with metadata)", id="export-title")
             with Grid(id="export-form"):
                 yield Label("Backend")

@@ -38,7 +38,9 @@ class ErrorModal(ModalScreen[None]):
 HELP_INTRO = (
     "[b]impq-tui[/b] estimates how much each decoder layer's precision matters (SPQE: sampled "
     "Shapley values of the loss increase from 4-bit to 2-bit), fits the interactions between "
-    "layers, and picks which layers get 4 bits under a memory budget (IMPQ, solved by SCIP). "
+    "layers, and picks which layers get 4 bits under a memory budget (IMPQ, solved by SCIP); "
+    "a run with more levels (run --levels 2 3 4, or the form's Levels) steps each layer down "
+    "one level at a time. "
     "Keys that do not apply now (pause and stop while nothing runs, continue while a run "
     "is being written) are left out of the footer and this list.")
 
@@ -47,7 +49,8 @@ HELP_PANES = (
                  "elapsed time, ETA, device and GPU memory, and the pid of the run's process. "
                  "p pauses it between evaluations, s stops it (finished samples stay on "
                  "disk), r continues a stopped run."),
-    ("budget", "average bits per weight, 2.00 to 4.00 (keys or mouse); the bytes of the "
+    ("budget", "average bits per weight, 2.00 to 4.00, or the run's lowest to highest level "
+               "(keys or mouse); the bytes of the "
                "quantized layers and their share of the unquantized ones; Δloss, the predicted "
                "loss increase over all-4-bit in nats/token; SCIP's status and time; how many "
                "of the last samples left the allocation unchanged. Below: each layer's bits as a "
