@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from core import events, fingerprint
+from core import events, fingerprint, settle
 from core.backends import backend_for
 from core.data import load_text, token_windows
 from core.errors import InvalidField, UserError
@@ -235,6 +235,8 @@ def _run(config, run, callback, cancel, pause, indices) -> str:
         callback(events.Finished("completed", len(done), str(run.path)))
         return "completed"
 
+    # Budgets outside the run's levels are refused before minutes of loading.
+    bits = settle.budgets_for(config.levels, config.until_settled) if config.until_settled else ()
     part = check_model_files(run, config)
     try:
         prepared = prepare(config, callback, cancel)
@@ -251,6 +253,8 @@ def _run(config, run, callback, cancel, pause, indices) -> str:
     meter = _Meter(callback, config, run, device, prepared.switch.L, prepared.windows.numel(), len(done))
     sampler = Sampler(prepared.switch, evaluator, config.seed, config.antithetic,
                       on_eval=meter.on_eval, cancel=cancel, pause=pause, levels=config.levels)
+    settler = settle.Settler(run.costs(), settle.SettleRule(bits=bits), config.antithetic) \
+        if config.until_settled else None
     try:
         sampler.start()
         for m in todo:
@@ -263,6 +267,11 @@ def _run(config, run, callback, cancel, pause, indices) -> str:
                                        finite=sample.nonfinite is None))
             if sample.nonfinite is not None:
                 handle_nonfinite(run, callback, sample.to_record(), sampler.nonfinite_alone)
+            if settler is not None and settler.observe(run.D()):
+                callback(events.Log(settler.message()))
+                return _finish(run, callback, "completed",
+                               f"completed (settled) with {len(run.samples())} of {config.samples} "
+                               f"samples; {settler.message()}")
     except Cancelled:
         return _finish(run, callback, "cancelled", "cancelled; the sample in flight was dropped")
     return _finish(run, callback, "completed", "completed")

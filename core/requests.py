@@ -45,9 +45,9 @@ def _bits(field: str, value: float) -> None:
     """Within the widest range any run's levels allow; the run's own levels (2 to 4 by
     default) are checked where the run is read (core.solver.budget_bytes)."""
     if not BITS_MIN <= value <= LEVELS_MAX:     # also NaN
-        raise InvalidField(field, f"{_shown(value)} is outside [2, 4]: choose an average "
-                                  "precision between 2 (all 2-bit) and 4 (all 4-bit), or up "
-                                  f"to {LEVELS_MAX:g} on a run with more `levels`.")
+        raise InvalidField(field, f"{_shown(value)} is outside [2, {LEVELS_MAX:g}], the widest "
+                                  "range of any run: choose an average precision between 2 and 4 "
+                                  "(the paper's levels), or within the run's `levels`.")
 
 
 def _alpha(value: float) -> None:
@@ -99,6 +99,7 @@ class RunRequest:
     device: str | None = None
     micro_batch: int | None = None
     compile: bool | None = None
+    until_settled: tuple[float, ...] | None = None   # budgets to settle (bits); () runs all samples
     gpus: int = 1
     run_dir: str | None = None
     resume: str | None = None
@@ -122,6 +123,8 @@ class RunRequest:
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise InvalidField("seed", f"must lie between 0 and 2**63-1 (got {_shown(self.seed)}).")
         _at_least("micro_batch", self.micro_batch, 1)
+        for b in self.until_settled or ():
+            _bits("until_settled", b)
         if self.micro_batch is not None and self.micro_batch > MAX_MICRO_BATCH:
             raise InvalidField("micro_batch", f"{_shown(self.micro_batch)} is more than "
                                               f"{MAX_MICRO_BATCH:,} windows per forward pass; any "

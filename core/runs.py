@@ -55,6 +55,9 @@ class RunConfig:
     model_name: str = ""             # resolved short name (filled in once loaded)
     gguf_types: str = ""             # gguf backend: "LOW,HIGH" llama.cpp types ("" elsewhere)
     levels: tuple[int, ...] = (2, 4)  # the precisions SPQE steps through, ascending (README, "Levels")
+    # Stop once the allocations at these budgets (bits) are settled (core.settle); () runs
+    # all `samples`. Like `samples`, not part of what decides the vectors.
+    until_settled: tuple[float, ...] = ()
     # What the numbers depend on beyond these fields (core.fingerprint): the model's
     # files, the calibration tokens, library versions. None in runs made before it was kept.
     fingerprint: dict | None = field(default=None, compare=False, hash=False)
@@ -65,6 +68,7 @@ class RunConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "levels", tuple(sorted({int(b) for b in self.levels})))
+        object.__setattr__(self, "until_settled", tuple(sorted({float(b) for b in self.until_settled})))
 
     def identity_hash(self) -> str:
         identity = {k: getattr(self, k) for k in self.IDENTITY}

@@ -107,8 +107,8 @@ def eval_summary(result, alloc) -> str:
 
 def export_summary(result, target_bits: float, eval_text: str) -> list[str]:
     """`impq-tui export`: where, how big, and (with --eval) the perplexity, then the notes."""
-    levels = sorted({*result.bits_per_layer, 4}) if len(set(result.bits_per_layer)) <= 2 \
-        else sorted(set(result.bits_per_layer))
+    used = set(result.bits_per_layer)
+    levels = sorted(used | {2, 4}) if used <= {2, 4} else sorted(used)   # the paper's, or those used
     lines = [f"{result.backend} export in {result.out_dir}: "
              f"{level_counts(result.bits_per_layer, levels)}",
              f"quantized weights {result.bytes:,} B (budget {result.budget_bytes:,} B at "

@@ -224,3 +224,23 @@ def test_levels_a_backend_cannot_do_are_refused(tiny_model_dir, tmp_path):
     proc = cli("run", "--model", tiny_model_dir, "--levels", "4", "--samples", "1",
                "--run-dir", tmp_path / "r", "--quiet")
     assert proc.returncode == 2 and "at least two" in proc.stderr
+
+
+def test_quanto_up_to_eight_bits(tiny_model_dir, tmp_path):
+    """quanto's levels 2/4/8: qint8 has no groups (one scale per row); an export at the top of
+    the range holds every layer at 8 bits and loads back to the same perplexity."""
+    run_dir = tmp_path / "run"
+    proc = cli("run", "--model", tiny_model_dir, "--backend", "quanto", "--levels", "2", "4", "8",
+               "--samples", "2", "--windows", "2", "--window-tokens", "48", "--device", "cpu",
+               "--run-dir", run_dir, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    costs = RunDir.open(run_dir).costs()
+    assert costs.levels == (2, 4, 8) and all(a < b < c for a, b, c in zip(*costs.sizes))
+    proc = cli("solve", run_dir, "--bits", "9")
+    assert proc.returncode == 2 and "outside [2, 8]" in proc.stderr
+    out = tmp_path / "export"
+    proc = cli("export", run_dir, "--bits", "8", "--out", out, "--verify")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((out / "allocation.json").read_text())
+    assert record["bits_per_layer"] == [8] * costs.L and record["run_bytes"] == costs.B_hi
+    assert "loaded back" in proc.stdout

@@ -83,7 +83,7 @@ def gguf_types(args) -> str | None:
 
 def add_budget_arguments(p: argparse.ArgumentParser) -> None:
     group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--bits", type=bits, help="target average bits per weight, 2.0 to 4.0")
+    group.add_argument("--bits", type=bits, help="target average bits per weight, 2.0 to 4.0 (the run's lowest to highest level)")
     group.add_argument("--budget-bytes", type=whole,
                        help="memory budget for the decoder layers' quantized weights, in bytes")
     p.add_argument("--alpha", type=real, default=0.5,

@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("compare", help="IMPQ vs the baselines: perplexity at equal memory")
     p.add_argument("run_dir", metavar="DIR")
     p.add_argument("--bits", type=bits, nargs="+", default=list(DEFAULT_BITS),
-                   help="target average bits per weight, each 2.0 to 4.0 "
+                   help="target average bits per weight, each 2.0 to 4.0 (the run's levels) "
                         f"(default {' '.join(map(str, DEFAULT_BITS))})")
     p.add_argument("--alpha", type=real, default=0.5,
                    help="shrinkage of IMPQ's covariance toward its diagonal (default 0.5)")

@@ -24,7 +24,7 @@ def add_parser(subparsers) -> None:
                     "decoder layer at its bit-width in the backend's own format, with the "
                     "tokenizer, allocation.json and a README that says how to load it.")
     p.add_argument("run_dir", metavar="DIR", help="the run directory")
-    p.add_argument("--bits", type=bits, required=True, help="target average bits per weight, 2.0 to 4.0")
+    p.add_argument("--bits", type=bits, required=True, help="target average bits per weight, 2.0 to 4.0 (the run's lowest to highest level)")
     p.add_argument("--backend", choices=EXPORT_BACKENDS,
                    help="format of the export (default: the run's backend); gptq and gguf need the "
                         "optional extras impq-tui[gptq] / impq-tui[gguf]")

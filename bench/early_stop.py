@@ -1,0 +1,139 @@
+"""Choosing core.settle's defaults by measurement (issue 17, early stop).
+
+Input: real SPQE runs of the embedded SmolLM2-135M-Instruct (H100, bfloat16, 16 x 2048
+calibration tokens): bench/results/smol-h100-hqq (100 samples) and -quanto (96).
+SPQE samples are i.i.d. draws (a uniformly random permutation each), so a random
+re-ordering of a run's samples is a stream another seed could have produced; each
+re-ordering here stands for one seed. They are not independent seeds: every ordering
+draws from the same 100 samples, and all of them end at the same full-run allocation,
+which is itself an estimate. What this measures is how far a stopped run is from the
+run that went to its maximum.
+
+For each ordering, the state (core.settle.state: the IMPQ allocation at 2.5/3.0/3.5 bits
+and the largest se/|phi| of the marginal drops) is computed after every sample once;
+every (K, rse, min_samples) of the grid is then applied to those trajectories. Reported
+per setting: samples-to-stop (mean, percentiles, how often the maximum was reached),
+how often the stopped allocation differs from the full-run one at each budget, how many
+layers differ, and the predicted loss gap under the full-run model (Delta of the stopped
+allocation minus Delta of the full-run one, nats/token; >= 0 up to the solver's
+tolerance). Real (measured) loss gaps need the GPU: not done here.
+
+    .venv/bin/python bench/early_stop.py                    # writes bench/results/early_stop.json
+    .venv/bin/python bench/early_stop.py --orderings 8 --out /tmp/es.json   # quick look
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import platform
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from core.interactions import predicted_delta, quadratic_model  # noqa: E402
+from core.runs import RunDir, write_atomic  # noqa: E402
+from core.settle import DEFAULT_BITS, SettleRule, State, settled, state  # noqa: E402
+from core.solver import solve_impq  # noqa: E402
+
+RUNS = ("bench/results/smol-h100-hqq", "bench/results/smol-h100-quanto")
+GRID_K = (3, 5, 8, 10, 15, 20)
+GRID_RSE = (math.inf, 1.0, 0.75, 0.6, 0.5, 0.4, 0.3)
+GRID_MIN = (10, 20, 30)
+FIRST_M = 1          # states from the first sample on, as the engine computes them
+
+
+def trajectory(path: str, seed: int, bits) -> list[dict]:
+    run = RunDir.open(path)
+    D, costs = run.D(), run.costs()
+    order = np.random.default_rng(seed).permutation(len(D))
+    Dp = D[order]
+    out = []
+    for m in range(FIRST_M, len(Dp) + 1):
+        s = state(Dp[:m], costs, bits, run.config.antithetic)
+        out.append({"m": s.m, "allocations": [list(a) for a in s.allocations], "rse": s.rse})
+    return out
+
+
+def stop_of(traj: list[dict], rule: SettleRule) -> dict:
+    history = []
+    for t in traj:
+        history.append(State(m=t["m"], allocations=tuple(map(tuple, t["allocations"])), rse=t["rse"]))
+        if settled(history, rule):
+            return t
+    return traj[-1]       # the hard maximum: every sample
+
+
+def summarize(path: str, trajs: list[list[dict]], bits) -> list[dict]:
+    run = RunDir.open(path)
+    D, costs = run.D(), run.costs()
+    full_model = quadratic_model(D, paired=run.config.antithetic)
+    full = [solve_impq(D, costs, bits=b, model=full_model) for b in bits]
+    M = len(D)
+    rows = []
+    for K, rse, mins in itertools.product(GRID_K, GRID_RSE, GRID_MIN):
+        rule = SettleRule(bits=tuple(bits), K=K, rse=rse, min_samples=mins)
+        stops = [stop_of(t, rule) for t in trajs]
+        ms = np.array([s["m"] for s in stops])
+        per_budget = []
+        for j, (b, ref) in enumerate(zip(bits, full)):
+            layers = np.array([sum(x != y for x, y in zip(s["allocations"][j], ref.bits_per_layer))
+                               for s in stops])
+            gaps = np.array([predicted_delta(full_model, costs.drops_of(s["allocations"][j]))
+                             - ref.predicted_delta_nll for s in stops])
+            per_budget.append({
+                "bits": b, "differs_share": float((layers > 0).mean()),
+                "layers_differ_mean": float(layers.mean()), "layers_differ_max": int(layers.max()),
+                "predicted_gap_mean": float(gaps.mean()), "predicted_gap_max": float(gaps.max()),
+                "predicted_gap_rel_mean": float(gaps.mean() / ref.predicted_delta_nll),
+                "full_predicted_delta": ref.predicted_delta_nll})
+        rows.append({
+            "K": K, "rse": None if math.isinf(rse) else rse, "min_samples": mins,
+            "stop_mean": float(ms.mean()), "stop_p10": float(np.percentile(ms, 10)),
+            "stop_p50": float(np.percentile(ms, 50)), "stop_p90": float(np.percentile(ms, 90)),
+            "stop_max": int(ms.max()), "reached_max_share": float((ms == M).mean()),
+            "any_differs_share": float(np.mean([any(s["allocations"][j] != list(r.bits_per_layer)
+                                                    for j, r in enumerate(full)) for s in stops])),
+            "budgets": per_budget})
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", nargs="+", default=list(RUNS))
+    p.add_argument("--orderings", type=int, default=40, help="re-orderings (emulated seeds) per run")
+    p.add_argument("--bits", type=float, nargs="+", default=list(DEFAULT_BITS))
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--out", default=str(ROOT / "bench/results/early_stop.json"))
+    args = p.parse_args()
+    t0 = time.perf_counter()
+    report = {"what": __doc__.split("\n\n")[1].replace("\n", " "), "bits": args.bits,
+              "orderings": args.orderings, "machine": platform.processor() or platform.machine(),
+              "command": " ".join(["bench/early_stop.py"] + sys.argv[1:]), "runs": {}}
+    with ProcessPoolExecutor(args.workers) as pool:
+        for path in args.runs:
+            futures = [pool.submit(trajectory, path, seed, tuple(args.bits)) for seed in range(args.orderings)]
+            trajs = [f.result() for f in futures]
+            M = len(RunDir.open(path).D())
+            rses = np.array([[t["rse"] for t in tr] for tr in trajs])
+            report["runs"][path] = {
+                "samples": M,
+                "rse_by_m": {str(m): float(np.median(rses[:, m - FIRST_M]))
+                             for m in (5, 10, 20, 30, 50, 75, M) if FIRST_M <= m <= M},
+                "settings": summarize(path, trajs, args.bits)}
+            print(f"{path}: {args.orderings} orderings in {time.perf_counter() - t0:.0f}s", flush=True)
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    write_atomic(Path(args.out), json.dumps(report, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""When to stop sampling: the allocation at the budgets the user cares about is settled.
+
+After each finished sample the run's quadratic model (core.interactions, the paper's
+IMPQ) is fitted to the samples so far and solved at each budget in `bits`. The run has
+settled at sample m when all of
+
+  (a) stable:  none of those allocations changed over the last K samples (the
+               allocations after samples m-K, ..., m are equal, budget by budget);
+  (b) precise: every "marginal" drop is known to a relative standard error se/|phi| of
+               at most `rse`. The marginal drops of a budget are the 2 x `width` drops
+               nearest the cut when the drops are ranked by phi: the cut falls after as
+               many drops as the allocation takes (with two levels, the number of layers
+               at low precision). Their order is what a first-order reading of the
+               estimates rests on; the rest of the ranking is far from the decision.
+               se/|phi| falls as 1/sqrt(m) even where two layers are truly tied (a tie
+               costs nothing either way), so this never keeps a run going forever;
+  (c) enough:  at least `min_samples` samples.
+
+The run's `samples` stays the hard maximum. The defaults come from bench/early_stop.py
+(README, "Early stop"): re-orderings of real 100-sample SPQE runs of SmolLM2-135M.
+No torch here: the engine, the bench and the tests share it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from core.errors import InvalidField
+from core.interactions import quadratic_model
+from core.solver import Costs, solve_impq
+
+DEFAULT_BITS = (2.5, 3.0, 3.5)
+
+
+@dataclass(frozen=True)
+class SettleRule:
+    bits: tuple[float, ...] = DEFAULT_BITS
+    K: int = 10              # samples over which no allocation may change
+    rse: float = 0.25        # the largest se/|phi| allowed among marginal drops
+    min_samples: int = 20
+    width: int = 2           # marginal drops: this many on each side of the cut
+
+
+@dataclass(frozen=True)
+class State:
+    """The decision after m samples: one allocation (bits per layer) per budget, and the
+    largest se/|phi| among the marginal drops of all budgets."""
+    m: int
+    allocations: tuple[tuple[int, ...], ...]
+    rse: float
+
+
+def budgets_for(levels: tuple[int, ...], bits: tuple[float, ...] | None) -> tuple[float, ...]:
+    """The budgets to watch: those asked for (each within the run's levels), or the
+    defaults that lie within them (the middle of the levels when none does)."""
+    lo, hi = min(levels), max(levels)
+    if bits and tuple(bits) != DEFAULT_BITS:
+        outside = [b for b in bits if not lo <= b <= hi]
+        if outside:
+            raise InvalidField("until_settled", f"budgets {', '.join(f'{b:g}' for b in outside)} "
+                                                f"lie outside this run's levels ({lo} to {hi} bits); "
+                                                "choose budgets between them.")
+        return tuple(sorted(set(float(b) for b in bits)))
+    return tuple(b for b in DEFAULT_BITS if lo <= b <= hi) or ((lo + hi) / 2,)
+
+
+def state(D: np.ndarray, costs: Costs, bits: tuple[float, ...], paired: bool = False,
+          width: int = SettleRule.width) -> State:
+    """The allocations at `bits` from the samples D [m, drops], and their marginal rse."""
+    model = quadratic_model(D, paired=paired)
+    allocations, worst = [], 0.0
+    order = np.argsort(model.phi, kind="stable")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(model.se == 0, 0.0, model.se / np.abs(model.phi))
+    for b in bits:
+        alloc = solve_impq(D, costs, bits=b, model=model)
+        allocations.append(alloc.bits_per_layer)
+        cut = int(sum(alloc.q))
+        near = order[max(0, cut - width):cut + width]
+        worst = max(worst, float(rel[near].max()) if len(near) else 0.0)
+    return State(m=len(D), allocations=tuple(allocations), rse=worst)
+
+
+def settled(history: list[State], rule: SettleRule) -> bool:
+    """Whether the latest state in `history` (one per sample, in order) ends the run."""
+    if not history or history[-1].m < rule.min_samples or len(history) < rule.K + 1:
+        return False
+    last = history[-rule.K - 1:]
+    if last[-1].m - last[0].m != rule.K:        # a gap (a non-finite sample): not K samples
+        return False
+    return all(s.allocations == last[-1].allocations for s in last) and last[-1].rse <= rule.rse
+
+
+def describe(history: list[State], rule: SettleRule) -> str:
+    s = history[-1]
+    return (f"settled after {s.m} samples: allocations at {'/'.join(f'{b:g}' for b in rule.bits)} "
+            f"bits unchanged for {rule.K} samples, largest se/|phi| of the marginal layers "
+            f"{s.rse:.3f} (at most {rule.rse:g})")
+
+
+@dataclass
+class Settler:
+    """The rule applied as samples arrive: `observe(D)` after each one; True = stop.
+    History starts with this object, so a resumed run takes at least K new samples."""
+    costs: Costs
+    rule: SettleRule
+    paired: bool = False
+    history: list[State] = field(default_factory=list)
+
+    def observe(self, D: np.ndarray) -> bool:
+        if len(D) == 0:
+            return False
+        self.history.append(state(D, self.costs, self.rule.bits, self.paired, self.rule.width))
+        del self.history[:-self.rule.K - 1]
+        return settled(self.history, self.rule)
+
+    def message(self) -> str:
+        return describe(self.history, self.rule)
