@@ -19,6 +19,13 @@ LOAD_NOTES = {
 }
 
 
+def per_layer_table(label: str, values) -> list[str]:
+    """A one-row markdown table: the layer numbers as columns, `values` under them."""
+    return ["| layer | " + " | ".join(str(i) for i in range(len(values))) + " |",
+            "|---|" + "---:|" * len(values),
+            f"| {label} | " + " | ".join(str(v) for v in values) + " |"]
+
+
 def model_card(exporter, record: dict, path: str) -> str:
     bits = record["bits_per_layer"]
     high = sum(b == 4 for b in bits)
@@ -56,9 +63,7 @@ def model_card(exporter, record: dict, path: str) -> str:
         "",
         "## Bits per layer",
         "",
-        "| layer | " + " | ".join(str(i) for i in range(len(bits))) + " |",
-        "|---|" + "---:|" * len(bits),
-        "| bits | " + " | ".join(str(b) for b in bits) + " |",
+        *per_layer_table("bits", bits),
         "",
     ]
     if ppl is not None:

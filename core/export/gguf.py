@@ -34,6 +34,7 @@ from core.backends import backend_for
 from core.backends.gguf import INSTALL_HINT, GgufBackend, ggml
 from core.errors import UserError
 from core.export.base import Exporter, Written, check_all_written
+from core.export.card import per_layer_table
 from core.models import EMBEDDED
 from core.settings import dtype_name
 
@@ -408,9 +409,7 @@ def card(exporter: GgufExporter, record: dict, path: str) -> str:
         "",
         "## Type per layer",
         "",
-        "| layer | " + " | ".join(str(i) for i in range(len(types))) + " |",
-        "|---|" + "---:|" * len(types),
-        "| type | " + " | ".join(types) + " |",
+        *per_layer_table("type", types),
         "",
     ]
     if ppl is not None:
