@@ -24,6 +24,7 @@ tolerance). Real (measured) loss gaps need the GPU: not done here.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -37,17 +38,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from core.interactions import predicted_delta, quadratic_model  # noqa: E402
-from core.runs import RunDir, write_atomic  # noqa: E402
-from core.settle import DEFAULT_BITS, SettleRule, State, settled, state  # noqa: E402
-from core.solver import solve_impq  # noqa: E402
+from core.interactions import predicted_delta, quadratic_model
+from core.runs import RunDir, write_atomic
+from core.settle import DEFAULT_BITS, SettleRule, State, settled, state
+from core.solver import solve_impq
 
 RUNS = ("bench/results/smol-h100-hqq", "bench/results/smol-h100-quanto")
 GRID_K = (3, 5, 8, 10, 15, 20)
 GRID_RSE = (math.inf, 1.0, 0.75, 0.6, 0.5, 0.4, 0.3)
 GRID_MIN = (10, 20, 30)
+WHY = ("K decides nearly everything: no setting both stops well before the maximum and "
+       "matches the full-run allocation most of the time, because the IMPQ allocation of "
+       "SmolLM2-135M keeps swapping a layer or two near the cut up to ~100 samples. K=10 "
+       "stops at 84 (hqq) and 81 (quanto) of 100/96 samples on average, its stopped "
+       "allocations differ in 0-0.9 layers on average and cost on average at most 0.8% more "
+       "predicted loss than the full run's (worst ordering 7.2%, quanto at 3.5 bits); K=5 "
+       "stops at ~50 but costs on average up to 3.4% (worst 10%). rse binds only below 0.5 "
+       "(0.5 kept as a guard against fluke early stops), min_samples not at all past K=8 (20 "
+       "kept for very stable models).")
 FIRST_M = 1          # states from the first sample on, as the engine computes them
 
 
@@ -130,6 +140,7 @@ def main() -> None:
                              for m in (5, 10, 20, 30, 50, 75, M) if FIRST_M <= m <= M},
                 "settings": summarize(path, trajs, args.bits)}
             print(f"{path}: {args.orderings} orderings in {time.perf_counter() - t0:.0f}s", flush=True)
+    report["defaults"] = {**dataclasses.asdict(SettleRule()), "why": WHY}
     report["seconds"] = round(time.perf_counter() - t0, 1)
     write_atomic(Path(args.out), json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out}")

@@ -62,7 +62,7 @@ FLAGS = {
     "eval_text": "--eval-text", "eval_windows": "--eval-windows",
     "eval_window_tokens": "--eval-window-tokens", "out": "--out", "force": "--force",
     "evaluate": "--eval", "verify": "--verify", "gguf_types": "--gguf-types",
-    "levels": "--levels",
+    "levels": "--levels", "until_settled": "--settle-bits",
 }
 
 # --backend of `run` (SPQE's backends) and of eval/export (the export formats: gptq too).

@@ -2,6 +2,7 @@
 continues a run, `--gpus N` or torchrun spreads the samples over GPUs."""
 from __future__ import annotations
 
+import argparse
 import shlex
 import shutil
 import signal
@@ -10,7 +11,15 @@ import threading
 from pathlib import Path
 
 from core.errors import EXIT_CANCELLED
-from impq_tui.cli.args import FLAGS, RUN_BACKENDS, add_gguf_types, device, gguf_types, whole
+from impq_tui.cli.args import (
+    FLAGS,
+    RUN_BACKENDS,
+    add_gguf_types,
+    bits,
+    device,
+    gguf_types,
+    whole,
+)
 
 
 def add_parser(sub) -> None:
@@ -36,6 +45,12 @@ def add_parser(sub) -> None:
     run.add_argument("--compile", action="store_true", default=None,
                      help="torch.compile the decoder layers (about 20%% faster on a GPU after a "
                           "minute of compiling)")
+    run.add_argument("--until-settled", action=argparse.BooleanOptionalAction, default=None,
+                     help="stop before --samples once the allocations at the --settle-bits "
+                          "budgets have settled (README, Early stop); --no-until-settled runs "
+                          "all samples")
+    run.add_argument("--settle-bits", type=bits, nargs="+", metavar="BITS",
+                     help="budgets --until-settled watches (default 2.5 3.0 3.5); implies it")
     run.add_argument("--gpus", type=whole, default=1,
                      help="spread samples over N GPUs of this host, one process each (under "
                           "torchrun, one process per rank instead)")
@@ -53,7 +68,18 @@ def request(args):
                       group_size=args.group_size, samples=args.samples, windows=args.windows,
                       window_tokens=args.window_tokens, seed=args.seed, antithetic=args.antithetic,
                       device=args.device, micro_batch=args.micro_batch, compile=args.compile,
-                      gpus=args.gpus, run_dir=args.run_dir, resume=args.resume)
+                      until_settled=_until_settled(args), gpus=args.gpus, run_dir=args.run_dir, resume=args.resume)
+
+
+def _until_settled(args) -> tuple[float, ...] | None:
+    """The budgets to settle, () for off, None to keep the run's own choice (`resume`)."""
+    from core.settle import DEFAULT_BITS
+
+    if args.until_settled is False:
+        return ()
+    if args.settle_bits or args.until_settled:
+        return tuple(args.settle_bits or DEFAULT_BITS)
+    return None
 
 
 def _new_config(req):
