@@ -211,15 +211,12 @@ def _check_bits(bits_list, levels=(LOW_BITS, HIGH_BITS)) -> list[float]:
 def _costs(run: RunDir, real: LayerSwitch, backend, config, log) -> tuple[Costs, str]:
     """The run's costs when evaluating its own backend (so every budget is the one SPQE's
     allocations were solved for); the measured bytes of the modules built here otherwise."""
-    costs = run.costs()
-    lv = costs.levels
-    measured = Costs(m_lo=real.nbytes[lv[0]], m_hi=real.nbytes[lv[-1]], params=costs.params,
-                     levels=lv, mid=[real.nbytes[b] for b in lv[1:-1]])
+    costs, measured = run.costs(), real.costs()
     if backend.name != config.backend:
         log(f"budgets in {backend.name}'s bytes (the run measured {config.backend}'s)")
         return measured, "measured"
     if costs.sizes != measured.sizes:
-        log(f"the modules built now take {measured.B_hi:,} B at {lv[-1]} bits, the run measured "
+        log(f"the modules built now take {measured.B_hi:,} B at {costs.levels[-1]} bits, the run measured "
             f"{costs.B_hi:,} B; budgets follow the run's costs.json", "warning")
     return costs, "run"
 

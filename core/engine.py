@@ -131,12 +131,7 @@ def prepare(config: RunConfig, callback: events.Callback = events.ignore,
 
 
 def costs_record(prepared: Prepared) -> dict:
-    switch = prepared.switch
-    levels = list(switch.levels)
-    record = {"m_lo": switch.nbytes[levels[0]], "m_hi": switch.nbytes[levels[-1]],
-              "params": switch.params, "layers": prepared.loaded.linear_names}
-    if levels != [2, 4]:          # more levels (or others): their bytes too
-        record["levels"], record["mid"] = levels, [switch.nbytes[b] for b in levels[1:-1]]
+    record = {**prepared.switch.costs().to_json(), "layers": prepared.loaded.linear_names}
     if hasattr(prepared.backend, "describe"):   # gguf: the types, and llama.cpp's fallbacks
         record["types"] = prepared.backend.describe(linear_shapes(prepared.loaded.model))
     return record

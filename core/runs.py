@@ -486,5 +486,4 @@ class RunDir:
         from core.solver import Costs
 
         data = self.read_costs()
-        return Costs(m_lo=tuple(data["m_lo"]), m_hi=tuple(data["m_hi"]), params=tuple(data["params"]),
-                     levels=tuple(data.get("levels", (2, 4))), mid=tuple(data.get("mid", ())))
+        return Costs.from_json(data)

@@ -117,6 +117,12 @@ class Costs:
             out["levels"], out["mid"] = list(self.levels), [list(m) for m in self.mid]
         return out
 
+    @classmethod
+    def from_json(cls, data: dict) -> "Costs":
+        """The inverse of to_json (costs.json: levels and mid only when not 2 and 4)."""
+        return cls(m_lo=data["m_lo"], m_hi=data["m_hi"], params=data["params"],
+                   levels=data.get("levels", (LOW_BITS, HIGH_BITS)), mid=data.get("mid", ()))
+
 
 def budget_bytes(costs: Costs, bits: float) -> int:
     """floor(B(b)), B(b) = B_lo + (b - lo) / (hi - lo) (B_hi - B_lo) for levels lo..hi

@@ -66,6 +66,14 @@ class LayerSwitch:
                 if on_layer:
                     on_layer(i + 1, self.L)
 
+    def costs(self):
+        """core.solver.Costs of the modules built: bytes per layer at every level."""
+        from core.solver import Costs
+
+        lv = self.levels
+        return Costs(m_lo=self.nbytes[lv[0]], m_hi=self.nbytes[lv[-1]], params=self.params,
+                     levels=lv, mid=[self.nbytes[b] for b in lv[1:-1]])
+
     @property
     def m_lo(self) -> list[int]:
         return self.nbytes[self.levels[0]]
