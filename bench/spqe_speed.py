@@ -12,12 +12,15 @@ side by side, and writes one JSON object.
 
     python bench/spqe_speed.py --shape llama-3.1-8b --samples 3 --out speed.json
     python bench/spqe_speed.py --shape smollm2-135m --samples 5
+    python bench/spqe_speed.py --shape llama-3.1-70b --engine --backend hqq --windows 8 \
+        --window-tokens 1024 --micro-batch 2 --samples 2
 """
 from __future__ import annotations
 
 import argparse
 import json
 import platform
+import resource
 import sys
 import time
 from pathlib import Path
@@ -70,12 +73,14 @@ def head_flops(cfg, tokens: int) -> float:
 
 
 def bench_fast(loaded, windows, backend, samples: int, micro_batch: int, cfg, device,
-               compile: bool = False) -> dict:
-    t0 = time.perf_counter()
-    switch = LayerSwitch(loaded, backend)
-    sync(device)
-    quantize_s = time.perf_counter() - t0
-    evaluator = PrefixEvaluator(loaded, windows, micro_batch, compile=compile)
+               compile: bool = False, switch=None, quantize_s: float | None = None) -> dict:
+    if switch is None:
+        t0 = time.perf_counter()
+        switch = LayerSwitch(loaded, backend)
+        sync(device)
+        quantize_s = time.perf_counter() - t0
+    evaluator = PrefixEvaluator(loaded, windows, micro_batch, compile=compile,
+                                layer_scope=switch.unpacked)
     layer_passes = []
     sampler = Sampler(switch, evaluator, seed=0,
                       on_eval=lambda step, steps, j: layer_passes.append(switch.L - j))
@@ -156,6 +161,9 @@ def main() -> int:
                     help="timed evaluations of the naive path that re-quantizes every layer per step")
     ap.add_argument("--compile", action="store_true", help="torch.compile the decoder layers (fast path)")
     ap.add_argument("--backend", default="quanto")
+    ap.add_argument("--engine", action="store_true",
+                    help="build and quantize through the engine's memory plan (core.engine.prepare):"
+                         " layer by layer and packed modules where the model does not fit")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", help="write the JSON here too")
     args = ap.parse_args()
@@ -164,21 +172,43 @@ def main() -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = shape_config(args.shape)
     peak_tflops = matmul_tflops(device)
+    plan = switch = quantize_s = None
     t0 = time.perf_counter()
-    loaded = from_config(cfg, device, dtype, name=args.shape)
-    build_s = time.perf_counter() - t0
-    windows = torch.randint(0, cfg.vocab_size, (args.windows, args.window_tokens),
-                            generator=torch.Generator().manual_seed(0)).to(device)
-    backend = get_backend(args.backend, 64)
+    if args.engine:
+        # The engine's own path: the memory plan, then the model built (layer by layer where
+        # it does not fit) and quantized as `impq-tui run` does.
+        from core.engine import prepare
+        from core.runs import RunConfig
+
+        config = RunConfig(model=f"random:{args.shape}", backend=args.backend, group_size=64,
+                           dtype="bfloat16" if device.type == "cuda" else "float32",
+                           device=str(device), windows=args.windows,
+                           window_tokens=args.window_tokens, micro_batch=args.micro_batch)
+        logs = []
+        prepared = prepare(config, lambda e: logs.append(getattr(e, "message", str(e))))
+        sync(device)
+        quantize_s = build_s = time.perf_counter() - t0
+        loaded, windows, backend, switch = (prepared.loaded, prepared.windows.to(device),
+                                            prepared.backend, prepared.switch)
+        plan = [line for line in logs if line.startswith("memory plan")]
+        args.naive_evals = args.naive_all_evals = 0
+    else:
+        loaded = from_config(cfg, device, dtype, name=args.shape)
+        build_s = time.perf_counter() - t0
+        windows = torch.randint(0, cfg.vocab_size, (args.windows, args.window_tokens),
+                                generator=torch.Generator().manual_seed(0)).to(device)
+        backend = get_backend(args.backend, 64)
 
     naive = bench_naive(loaded, windows, backend, args.naive_evals, args.micro_batch, cfg, device,
                         all_layers=False) if args.naive_evals > 0 else None
     naive_all = bench_naive(loaded, windows, backend, args.naive_all_evals, args.micro_batch, cfg,
                             device, all_layers=True) if args.naive_all_evals > 0 else None
+    build_peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    gpu_after_build = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
     fast = bench_fast(loaded, windows, backend, args.samples, args.micro_batch, cfg, device,
-                      compile=args.compile)
+                      compile=args.compile, switch=switch, quantize_s=quantize_s)
     L = cfg.num_hidden_layers
     result = {
         "shape": args.shape, "layers": L, "backend": args.backend, "dtype": str(dtype),
@@ -186,6 +216,9 @@ def main() -> int:
         "tokens_per_eval": args.windows * args.window_tokens,
         "windows": args.windows, "window_tokens": args.window_tokens, "micro_batch": args.micro_batch,
         "build_model_s": build_s,
+        "engine_path": args.engine, "memory_plan": plan,
+        "gpu_mem_after_build_gib": gpu_after_build, "peak_gpu_mem_build_gib": build_peak,
+        "peak_host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "matmul_bf16_tflops": peak_tflops,
         "compile": args.compile,
         "fast": fast,

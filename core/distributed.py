@@ -111,7 +111,7 @@ def run_rank(rank: int, world: int, local_rank: int, config: RunConfig | None, r
             check_fingerprint(run, config, prepared.windows, callback)
             save_costs(run, costs_record(prepared))
         evaluator = PrefixEvaluator(prepared.loaded, prepared.windows, config.micro_batch,
-                                    compile=config.compile,
+                                    compile=config.compile, layer_scope=prepared.switch.unpacked,
                                     on_retry=warner(run, callback) if rank == 0 else None)
         meter = _Meter(callback, config, run, prepared.loaded.device, prepared.switch.L,
                        prepared.windows.numel(), config.samples - len(todo), parallel=world) \

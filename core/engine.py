@@ -24,6 +24,7 @@ from core import events, fingerprint, settle
 from core.backends import backend_for
 from core.data import load_text, token_windows
 from core.errors import InvalidField, UserError
+from core.layerwise import host_available
 from core.models import (
     EMBEDDED,
     LoadedModel,
@@ -54,31 +55,78 @@ def ensure_model_files(config: RunConfig) -> None:
         embedded_checkpoint()
 
 
-def check_gpu_memory(config: RunConfig, device: torch.device) -> None:
-    """Fail before loading when the model, both quantized copies of its decoder layers and
-    the cached hidden states cannot fit in the GPU's free memory."""
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Where SPQE's weights live, decided from the config before any weight is read.
+
+    dequantized: one full-precision copy of the decoder layers per level (the fastest:
+      a plain matmul per linear).
+    packed: the backend's quantized modules themselves, de-quantized on every use (what
+      a 70B-class model needs: 2- and 4-bit copies take about 7/16 of one bf16 copy).
+    by_layer: the full-precision model does not fit the GPU (or the host) at once, so it is
+      built and quantized one decoder layer at a time (core.layerwise)."""
+    packed: bool
+    by_layer: bool
+    summary: str
+
+
+def _packed_bytes(linear: int, bits: int, group: int, item: int) -> int:
+    """About what a backend stores for `linear` weights at `bits`: the integers plus a scale
+    and a zero point per group in the compute dtype (8 bits: one scale per row)."""
+    extra = 0 if bits >= 8 else 2 * item / group
+    return int(linear * (bits / 8 + extra))
+
+
+def plan_memory(config: RunConfig, device: torch.device, backend, free: int | None = None,
+                host: int | None = None) -> MemoryPlan:
+    """Fail before loading when neither plan fits the GPU's free memory; say which fits.
+    `free` and `host` (bytes) default to what the GPU and the host have free now."""
     sizes = parameter_counts(config.model)
     if sizes is None:
-        return
+        return MemoryPlan(False, False, "memory plan: the model's size is unknown before loading")
     total, linear, cfg = sizes
+    gib = 2 ** 30
     item = torch.empty((), dtype=DTYPES[config.dtype]).element_size()
     tokens = config.windows * config.window_tokens
     micro_tokens = min(config.micro_batch, config.windows) * config.window_tokens
     cache = cfg.num_hidden_layers * tokens * cfg.hidden_size * item
     work = micro_tokens * (4 * cfg.intermediate_size + 8 * cfg.hidden_size) * item + (1 << 28) * 4
-    copies = len(config.levels)       # one de-quantized copy of the decoder layers per level
-    need = (total - linear) * item + copies * linear * item + cache + work
-    free, _ = torch.cuda.mem_get_info(device)
-    if need > free:
-        gib = 2 ** 30
-        raise UserError(
-            f"SPQE on this model needs about {need / gib:.1f} GiB of GPU memory ({(total - linear) * item / gib:.1f} "
-            f"embeddings and head, {copies * linear * item / gib:.1f} for the "
-            f"{'- and '.join(map(str, config.levels))}-bit copies of the decoder "
-            f"layers, {cache / gib:.1f} for cached hidden states of {tokens:,} calibration tokens), but "
-            f"{device} has {free / gib:.1f} GiB free. Use fewer calibration tokens (`windows`, "
-            "`window_tokens`), a smaller `micro_batch`, or a GPU with more memory; `gpus` "
-            "speeds SPQE up but gives every GPU its own full copy.")
+    rest = (total - linear) * item                    # embeddings, head, norms
+    one_layer = linear // cfg.num_hidden_layers * item
+    copies = len(config.levels) * linear * item
+    packed = sum(_packed_bytes(linear, b, config.group_size, item) for b in config.levels)
+    if free is None:
+        free, _ = torch.cuda.mem_get_info(device)
+    host = host_available() if host is None else host
+    whole = total * item
+    by_layer = whole > 0.9 * free or (host is not None and whole > 0.8 * host)
+    fixed = rest + cache + work
+    levels = "- and ".join(map(str, config.levels))
+    parts = (f"{rest / gib:.1f} GiB embeddings and head, {cache / gib:.1f} GiB cached hidden "
+             f"states of {tokens:,} calibration tokens")
+    if fixed + copies <= free and not by_layer:
+        return MemoryPlan(False, False, f"memory plan: de-quantized {levels}-bit copies of the "
+                          f"decoder layers ({copies / gib:.1f} GiB) + {parts}, of "
+                          f"{free / gib:.1f} GiB free on {device}")
+    if fixed + packed + one_layer <= free:
+        if by_layer and hasattr(backend, "calibrate"):   # gguf imatrix, GPTQ Hessians
+            raise UserError(
+                f"{config.model} does not fit {device} whole ({whole / gib:.1f} GiB), and the "
+                f"{config.backend} backend calibrates on the whole model; use hqq or quanto.")
+        where = ("built and quantized one decoder layer at a time (the whole model, "
+                 f"{whole / gib:.1f} GiB, fits neither the GPU nor the host at once)"
+                 if by_layer else "loaded whole")
+        return MemoryPlan(True, by_layer, (
+            f"memory plan: packed {levels}-bit modules on {device}, de-quantized on use "
+            f"({packed / gib:.1f} GiB; de-quantized copies would need {copies / gib:.1f}) + "
+            f"{parts}, of {free / gib:.1f} GiB free; {where}"))
+    raise UserError(
+        f"SPQE on this model needs about {(fixed + packed + one_layer) / gib:.1f} GiB of GPU "
+        f"memory even with packed {levels}-bit modules ({packed / gib:.1f} GiB; de-quantized "
+        f"copies: {copies / gib:.1f} GiB) and {parts}, but {device} has {free / gib:.1f} GiB "
+        "free. Use fewer calibration tokens (`windows`, `window_tokens`), a smaller "
+        "`micro_batch`, or a GPU with more memory; `gpus` speeds SPQE up but gives every "
+        "GPU its own full copy.")
 
 
 def check_before_loading(config: RunConfig, backend) -> None:
@@ -100,10 +148,11 @@ def prepare(config: RunConfig, callback: events.Callback = events.ignore,
     device = pick_device(config.device)
     backend = backend_for(config)
     check_before_loading(config, backend)
-    if device.type == "cuda":
-        check_gpu_memory(config, device)
+    plan = plan_memory(config, device, backend) if device.type == "cuda" else MemoryPlan(False, False, "")
+    if plan.summary:
+        callback(events.Log(plan.summary))
     callback(events.Log(f"loading model {config.model} on {device} ({config.dtype})"))
-    loaded = load_model(config.model, device, DTYPES[config.dtype])
+    loaded = load_model(config.model, device, DTYPES[config.dtype], by_layer=plan.by_layer)
     if loaded.tokenizer is None:     # random:<shape>: random weights want no text, only token ids
         windows = torch.randint(0, loaded.model.config.vocab_size,
                                 (config.windows, config.window_tokens),
@@ -126,7 +175,8 @@ def prepare(config: RunConfig, callback: events.Callback = events.ignore,
         callback(events.Log(f"importance matrix on {windows.shape[0]} x {windows.shape[1]} "
                             "calibration tokens"))
         backend.calibrate(loaded, windows, config.micro_batch)
-    switch = LayerSwitch(loaded, backend, levels=[config.levels] * len(loaded.layers), on_layer=on_layer)
+    switch = LayerSwitch(loaded, backend, real=plan.packed, levels=[config.levels] * len(loaded.layers),
+                         on_layer=on_layer)
     return Prepared(loaded=loaded, windows=windows, backend=backend, switch=switch)
 
 
@@ -244,7 +294,8 @@ def _run(config, run, callback, cancel, pause, indices) -> str:
 
     device = prepared.loaded.device
     evaluator = PrefixEvaluator(prepared.loaded, prepared.windows, config.micro_batch,
-                                compile=config.compile, on_retry=warner(run, callback))
+                                compile=config.compile, on_retry=warner(run, callback),
+                                layer_scope=prepared.switch.unpacked)
     meter = _Meter(callback, config, run, device, prepared.switch.L, prepared.windows.numel(), len(done))
     sampler = Sampler(prepared.switch, evaluator, config.seed, config.antithetic,
                       on_eval=meter.on_eval, cancel=cancel, pause=pause, levels=config.levels)

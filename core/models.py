@@ -2,6 +2,7 @@
 their decoder layers: all architecture knowledge lives here."""
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import os
 import shutil
@@ -12,6 +13,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -30,6 +32,10 @@ SHAPES = {
                          intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                          vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
                          tie_word_embeddings=False),
+    "llama-3.1-70b": dict(model_type="llama", num_hidden_layers=80, hidden_size=8192,
+                          intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
+                          vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+                          tie_word_embeddings=False),
     "smollm2-135m": dict(model_type="llama", num_hidden_layers=30, hidden_size=576,
                          intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
                          vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0,
@@ -55,6 +61,9 @@ class LoadedModel:
     source: str                     # what the user asked for, resolved (path or hub id)
     layers: list[nn.Module]         # the decoder layers, in order: SPQE's players
     linear_names: list[list[str]]   # per layer, qualified names of its nn.Linear modules
+    # Set when the decoder layers are still on the meta device (core.layerwise): puts layer i's
+    # weights on the device; LayerSwitch calls it just before quantizing that layer.
+    materialize: Callable[[int], None] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -176,21 +185,47 @@ def gguf_config(path: Path):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        _expert_widths(path, config)
+        return config
     except (ValueError, KeyError, OSError, EOFError, struct.error) as exc:
         # struct.error: a file cut short after its magic bytes.
         raise UserError(f"could not read the GGUF file {path}: {_first_line(exc)}. transformers "
                         "reads GGUF for the architectures its gguf integration lists (Llama, "
-                        "Mistral, Qwen2/3, Gemma 2/3, Phi-3, Falcon, StarCoder2, StableLM...).") from None
+                        "Mistral, Qwen2/3, Qwen2/3-MoE, Gemma 2/3, Phi-3, Falcon, StarCoder2, "
+                        "StableLM...).") from None
+
+
+# GGUF header keys (after "<arch>.") that transformers' GGUF reader does not map for the
+# Qwen MoE families: their experts' widths then stay at the config class's defaults (768
+# for Qwen3-MoE: right for Qwen3-30B-A3B, wrong for other sizes).
+_EXPERT_WIDTHS = {"expert_feed_forward_length": "moe_intermediate_size",
+                  "expert_shared_feed_forward_length": "shared_expert_intermediate_size"}
+
+
+def _expert_widths(path: Path, config) -> None:
+    """The experts' widths a GGUF header records, where transformers leaves the default."""
+    if not any(hasattr(config, field) for field in _EXPERT_WIDTHS.values()):
+        return
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    arch = reader.get_field("general.architecture").contents()
+    for key, field in _EXPERT_WIDTHS.items():
+        value = reader.get_field(f"{arch}.{key}")
+        if value is not None and hasattr(config, field):
+            setattr(config, field, int(value.contents()))
 
 
 def _load_gguf(path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    check_structure(meta_model(gguf_config(path)))   # refuse in seconds, before de-quantizing
+    config = gguf_config(path)
+    check_structure(meta_model(copy.deepcopy(config)))   # refuse in seconds, before de-quantizing
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=config,
+                                                     dtype=dtype)
     except (ValueError, KeyError, OSError, EOFError, struct.error) as exc:
         # struct.error: a file cut short after its magic bytes.
         raise UserError(f"could not read the GGUF file {path}: {_first_line(exc)}.") from exc
@@ -233,15 +268,24 @@ def resolve_model(spec: str | None) -> str:
     return spec
 
 
-def load_model(spec: str | None, device: torch.device, dtype: torch.dtype | None = None) -> LoadedModel:
+def load_model(spec: str | None, device: torch.device, dtype: torch.dtype | None = None,
+               by_layer: bool = False) -> LoadedModel:
     """Load a causal LM for quantization: `spec` is a hub id, a local checkpoint directory,
-    a .gguf file, or None/"embedded" for the embedded SmolLM2-135M-Instruct."""
+    a .gguf file, or None/"embedded" for the embedded SmolLM2-135M-Instruct. `by_layer`
+    leaves the decoder layers on the meta device for LayerSwitch to build one at a time
+    (core.layerwise: models larger than the device or the host's memory)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = dtype or default_dtype(device)
     spec = spec or EMBEDDED
     if spec.startswith(RANDOM_PREFIX):   # seeded, so every process builds the same weights
         name = spec.removeprefix(RANDOM_PREFIX)
+        if by_layer:
+            from core import layerwise
+
+            config = shape_config(name)
+            return _by_layer(config, lambda model: layerwise.random_weights(config, device, dtype),
+                             device, dtype, None, f"random-{name}", f"random-{name}")
         return from_config(shape_config(name), device, dtype, seed=0, name=f"random-{name}")
     if spec == EMBEDDED:
         source, name = str(embedded_checkpoint()), EMBEDDED_NAME
@@ -251,7 +295,19 @@ def load_model(spec: str | None, device: torch.device, dtype: torch.dtype | None
     if spec != EMBEDDED and _looks_like_path(spec) and not os.path.exists(source):
         raise _no_such_path(source)
     if source.endswith(".gguf"):
+        if by_layer:
+            raise UserError(f"{source} does not fit the device whole, and GGUF files are "
+                            "loaded whole; use the Hugging Face checkpoint (safetensors).")
         model, tokenizer = _load_gguf(Path(source), dtype)
+    elif by_layer:
+        from transformers import AutoConfig
+
+        from core import layerwise
+
+        _check_architecture(source)
+        return _by_layer(AutoConfig.from_pretrained(source),
+                         lambda model: layerwise.checkpoint_weights(source, model),
+                         device, dtype, AutoTokenizer.from_pretrained(source), name, source)
     else:
         meta = _check_architecture(source)
         try:
@@ -265,11 +321,32 @@ def load_model(spec: str | None, device: torch.device, dtype: torch.dtype | None
             raise error from exc
         _check_all_loaded(spec, info)
     model.eval().requires_grad_(False)
+    unfuse_experts(model)      # on the CPU, before the move: one layer's experts twice at most
     model.to(device)
     check_structure(model)
+    return _loaded(model, tokenizer, name, source)
+
+
+def _by_layer(config, weights, device: torch.device, dtype: torch.dtype, tokenizer, name: str,
+              source: str) -> LoadedModel:
+    """The model of `config` with its decoder layers left on the meta device;
+    `weights(model)` returns fetch(name, shape), which gives each weight when it is needed."""
+    from core import layerwise
+
+    model = layerwise.empty_model(config, dtype)
+    unfuse_experts(model)           # mixture-of-experts: per-expert linears, as loaded whole
+    check_structure(model)
+    prefix, layers = _layer_list(model)
+    builder = layerwise.LayerwiseBuilder(model, device, dtype, weights(model),
+                                         [f"{prefix}.{i}." for i in range(len(layers))])
+    return _loaded(model, tokenizer, name, source, builder.materialize)
+
+
+def _loaded(model: nn.Module, tokenizer, name: str, source: str,
+            materialize: Callable[[int], None] | None = None) -> LoadedModel:
     layers = decoder_layers(model)
-    return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source,
-                       layers=layers, linear_names=_linear_names(model, layers))
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source, layers=layers,
+                       linear_names=_linear_names(model, layers), materialize=materialize)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -375,8 +452,8 @@ def _check_architecture(source: str) -> nn.Module:
             hint += (" Pass a local checkpoint directory or a .gguf file, or leave `model` out "
                      "for the embedded default.")
         raise UserError(f"could not load model config for {source!r}: {_first_line(exc)}.{hint}") from exc
-    meta = meta_model(config)
-    check_structure(meta)
+    meta = meta_model(config, unfuse=False)    # the checkpoint's own layout, for _load_error
+    check_structure(unfused_copy(meta))
     return meta
 
 
@@ -388,17 +465,47 @@ def _check_architecture(source: str) -> nn.Module:
 # GPT-NeoX, Falcon and others. The layers, the norm and the head are found in the model
 # itself, and checked on a model built on the meta device from the config alone.
 
-def meta_model(config) -> nn.Module:
-    """The causal LM of `config` on the meta device: every module and shape, no weights."""
+def meta_model(config, unfuse: bool = True) -> nn.Module:
+    """The causal LM of `config` on the meta device: every module and shape, no weights;
+    with mixture-of-experts experts split as load_model splits them (`unfuse`)."""
     from transformers import AutoModelForCausalLM
 
     try:
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config)
+            model = AutoModelForCausalLM.from_config(config)
     except (ValueError, KeyError) as exc:
         raise UserError(f"{getattr(config, 'model_type', 'this model')!r} is not a causal language "
                         f"model transformers can build ({_first_line(exc)}); impq-tui quantizes "
                         "decoder-only causal LMs.") from None
+    if unfuse:
+        unfuse_experts(model)
+    return model
+
+
+def unfuse_experts(model: nn.Module) -> bool:
+    """Mixture-of-experts experts kept as fused 3-D tensors become per-expert nn.Linear
+    modules, in place (core.experts); True when any were."""
+    from core import experts
+
+    try:
+        layers = decoder_layers(model)
+    except UserError:
+        return False          # check_structure says why
+    return experts.unfuse(model, layers)
+
+
+def unfused_copy(meta: nn.Module) -> nn.Module:
+    """A meta model's structure with its experts split (the meta model itself unchanged)."""
+    from core import experts
+
+    try:
+        if not experts.fused_parameters(decoder_layers(meta)):
+            return meta
+    except UserError:
+        return meta           # check_structure says why
+    other = copy.deepcopy(meta)
+    unfuse_experts(other)
+    return other
 
 
 def _num_layers(config) -> int | None:
@@ -440,25 +547,28 @@ def check_structure(model: nn.Module) -> None:
     list, the final norm, the output head, and nn.Linear projections in every layer that
     carry all of the layer's weight matrices (mixture-of-experts blocks whose experts are
     fused 3-D tensors cannot be quantized layer by layer here)."""
+    from core import experts
+
     layers = decoder_layers(model)
     final_norm(model)
     if not isinstance(model.get_output_embeddings(), nn.Linear):
         raise UserError(f"{type(model).__name__} has no nn.Linear output head.")
-    fused = [name for name, p in layers[0].named_parameters() if p.ndim >= 3]
+    fused = experts.fused_parameters(layers)
     if fused:
-        raise UserError(
-            f"{type(model).__name__}'s decoder layers keep weights as fused 3-D tensors "
-            f"({', '.join(fused[:3])}): its mixture-of-experts experts are not nn.Linear "
-            "modules, so impq-tui cannot quantize them per layer yet. Dense models of the "
-            "same families work.")
+        raise experts.refusal(model, fused)
     _linear_names(model, layers)
 
 
 def _linear_names(model: nn.Module, layers: list[nn.Module]) -> list[list[str]]:
+    """Per layer, the nn.Linear modules it quantizes: every projection, every expert's
+    included; mixture-of-experts routers left out (core.experts.is_router)."""
+    from core.experts import is_router
+
     qualified = {module: name for name, module in model.named_modules()}
     names = []
     for index, layer in enumerate(layers):
-        linears = [qualified[m] for m in layer.modules() if isinstance(m, nn.Linear)]
+        linears = [qualified[m] for m in layer.modules()
+                   if isinstance(m, nn.Linear) and not is_router(model, qualified[m])]
         if not linears:
             raise UserError(f"decoder layer {index} has no nn.Linear modules to quantize "
                             "(is the model already quantized, or are its projections another "
@@ -498,14 +608,13 @@ def parameter_counts(spec: str | None):
     alone, with no weights loaded; None where that cannot be known."""
     try:
         model = structure_of(spec)
-        layers = decoder_layers(model) if model is not None else None
+        if model is None:
+            return None
+        names = _linear_names(model, decoder_layers(model))   # every expert's included
     except UserError:
         return None      # load_model reports this with the full message
-    if model is None:
-        return None
     total = sum(p.numel() for p in model.parameters())
-    linear = sum(m.weight.numel() for layer in layers
-                 for m in layer.modules() if isinstance(m, nn.Linear))
+    linear = sum(model.get_submodule(name).weight.numel() for layer in names for name in layer)
     return total, linear, model.config
 
 
@@ -531,6 +640,7 @@ def from_config(config, device: torch.device, dtype: torch.dtype, tokenizer=None
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval().requires_grad_(False)
+    unfuse_experts(model)
     layers = decoder_layers(model)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=name, layers=layers,
                        linear_names=_linear_names(model, layers))

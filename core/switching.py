@@ -7,6 +7,7 @@ also the one perplexity measurement (`nll`), and chunked_nll the one NLL.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 from typing import Callable, Sequence
@@ -40,6 +41,7 @@ class LayerSwitch:
                  on_layer: Callable[[int, int], None] | None = None):
         self.model, self.names = loaded.model, loaded.linear_names
         self.L = len(self.names)
+        self.backend, self.real = backend, real
         levels = levels or [(LOW, HIGH)] * self.L
         originals = [[self.model.get_submodule(n) for n in layer] for layer in self.names]
         self.params = [sum(lin.weight.numel() for lin in layer) for layer in originals]
@@ -51,6 +53,8 @@ class LayerSwitch:
         self.bits: list[int | None] = [None] * self.L
         with torch.inference_mode() if real else torch.no_grad():
             for i, layer in enumerate(originals):
+                if loaded.materialize is not None:    # built layer by layer (core.layerwise)
+                    loaded.materialize(i)
                 built: dict[int | None, list[nn.Module]] = {}
                 for bits in levels[i]:
                     quantized = [backend.quantize_linear(lin, bits) for lin in layer]
@@ -95,6 +99,26 @@ class LayerSwitch:
         for i in changed:
             self.set(i, bits_per_layer[i])
         return changed[0] if changed else None
+
+    @contextlib.contextmanager
+    def unpacked(self, i: int):
+        """Layer i computing with plain linears holding the weights its real modules compute
+        with, for the duration of one pass over every micro-batch: packed modules (SPQE of
+        models too large for de-quantized copies) are then de-quantized once per layer pass,
+        not once per micro-batch. Does nothing when the modules are plain already."""
+        bits = self.bits[i]
+        if not self.real or bits is None:
+            yield
+            return
+        real = self.modules[i][bits]
+        plain = [linear_holding(self.backend.dequantize(m), getattr(m, "bias", None)) for m in real]
+        self.modules[i][bits] = plain
+        self.set(i, bits)
+        try:
+            yield
+        finally:
+            self.modules[i][bits] = real
+            self.set(i, bits)
 
     def restore_original(self) -> None:
         self.apply([None] * self.L)
@@ -144,7 +168,8 @@ class PrefixEvaluator:
     """
 
     def __init__(self, loaded: LoadedModel, windows: torch.Tensor, micro_batch: int,
-                 compile: bool = False, on_retry: Callable[[str], None] | None = None):
+                 compile: bool = False, on_retry: Callable[[str], None] | None = None,
+                 layer_scope: Callable[[int], contextlib.AbstractContextManager] | None = None):
         self.model = loaded.model
         self.layers = loaded.layers
         # torch.compile fuses each layer's norms, rotary and activations (one graph serves every
@@ -158,6 +183,8 @@ class PrefixEvaluator:
         self.micro_batch = max(1, micro_batch)
         self.batches = list(self.windows.split(self.micro_batch))
         self.on_retry = on_retry or (lambda message: None)
+        # entered around each layer's pass over all micro-batches (LayerSwitch.unpacked)
+        self.layer_scope = layer_scope or (lambda j: contextlib.nullcontext())
         self.tokens = windows.numel()
         self.predicted = windows.shape[0] * (windows.shape[1] - 1)
         self.inputs: list[list[torch.Tensor]] | None = None   # [batch][layer] hidden states
@@ -176,13 +203,17 @@ class PrefixEvaluator:
             self._shrink(why)     # outside the except block: the failed pass's tensors are gone
 
     def _from(self, from_layer: int) -> float:
+        # Layer by layer over all micro-batches (each batch's arithmetic is the same in either
+        # order), so that a layer's weights are prepared once per pass (layer_scope).
+        hs = [self.inputs[b][from_layer] for b in range(len(self.batches))]
+        for j in range(from_layer, self.L):
+            with self.layer_scope(j):
+                for b in range(len(self.batches)):
+                    if j > from_layer:
+                        self.inputs[b][j] = hs[b]
+                    hs[b] = self.run_layer(self.layers[j], hs[b], self.kwargs[b][j])
         total = 0.0
-        for b, batch in enumerate(self.batches):
-            h = self.inputs[b][from_layer]
-            for j in range(from_layer, self.L):
-                if j > from_layer:
-                    self.inputs[b][j] = h
-                h = self.run_layer(self.layers[j], h, self.kwargs[b][j])
+        for h, batch in zip(hs, self.batches):
             total += chunked_nll(self.norm(h), batch, self.head, self.softcap)
         return total / self.predicted
 

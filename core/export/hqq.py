@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from core import experts
 from core.export.base import Exporter, Written, check_all_written, tensor_bytes
 from core.settings import dtype_name
 
@@ -17,10 +18,12 @@ WEIGHTS = "qmodel.pt"
 class HqqExporter(Exporter):
     name = "hqq"
     distribution = "hqq"
+    split_experts = False    # set by write(): the loader splits MoE experts as they were quantized
 
     def write(self, loaded, module_bits, folder: Path, config, checkpoint) -> Written:
         from hqq.models.hf.base import AutoHQQHFModel
 
+        self.split_experts = experts.split(loaded.model)
         checkpoint(f"writing {WEIGHTS} and config.json")
         AutoHQQHFModel.save_quantized(loaded.model, str(folder))
         if getattr(loaded.model, "generation_config", None) is not None:
@@ -38,7 +41,7 @@ class HqqExporter(Exporter):
                                 "forward": "HQQBackend.PYTORCH"})
 
     def snippet(self, path: str, dtype: str) -> str:
-        return _SNIPPET.format(path=repr(path), dtype=dtype)
+        return (_SNIPPET_EXPERTS if self.split_experts else _SNIPPET).format(path=repr(path), dtype=dtype)
 
 
 def _stored_bytes(state: dict) -> int:
@@ -56,6 +59,35 @@ path = {path}   # this folder (change it if you move the folder)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 HQQLinear.set_backend(HQQBackend.PYTORCH)   # the plain-PyTorch forward: runs on CPU and GPU
 model = AutoHQQHFModel.from_quantized(path, compute_dtype=torch.{dtype}, device=device)
+model.eval()
+tokenizer = AutoTokenizer.from_pretrained(path)
+'''
+
+
+# Mixture of experts: hqq builds the model from config.json, with fused experts; the
+# subclass splits them (defuser, as impq-tui did) before the quantized modules go in.
+_SNIPPET_EXPERTS = '''\
+import torch
+from defuser import convert_model
+from hqq.core.quantize import HQQBackend, HQQLinear
+from hqq.models.hf.base import AutoHQQHFModel
+from transformers import AutoTokenizer
+
+
+class AutoHQQSplitExperts(AutoHQQHFModel):
+    # The experts were quantized one nn.Linear per expert and projection; defuser (the
+    # library GPTQModel uses for MoE models) splits the fused experts the same way.
+    @classmethod
+    def create_model(cls, save_dir, kwargs):
+        model = super().create_model(save_dir, kwargs)
+        convert_model(model)
+        return model
+
+
+path = {path}   # this folder (change it if you move the folder)
+device = "cuda" if torch.cuda.is_available() else "cpu"
+HQQLinear.set_backend(HQQBackend.PYTORCH)   # the plain-PyTorch forward: runs on CPU and GPU
+model = AutoHQQSplitExperts.from_quantized(path, compute_dtype=torch.{dtype}, device=device)
 model.eval()
 tokenizer = AutoTokenizer.from_pretrained(path)
 '''

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from core import experts
 from core.export.base import Exporter, Written, check_all_written, safetensors_bytes
 from core.settings import dtype_name
 
@@ -25,12 +26,14 @@ WEIGHTS, QMAP, GROUPS = "model.safetensors", "quantization_map.json", "group_siz
 class QuantoExporter(Exporter):
     name = "quanto"
     distribution = "optimum-quanto"
+    split_experts = False    # set by write(): the loader splits MoE experts as they were quantized
 
     def write(self, loaded, module_bits, folder: Path, config, checkpoint) -> Written:
         from optimum.quanto import quantization_map
         from safetensors.torch import save_file
 
         model = loaded.model
+        self.split_experts = experts.split(model)
         qmap = quantization_map(model)
         if set(qmap) != set(module_bits):
             raise RuntimeError(f"quanto quantized {len(qmap)} modules, {len(module_bits)} were asked for")
@@ -54,7 +57,8 @@ class QuantoExporter(Exporter):
                                 "tied_word_embeddings": _tied(model.config)})
 
     def snippet(self, path: str, dtype: str) -> str:
-        return _SNIPPET.format(path=repr(path), dtype=dtype)
+        return _SNIPPET.format(path=repr(path), dtype=dtype,
+                               experts=experts.SNIPPET if self.split_experts else "")
 
 
 def _tied(config) -> bool:
@@ -96,7 +100,7 @@ config = AutoConfig.from_pretrained(path)
 # buffers, which the state dict does not hold, would stay uninitialized.
 with init_empty_weights():
     model = AutoModelForCausalLM.from_config(config, dtype=torch.{dtype})
-quantization_map = json.loads((path / "quantization_map.json").read_text())
+{experts}quantization_map = json.loads((path / "quantization_map.json").read_text())
 requantize(model, {{}}, quantization_map, device=torch.device(device))   # quanto modules, no weights yet
 # quanto's files do not record the group size, and its loader would guess another one
 # from each layer's shape: set the one these weights were quantized with.
