@@ -1,5 +1,7 @@
 """Does interaction-aware allocation win? IMPQ against the four isolated baselines on
-the embedded SmolLM2-135M-Instruct, for HQQ and Quanto (issue 4).
+the embedded SmolLM2-135M-Instruct, for HQQ and Quanto (issue 4), and GPTQ measured by
+SPQE (`--backends gptq`, issue 16: GPTQModel's quantizer on Hessians of the unquantized
+model; compare evaluates its real GPTQModel modules).
 
 For each backend: SPQE into a run directory (core.engine.run_spqe; an existing one in
 OUT/<backend> is continued), more samples while the allocations at the target budgets
@@ -17,6 +19,7 @@ never changed again.
     python bench/quality.py                               # GPU: 100+ samples, 16 x 2048 tokens
     python bench/quality.py --samples 2 --max-samples 2 --windows 2 --window-tokens 64 \\
         --eval-windows 2 --eval-window-tokens 64 --device cpu   # a CPU smoke run
+    python bench/quality.py --backends gptq --out runs/bench-quality-gptq   # GPTQ rows (GPU)
 """
 from __future__ import annotations
 
@@ -53,7 +56,7 @@ BAR = {2.25: 0.8, 2.5: 0.8, 3.0: 1.0, 3.5: 1.0}
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--backends", nargs="+", default=["hqq", "quanto"], choices=("hqq", "quanto", "gguf"))
+    p.add_argument("--backends", nargs="+", default=["hqq", "quanto"], choices=("hqq", "quanto", "gguf", "gptq"))
     p.add_argument("--gguf-types", default="Q2_K,Q4_K",
                    help="the gguf backend's low and high llama.cpp types (default Q2_K,Q4_K)")
     p.add_argument("--model", default="embedded")

@@ -171,8 +171,9 @@ def prepare(config: RunConfig, callback: events.Callback = events.ignore,
             callback(events.Log(f"quantized layer {i}/{L} to {' and '.join(map(str, config.levels))} "
                                 f"bits ({backend.name})"))
 
-    if hasattr(backend, "calibrate"):   # gguf: llama.cpp's importance matrix, from these windows
-        callback(events.Log(f"importance matrix on {windows.shape[0]} x {windows.shape[1]} "
+    if hasattr(backend, "calibrate"):   # gguf's importance matrix, GPTQ's Hessians: these windows
+        what = "Hessians (GPTQ)" if backend.name == "gptq" else "importance matrix"
+        callback(events.Log(f"{what} on {windows.shape[0]} x {windows.shape[1]} "
                             "calibration tokens"))
         backend.calibrate(loaded, windows, config.micro_batch)
     switch = LayerSwitch(loaded, backend, real=plan.packed, levels=[config.levels] * len(loaded.layers),

@@ -5,11 +5,12 @@ from core.backends.base import Backend, QuantizedWeight
 from core.errors import UserError
 
 BACKENDS = ("quanto", "hqq")
-OPTIONAL_BACKENDS = ("gguf",)    # an extra: llama-cpp-python (impq-tui[gguf])
+OPTIONAL_BACKENDS = ("gguf", "gptq")    # extras: llama-cpp-python (impq-tui[gguf]), GPTQModel (impq-tui[gptq])
 
 # The precisions each library quantizes to: the levels a run may step through (`levels`).
 BITS_OF = {"quanto": (2, 4, 8), "hqq": (2, 3, 4, 8),
-           "gguf": (2, 3, 4, 5, 6, 8)}   # gguf: each level stands for a llama.cpp type
+           "gguf": (2, 3, 4, 5, 6, 8),   # gguf: each level stands for a llama.cpp type
+           "gptq": (2, 3, 4, 8)}
 
 __all__ = ["BACKENDS", "BITS_OF", "Backend", "QuantizedWeight", "backend_for", "get_backend"]
 
@@ -36,5 +37,9 @@ def get_backend(name: str, group_size: int = 64, gguf_types: str | None = None,
         from core.backends.gguf import GgufBackend
 
         return GgufBackend(group_size, gguf_types, levels)
+    if name == "gptq":
+        from core.backends.gptq import GptqBackend
+
+        return GptqBackend(group_size)
     raise UserError(f"Unknown backend {name!r}; choose one of: "
                     f"{', '.join(BACKENDS + OPTIONAL_BACKENDS)}.")

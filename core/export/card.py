@@ -15,7 +15,9 @@ LOAD_NOTES = {
              "`dynamic` entry of `quantization_config` in `config.json`, which GPTQModel and "
              "vLLM read (`vllm serve <this folder>`, or `vllm.LLM(model=...)`; vLLM was not "
              "tested with this export). Plain `transformers` ignores `dynamic` and would load "
-             "every layer as 4-bit: use GPTQModel or vLLM."),
+             "every layer as 4-bit: use GPTQModel or vLLM. `allocation.json` "
+             "(`quantization.allocation_from`) says which quantizer's errors the allocation "
+             "was chosen from: `gptq` when these are the GPTQ layers SPQE measured."),
 }
 
 

@@ -1,15 +1,26 @@
-"""GPTQ through GPTQModel: 4-bit base config, a `dynamic` override {"bits": b} for each
-decoder layer at another precision, calibrated on the run's calibration text, saved
-in GPTQ's checkpoint format (model.safetensors + quantization_config in config.json)
-that GPTQModel and vLLM load.
+"""GPTQ export: a GPTQModel checkpoint (model.safetensors + `quantization_config` with a
+per-layer `dynamic` bit-width in config.json, quantize_config.json) that GPTQModel and
+vLLM load.
 
-GPTQModel leaves the model it has just quantized with its zero points in the on-disk
-("v1") layout that its kernels do not compute with; its loader converts them. To
-evaluate the in-memory model, this module does the same conversion after saving.
+Of a GPTQ run (`run --backend gptq`) the export is the measured model: the run's model
+is loaded in the dtype SPQE measured it in, the gptq backend is calibrated on the run's
+own calibration windows (core.backends.gptq: Hessians of the unquantized model), and
+core.switching.LayerSwitch builds each layer's GPTQModel modules at its bits exactly as
+SPQE, eval and compare build them; those very tensors are written, with GPTQModel's own
+state-dict and shard writers. No second calibration.
+
+Of a quanto, HQQ or GGUF run the allocation came from another quantizer's errors: GPTQ is
+applied afterwards by GPTQModel's whole pipeline (its sequential GPTQ, calibrated on up
+to CALIB_WINDOWS windows of the run's text), and the export says so.
+
+GPTQ checkpoints store float16 scales, and GPTQModel's kernels compute in float16: the
+written model is made and evaluated in float16 whatever the run's dtype.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
+import json
 import os
 import re
 import shutil
@@ -36,18 +47,20 @@ from core.models import (
     load_model,
 )
 
-# GPTQ's Hessians want more tokens than SPQE's evaluations: up to this many windows of
-# the run's window length are cut from its calibration text.
+# GPTQ's Hessians want more tokens than SPQE's evaluations: for the export of a run of
+# another backend, up to this many windows of the run's window length are cut from its
+# calibration text.
 CALIB_WINDOWS = 64
 EXTRA_HINT = ("Install it with `pip install 'impq-tui[gptq]'` (GPTQModel 7.6.0; it pins numpy 2.2.6), "
               "or export with the quanto or hqq `backend`.")
+WEIGHTS = "model.safetensors"
+MAX_SHARD = 4 << 30      # GPTQModel's DEFAULT_MAX_SHARD_SIZE ("4GB")
 
 
 def _prepare_environment() -> None:
-    # GPTQModel sizes its CPU thread pool to half the cores and then asks for two
-    # workers in a sub-pool: below four cores that fails unless this is at least 2.
-    if int(os.environ.get("GPTQMODEL_CPU_WORKERS", "0") or 0) < 2:
-        os.environ["GPTQMODEL_CPU_WORKERS"] = "2"
+    from core.backends.gptq import prepare_environment
+
+    prepare_environment()
 
 
 @contextlib.contextmanager
@@ -61,11 +74,18 @@ class GptqExporter(Exporter):
     name = "gptq"
     distribution = "gptqmodel"
     extra_hint = EXTRA_HINT
-    simulates = False     # SPQE does not measure GPTQ layers (yet): no simulated model
 
     def __init__(self):
-        self._saved: Path | None = None       # GPTQModel's own save of the quantized model
+        self._saved: Path | None = None       # GPTQModel's own save (a run of another backend)
         self._converted: Path | None = None   # a GGUF input converted to a checkpoint
+        self._measured = False                # a GPTQ run: the modules SPQE measured
+        self._backend = None                  # its calibrated core.backends.gptq.GptqBackend
+        self._notes: list[str] = []
+
+    @property
+    def simulates(self) -> bool:
+        """De-quantized (simulated) weights exist for a GPTQ run's own export."""
+        return self._measured
 
     def check_available(self) -> None:
         _prepare_environment()
@@ -76,9 +96,128 @@ class GptqExporter(Exporter):
             raise import_error(self, exc) from None
 
     def eval_settings(self, config, device, **given):
+        self._measured = config.backend == self.name
         return super().eval_settings(config, device, **{**given, "dtype": self.dtype(config)})
 
+    def backend(self, config):
+        return self._backend if self._backend is not None else super().backend(config)
+
+    def load(self, config, device, dtype) -> LoadedModel:
+        """A GPTQ run's model is loaded in the dtype SPQE measured it in (core.settings:
+        the run's own on the run's kind of device), and the backend calibrated on the run's
+        calibration windows; float16 comes after quantizing. Another run's model loads in
+        `dtype` (float16), for GPTQModel to quantize."""
+        self._measured = config.backend == self.name
+        if not self._measured:
+            return super().load(config, device, dtype)
+        from core.backends import backend_for
+        from core.fingerprint import check_calibration
+        from core.settings import eval_settings
+
+        loaded = super().load(config, device, eval_settings(config, device).torch_dtype)
+        windows = _run_windows(loaded, config)
+        check_calibration(config, windows)      # the run's own windows, or a refusal
+        self._backend = backend_for(config, self.name)
+        self._backend.calibrate(loaded, windows, config.micro_batch)
+        return loaded
+
     def quantize(self, loaded, bits_per_layer, config, checkpoint, on_layer=None) -> LoadedModel:
+        if not self._measured:
+            return self._quantize_afterwards(loaded, bits_per_layer, config, checkpoint)
+        checkpoint(f"GPTQ (GPTQModel) of each layer at its bits, from the Hessians of the run's "
+                   f"{config.windows} calibration windows of {config.window_tokens} tokens "
+                   "(as SPQE measured)")
+        super().quantize(loaded, bits_per_layer, config, checkpoint, on_layer)
+        with torch.inference_mode():
+            loaded.model.to(torch.float16)      # scales are float16 already; the rest follows
+        self._details = {**self._backend.settings(), "calibration_windows": config.windows,
+                         "calibration_window_tokens": config.window_tokens,
+                         "dynamic": self._dynamic(loaded, bits_per_layer)[1],
+                         "allocation_from": "gptq"}
+        self._notes = [("The quantized tensors are the ones SPQE measured for this allocation: "
+                        "GPTQ (GPTQModel's quantizer) of each layer from the Hessians of the "
+                        "unquantized model on the run's calibration windows, no second "
+                        "calibration.")]
+        return loaded
+
+    def write(self, loaded, module_bits, folder: Path, config, checkpoint) -> Written:
+        checkpoint("writing model.safetensors and quantize_config.json")
+        if self._measured:
+            self._write_measured(loaded, module_bits, folder)
+        else:
+            for item in self._saved.iterdir():
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, folder / item.name)
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+        module_bytes = safetensors_bytes([folder / f for f in files], {n: f"{n}." for n in module_bits})
+        check_all_written(module_bits, module_bytes, "GPTQModel")
+        return Written(module_bytes=module_bytes, weight_files=files, library=self.library_version(),
+                       dtype=self.dtype(config), details=self._details, notes=list(self._notes))
+
+    def close(self) -> None:
+        for folder in (self._saved, self._converted):
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+        self._saved = self._converted = None
+        self._backend = None
+
+    # ---------------------------------------------------------------- a GPTQ run
+    def _dynamic(self, loaded, bits_per_layer) -> tuple[int, dict]:
+        """The base bit-width and GPTQModel's `dynamic` override for every other layer."""
+        prefix = re.escape(_layers_prefix(loaded))
+        base = 4 if 4 in bits_per_layer else max(bits_per_layer)
+        return base, {rf"+:^{prefix}\.{i}\.": {"bits": int(bits)}
+                      for i, bits in enumerate(bits_per_layer) if bits != base}
+
+    def _write_measured(self, loaded, module_bits, folder: Path) -> None:
+        """The in-memory GPTQModel modules written as GPTQModel's save_quantized writes a
+        checkpoint: config.json with `quantization_config`, quantize_config.json, and the
+        state dict (zero points in the on-disk "v1" layout) through its shard writer."""
+        from gptqmodel.utils.model import get_state_dict_for_save, streaming_state_dict_to_shards
+
+        from core.backends.gptq import library_version
+
+        backend = self._backend
+        bits = [module_bits[names[0]] for names in loaded.linear_names]
+        base, dynamic = self._dynamic(loaded, bits)
+        qcfg = backend.quantize_config(base)
+        qcfg.dynamic = dynamic or None
+        qcfg.meta_set_versionable(key="quantizer", value=[f"gptqmodel:{library_version()}",
+                                                          f"impq-tui:{_impq_version()}"])
+        for key, value in (("uri", "https://github.com/modelcloud/gptqmodel"),
+                           ("damp_percent", qcfg.damp_percent),
+                           ("damp_auto_increment", qcfg.damp_auto_increment),
+                           ("static_groups", qcfg.static_groups), ("true_sequential", False),
+                           ("mse", qcfg.mse), ("act_group_aware", qcfg.act_group_aware)):
+            qcfg.meta_set(key=key, value=value)
+        config = copy.deepcopy(loaded.model.config)
+        config.dtype = torch.float16
+        config.quantization_config = qcfg.to_dict()
+        with _quiet_stdout():
+            config.save_pretrained(str(folder))
+            if getattr(loaded.model, "generation_config", None) is not None:
+                loaded.model.generation_config.save_pretrained(str(folder))
+            qcfg.save_pretrained(str(folder))
+        modules = {n: loaded.model.get_submodule(n) for n in module_bits}
+        kept = {n: m.qzeros for n, m in modules.items()}
+        try:
+            for name, module in modules.items():
+                module.qzeros = backend.checkpoint_qzeros(module)
+            state = get_state_dict_for_save(loaded.model)
+            with _quiet_stdout():
+                files, where, total = streaming_state_dict_to_shards(
+                    state, save_dir=str(folder), model_base_name="model", single_file_name=WEIGHTS,
+                    metadata={"format": "pt"}, max_shard_size=MAX_SHARD)
+            state.clear()
+        finally:
+            for name, module in modules.items():
+                module.qzeros = kept[name]
+                module._stream_reset_cache()
+        if len(files) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": where}
+            (folder / f"{WEIGHTS}.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+    # ---------------------------------------------------------------- another backend's run
+    def _quantize_afterwards(self, loaded, bits_per_layer, config, checkpoint) -> LoadedModel:
         """GPTQ of every decoder layer at its bits, through GPTQModel from the run's
         checkpoint, calibrated on the run's calibration text; then saved once (GPTQModel
         converts its zero points to the layout its kernels compute with only on load) so
@@ -86,15 +225,18 @@ class GptqExporter(Exporter):
         from gptqmodel import GPTQModel, QuantizeConfig
 
         source = self._checkpoint(config)
-        prefix = re.escape(_layers_prefix(loaded))
-        base = 4 if 4 in bits_per_layer else max(bits_per_layer)   # other layers: a `dynamic` override
-        dynamic = {rf"+:^{prefix}\.{i}\.": {"bits": int(bits)}
-                   for i, bits in enumerate(bits_per_layer) if bits != base}
+        base, dynamic = self._dynamic(loaded, bits_per_layer)
         quantize_config = QuantizeConfig(bits=base, group_size=config.group_size, dynamic=dynamic or None,
                                          desc_act=False, sym=True, offload_to_disk=False)
         calibration = self._calibration(loaded.tokenizer, config)
         device, dtype = loaded.device, loaded.dtype
         loaded.model = None                      # one copy of the weights at a time
+        other = (f"This allocation was chosen from {config.backend}'s quantization errors "
+                 f"(run backend {config.backend}), not GPTQ's: GPTQ was applied afterwards by "
+                 f"GPTQModel's own pipeline, with its own calibration on {len(calibration)} windows "
+                 f"of the run's text. For an allocation measured with GPTQ, run SPQE with "
+                 "`--backend gptq`.")
+        checkpoint(other)
         with _quiet_stdout():
             gptq = GPTQModel.load(source, quantize_config, device=str(device), dtype=dtype)
             checkpoint(f"GPTQ on {len(calibration)} calibration windows of {config.window_tokens} tokens")
@@ -115,24 +257,10 @@ class GptqExporter(Exporter):
         self._details = {"group_size": config.group_size, "sym": True, "desc_act": False,
                          "calibration_windows": len(calibration),
                          "calibration_window_tokens": config.window_tokens,
-                         "dynamic": gptq.quantize_config.dynamic or {}}
+                         "dynamic": gptq.quantize_config.dynamic or {},
+                         "allocation_from": config.backend}
+        self._notes = [other]
         return replace(loaded, model=model, layers=decoder_layers(model))
-
-    def write(self, loaded, module_bits, folder: Path, config, checkpoint) -> Written:
-        checkpoint("writing model.safetensors and quantize_config.json")
-        for item in self._saved.iterdir():
-            (shutil.copytree if item.is_dir() else shutil.copy2)(item, folder / item.name)
-        files = sorted(p.name for p in folder.glob("*.safetensors"))
-        module_bytes = safetensors_bytes([folder / f for f in files], {n: f"{n}." for n in module_bits})
-        check_all_written(module_bits, module_bytes, "GPTQModel")
-        return Written(module_bytes=module_bytes, weight_files=files, library=self.library_version(),
-                       dtype=self.dtype(config), details=self._details)
-
-    def close(self) -> None:
-        for folder in (self._saved, self._converted):
-            if folder is not None:
-                shutil.rmtree(folder, ignore_errors=True)
-        self._saved = self._converted = None
 
     def snippet(self, path: str, dtype: str) -> str:
         return _SNIPPET.format(path=repr(path), dtype=dtype)
@@ -181,6 +309,24 @@ class GptqExporter(Exporter):
             if module.qzero_format() == 1:
                 convert_gptq_v1_to_v2_format_module(module, bits=module.bits, pack_dtype=module.pack_dtype)
                 module.qzero_format(format=2)
+
+
+def _run_windows(loaded: LoadedModel, config) -> torch.Tensor:
+    """The run's calibration windows, as core.engine.prepare cut them."""
+    if loaded.tokenizer is None:     # random:<shape>: token ids drawn from the run's seed
+        return torch.randint(0, loaded.model.config.vocab_size, (config.windows, config.window_tokens),
+                             generator=torch.Generator().manual_seed(config.seed))
+    return token_windows(load_text(config.calib_text, "calibration"), loaded.tokenizer,
+                         config.windows, config.window_tokens, config.seed)
+
+
+def _impq_version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("impq-tui")
+    except importlib.metadata.PackageNotFoundError:
+        return "source"
 
 
 def _layers_prefix(loaded: LoadedModel) -> str:

@@ -66,7 +66,7 @@ FLAGS = {
 }
 
 # --backend of `run` (SPQE's backends) and of eval/export (the export formats: gptq too).
-RUN_BACKENDS = ("quanto", "hqq", "gguf")
+RUN_BACKENDS = ("quanto", "hqq", "gguf", "gptq")
 EXPORT_BACKENDS = ("quanto", "hqq", "gptq", "gguf")
 
 
