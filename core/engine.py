@@ -91,6 +91,9 @@ def plan_memory(config: RunConfig, device: torch.device, backend, free: int | No
     micro_tokens = min(config.micro_batch, config.windows) * config.window_tokens
     cache = cfg.num_hidden_layers * tokens * cfg.hidden_size * item
     work = micro_tokens * (4 * cfg.intermediate_size + 8 * cfg.hidden_size) * item + (1 << 28) * 4
+    if hasattr(backend, "calibrate"):     # one layer's float32 Hessians, two copies of the inputs
+        work += 4 * (3 * cfg.hidden_size ** 2 + cfg.intermediate_size ** 2) \
+            + 2 * tokens * cfg.hidden_size * item
     rest = (total - linear) * item                    # embeddings, head, norms
     one_layer = linear // cfg.num_hidden_layers * item
     copies = len(config.levels) * linear * item
