@@ -4,6 +4,9 @@ per core) on synthetic SPQE runs of 30 and 80 layers (a benchmark, not a test).
 The game is quadratic: main effects and pairwise interactions of both signs; M walks of
 it give the marginal vectors D, and the paper's model of D is solved at 2.00, 2.05, ...,
 4.00 bits, with costs of a SmolLM2-like (30) or Llama-70B-like (80) layer mix. Writes JSON.
+"linearized" is core.solver's pair of exact linearizations (one y per pair, Glover's one z
+per drop): a model's first solve takes the first, its second tries the other, and later
+solves take the one that has been faster.
 
     python bench/frontier_speed.py --out bench/results/frontier_speed.json
 """

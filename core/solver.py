@@ -2,8 +2,9 @@
 
 q_i = 1 keeps layer i at low precision (2-bit), q_i = 0 raises it to high (4-bit).
 IMPQ minimizes Delta(q) = a.q + q.K.q subject to B_lo + sum_i c_i (1 - q_i) <= B, as a
-MILP in which each product q_i q_j is replaced by a continuous y_ij. The baselines solve
-a knapsack under the same constraint. Both go to SCIP.
+MILP in which each product q_i q_j is replaced by a continuous y_ij (or, the same optimum,
+Glover's one z_i per drop, or a compact convex form while a run has few samples:
+_Programs picks). The baselines solve a knapsack under the same constraint. Both go to SCIP.
 
 With more than two levels (our extension, METHOD.md's "Levels" in the README) the
 variables are drops: q[i, k] = 1 when layer i has taken its (k+1)-th step down from the
@@ -16,9 +17,12 @@ in exact integer arithmetic; one that is over is cut off and the model re-solved
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from typing import Callable
@@ -179,17 +183,90 @@ def solve(a, K, costs: Costs, *, bits: float | None = None, budget: int | None =
     start = time.perf_counter()
     if B >= costs.B_hi:
         return _allocation([0] * costs.n_drops, costs, bits, B, (a, K), "all-high", time.perf_counter() - start)
-    if factor is not None and 0 < len(factor[1]) < costs.n_drops:
-        model, q = _factored_program(a, factor, costs, B)
-    else:
-        model, q = _linearized_program(a, K, costs, B)
-    q_val, status = _optimize(model, q, costs, B, time_limit)
+    q_val, status = _solve_program(a, K, costs, B, factor, time_limit)
     return _allocation(q_val, costs, bits, B, (a, K), status, time.perf_counter() - start)
 
 
-def _linearized_program(a, K, costs: Costs, B: int):
-    """Each product q_i q_j (i < j) as a continuous y_ij (METHOD.md)."""
-    model, q = _model_with_budget(costs, B, objective=a + np.diag(K))
+# The programs of the latest models, built once without a budget (_Programs): the
+# frontier, the stability check and every move of the budget solve the same model again
+# and again, and building the linearized program of 80 layers in Python takes about ten
+# times as long as SCIP takes to copy it.
+_PROGRAMS: OrderedDict[bytes, _Programs] = OrderedDict()
+_PROGRAMS_KEPT = 8
+_programs_lock = threading.Lock()
+
+
+class _Programs:
+    """One model's exact programs and how long SCIP took on each. With a factor of fewer
+    rows than drops: the compact form. Otherwise two linearizations with the same optimum,
+    neither always the faster (several times apart, either way, on the benchmark and real runs):
+    one y per pair (_linearized_program) or one z per drop (_aggregated_program). The first solve takes the first; the next tries
+    the second within twice the first's time; later solves take the faster on average."""
+
+    def __init__(self, a, K, costs: Costs, factor, compact: bool) -> None:
+        self.forms = ((lambda: _factored_program(a, factor, costs)),) if compact else (
+            (lambda: _linearized_program(a, K, costs)), (lambda: _aggregated_program(a, K, costs)))
+        self.built: dict[int, scip.Model] = {}
+        self.seconds: dict[int, list[float]] = {k: [] for k in range(len(self.forms))}
+        self.trying = False
+
+    def pick(self) -> tuple[int, float | None]:
+        """The form for the next solve and, while the second is on trial, its time limit."""
+        first, second = self.seconds[0], self.seconds.get(1)
+        if second is None or not first:
+            return 0, None
+        if not second:
+            if self.trying:
+                return 0, None
+            self.trying = True
+            return 1, 2 * max(first)
+        return min(self.seconds, key=lambda k: sum(self.seconds[k]) / len(self.seconds[k])), None
+
+    def copy(self, form: int, costs: Costs, B: int) -> tuple[scip.Model, list]:
+        if form not in self.built:
+            self.built[form] = self.forms[form]()[0]
+        model = scip.Model(sourceModel=self.built[form], origcopy=True)
+        model.hideOutput()
+        q = model.getVars()[:costs.n_drops]   # a copy keeps the order the variables were added in
+        _add_budget(model, q, costs, B)
+        return model, q
+
+
+def _solve_program(a, K, costs: Costs, B: int, factor,
+                   time_limit: float | None) -> tuple[list[int], str]:
+    """The optimal drops at budget B, by the model's programs (_Programs)."""
+    compact = factor is not None and 0 < len(factor[1]) < costs.n_drops
+    h = hashlib.blake2b(repr((costs, compact)).encode(), digest_size=16)
+    for x in (a, K, *(factor if compact else ())):
+        h.update(np.ascontiguousarray(x, dtype=np.float64).tobytes())
+    key = h.digest()
+    with _programs_lock:
+        programs = _PROGRAMS.get(key) or _Programs(a, K, costs, factor, compact)
+        _PROGRAMS[key] = programs
+        _PROGRAMS.move_to_end(key)
+        while len(_PROGRAMS) > _PROGRAMS_KEPT:
+            _PROGRAMS.popitem(last=False)
+        form, trial = programs.pick()
+        model, q = programs.copy(form, costs, B)
+    start = time.perf_counter()
+    limit = trial if time_limit is None or (trial is not None and trial < time_limit) else time_limit
+    q_val, status = _optimize(model, q, costs, B, limit)
+    seconds = time.perf_counter() - start
+    with _programs_lock:
+        if trial is not None and status != "optimal":   # too slow on trial: never again
+            programs.seconds[form].append(math.inf)
+            form, model, q = None, *programs.copy(0, costs, B)
+        else:
+            programs.seconds[form].append(seconds)
+    if form is None:
+        q_val, status = _optimize(model, q, costs, B, None if time_limit is None else
+                                  max(time_limit - seconds, 0.0))
+    return q_val, status
+
+
+def _linearized_program(a, K, costs: Costs):
+    """Each product q_i q_j (i < j) as a continuous y_ij (METHOD.md); no budget yet."""
+    model, q = _model_of(costs, objective=a + np.diag(K))
     for i in range(costs.n_drops):
         for j in range(i + 1, costs.n_drops):
             w = K[i, j] + K[j, i]  # q.K.q counts the pair twice
@@ -206,10 +283,29 @@ def _linearized_program(a, K, costs: Costs, B: int):
     return model, q
 
 
-def _factored_program(a, factor, costs: Costs, B: int):
-    """a.q + d.q + |F q|^2: t = F q, and z >= |t|^2 as SCIP's convex quadratic constraint."""
+def _aggregated_program(a, K, costs: Costs):
+    """Glover's linearization: z_i stands for q_i sum_{j>i} w_ij q_j, with lo_i and hi_i
+    the sums of the negative and the positive w_ij, by z_i >= lo_i q_i and
+    z_i >= sum_j w_ij q_j - hi_i (1 - q_i); minimizing makes z_i the product. One z and
+    two constraints per drop instead of one y per pair: a far smaller LP with a weaker
+    relaxation, faster while the interactions are small next to a."""
+    model, q = _model_of(costs, objective=a + np.diag(K))
+    W = np.triu(K + K.T, 1)   # q.K.q counts each pair twice
+    for i, row in enumerate(W):
+        if not row.any():
+            continue
+        lo, hi = float(row[row < 0].sum()), float(row[row > 0].sum())
+        z = model.addVar(lb=lo, ub=hi, obj=1.0)
+        model.addCons(z >= lo * q[i])
+        model.addCons(z >= scip.quicksum(float(w) * q[j] for j, w in enumerate(row) if w) - hi * (1 - q[i]))
+    return model, q
+
+
+def _factored_program(a, factor, costs: Costs):
+    """a.q + d.q + |F q|^2: t = F q, and z >= |t|^2 as SCIP's convex quadratic constraint;
+    no budget yet."""
     d, F = (np.asarray(x, dtype=np.float64) for x in factor)
-    model, q = _model_with_budget(costs, B, objective=a + d)
+    model, q = _model_of(costs, objective=a + d)
     t = []
     for row in F:
         t_k = model.addVar(lb=None, ub=None)
@@ -328,6 +424,13 @@ def _step_values(costs: Costs) -> np.ndarray:
 def _model_with_budget(costs: Costs, B: int, objective) -> tuple[scip.Model, list]:
     """A minimization over binary drops q with objective coefficients `objective`, the budget,
     and with more than two levels each layer's steps in order: q[i, k+1] <= q[i, k]."""
+    model, q = _model_of(costs, objective)
+    _add_budget(model, q, costs, B)
+    return model, q
+
+
+def _model_of(costs: Costs, objective) -> tuple[scip.Model, list]:
+    """_model_with_budget without the budget."""
     model = scip.Model()
     model.hideOutput()
     q = [model.addVar(vtype="B", obj=float(o)) for o in objective]
@@ -335,13 +438,16 @@ def _model_with_budget(costs: Costs, B: int, objective) -> tuple[scip.Model, lis
     for i in range(costs.L):
         for k in range(S - 1):
             model.addCons(q[i * S + k + 1] <= q[i * S + k])
+    return model, q
+
+
+def _add_budget(model: scip.Model, q: list, costs: Costs, B: int) -> None:
     # B_lo + sum c_i (1 - q_i) <= B  <=>  sum c_i q_i >= B_hi - B. Divided through by max c:
     # with raw byte counts (1e8 next to objective coefficients of 1e-2) SCIP's presolve has
     # declared solutions "optimal" that were 1e-3 worse than a feasible one.
     scale = int(costs.c.max())
     model.addCons(scip.quicksum(float(c_i / scale) * q_i for c_i, q_i in zip(costs.c, q) if c_i)
                   >= (costs.B_hi - B) / scale)
-    return model, q
 
 
 def _optimize(model: scip.Model, q: list, costs: Costs, B: int,

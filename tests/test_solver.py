@@ -232,3 +232,37 @@ def test_deterministic():
     first, second = solve(a, K, costs, bits=2.7), solve(a, K, costs, bits=2.7)
     assert first.q == second.q
     assert isinstance(first, Allocation)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("kind", ["spqe", "indefinite"])
+def test_both_linearizations_match_brute_force(seed, kind):
+    """A model solved more than once is solved by whichever of its two linearizations
+    (one y per pair, Glover's one z per drop) has been faster: each alone is exact."""
+    rng = np.random.default_rng(300 + seed)
+    L = 6 + seed
+    costs = random_costs(rng, L)
+    a, K = random_model(rng, L, kind)
+    programs = solver._Programs(a, K, costs, None, compact=False)
+    for form in (0, 1):
+        for bits in (2.1, 2.5, 3.0, 3.5, 3.9):
+            B = budget_bytes(costs, bits)
+            model, q = programs.copy(form, costs, B)
+            q_val, status = solver._optimize(model, q, costs, B, time_limit=None)
+            best = brute_force_delta(a, K, costs, B)
+            assert status == "optimal" and costs.bytes_used(q_val) <= B
+            assert abs(predicted_delta((a, K), q_val) - best) <= 1e-9 * max(1.0, abs(best))
+
+
+def test_a_model_solved_again_tries_the_other_linearization_then_keeps_the_faster():
+    rng = np.random.default_rng(11)
+    L = 9
+    costs = random_costs(rng, L)
+    a, K = random_model(rng, L, "spqe")
+    solver._PROGRAMS.clear()
+    allocs = [solve(a, K, costs, bits=b) for b in (2.2, 2.6, 3.0, 3.4, 3.8)]
+    (programs,) = solver._PROGRAMS.values()
+    assert len(programs.seconds[0]) >= 1 and len(programs.seconds[1]) >= 1
+    assert sum(map(len, programs.seconds.values())) == 5
+    for alloc, b in zip(allocs, (2.2, 2.6, 3.0, 3.4, 3.8)):
+        assert_optimal(alloc, a, K, costs, budget_bytes(costs, b))
