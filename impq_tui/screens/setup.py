@@ -149,7 +149,8 @@ class SetupScreen(Screen):
                 yield Input(d.calib_text, id="calib_text", compact=True,
                             placeholder="builtin, wikitext2, c4 or a .txt/.jsonl/.parquet path")
                 yield Label("Backend")
-                yield Select([("quanto", "quanto"), ("hqq", "hqq"), ("gguf (llama.cpp)", "gguf")],
+                yield Select([("quanto", "quanto"), ("hqq", "hqq"), ("gguf (llama.cpp)", "gguf"),
+                              ("gptq (GPTQModel)", "gptq")],
                              value=d.backend, allow_blank=False, id="backend", compact=True)
                 yield Label("Levels (bits)")
                 choices = level_choices(d.backend)
