@@ -12,10 +12,10 @@ simulation quantized with (core.imatrix), written beside the model as imatrix.gg
 passed to the quantize. The in-memory model eval and --eval measure is the simulated
 one: every linear de-quantized from ggml's bytes.
 
-A run on a Hugging Face checkpoint exports from its conversion by llama.cpp's
-convert_hf_to_gguf.py (beside the folder as <folder>.gguf, or the one GGUF inside it);
-gguf-py alone has the name maps but not the tokenizer conversion, so that conversion is
-not done here, and without it the export is refused with the command to run.
+A run on a Hugging Face checkpoint exports from that checkpoint converted to GGUF:
+llama.cpp's own conversion where the user made one (beside the folder as <folder>.gguf,
+or the one GGUF inside it), else impq-tui's (core.export.gguf_convert, with gguf-py),
+cached in the user cache under the checkpoint's fingerprint.
 """
 from __future__ import annotations
 
@@ -49,8 +49,12 @@ LLAMA_FTYPE_MOSTLY_Q4_K_M = 15
 VERIFY_RTOL = 0.05
 
 
-def gguf_input(config) -> Path:
-    """The GGUF file the run's model was loaded from."""
+def gguf_input(config, convert: bool = True) -> Path:
+    """The GGUF file the run's model was loaded from or, for a checkpoint, its conversion.
+    `convert` False: only check that a checkpoint can be converted (seconds), and return
+    where its conversion will be."""
+    from core.export import gguf_convert
+    from core.fingerprint import model_location
     from core.models import _cached_embedded_gguf, _installed_embedded_gguf
 
     if config.model in ("", EMBEDDED):
@@ -62,9 +66,11 @@ def gguf_input(config) -> Path:
     path = Path(os.path.expanduser(config.model))
     if path.suffix == ".gguf" and path.is_file():
         return path
-    # A checkpoint folder: its conversion by llama.cpp's converter, beside the folder
-    # (<folder>.gguf: the folder, which the run's fingerprint covers, stays as it was) or,
-    # where the converter writes by default, inside it.
+    if not path.exists():           # a hub id: its snapshot in the Hugging Face cache
+        path = model_location(config.model) or path
+    # A checkpoint folder: llama.cpp's conversion where the user made one, beside the
+    # folder (<folder>.gguf: the folder, which the run's fingerprint covers, stays as it
+    # was) or, where the converter writes by default, inside it; else impq-tui's.
     beside = path.parent / f"{path.name}.gguf"
     if path.is_dir() and beside.is_file():
         return beside
@@ -74,13 +80,16 @@ def gguf_input(config) -> Path:
     if len(found) > 1:
         raise UserError(f"{path} holds several GGUF files ({', '.join(f.name for f in found)}); "
                         "the gguf export re-quantizes one: leave only the unquantized conversion "
-                        f"of this checkpoint (F32, BF16 or F16) there, or put it beside the folder "
-                        f"as {beside}.")
-    raise UserError(
-        f"the gguf export re-quantizes a GGUF file, and {config.model} is a checkpoint without "
-        "one. Convert it with llama.cpp's converter (from a llama.cpp checkout): `python "
-        f"convert_hf_to_gguf.py {path} --outtype f32 --outfile {beside}` (f32 keeps the weights "
-        "the run quantized bit for bit), then export again.")
+                        f"of this checkpoint (F32, BF16 or F16) there, put it beside the folder "
+                        f"as {beside}, or remove them all to let impq-tui convert the checkpoint.")
+    if not path.is_dir():
+        raise UserError(f"the gguf export needs the checkpoint {config.model} on this machine; "
+                        "it is not a local folder or in the Hugging Face cache.")
+    dtype = config.dtype if config.dtype in ("bfloat16", "float16") else None
+    if not convert:
+        gguf_convert.check_convertible(path)
+        return gguf_convert.cached_path(path, dtype)
+    return gguf_convert.converted(path, dtype)
 
 
 def tensor_names(path: Path, linear_names: list[list[str]]) -> dict[str, str]:
@@ -142,7 +151,7 @@ class GgufExporter(Exporter):
         importance matrix SPQE quantized with)."""
         from core.data import load_text, token_windows
 
-        gguf_input(config)      # refuse a checkpoint before minutes of loading
+        gguf_input(config, convert=False)   # refusals before minutes of loading
         loaded = super().load(config, device, dtype)
         windows = token_windows(load_text(config.calib_text, "calibration"), loaded.tokenizer,
                                 config.windows, config.window_tokens, config.seed)
