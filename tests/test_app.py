@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +50,10 @@ def tiny_setup(model, run_dir, samples: int, windows: int = 4, window_tokens: in
 
 
 def slow_setup(model, run_dir, samples: int) -> SetupDefaults:
-    """Samples of a few tenths of a second each: a run that is still going when looked at."""
-    return tiny_setup(model, run_dir, samples, windows=8, window_tokens=128)
+    """Samples of a few tenths of a second each: a run that is still going when looked at
+    (never stopped early because its decision settled)."""
+    return replace(tiny_setup(model, run_dir, samples, windows=8, window_tokens=128),
+                   until_settled=False)
 
 
 def status_of(run_dir) -> dict:
@@ -304,6 +307,114 @@ async def test_form_refuses_bad_numbers_and_existing_runs(tmp_path):
         app.screen.query_one("#run_dir").value = str(tmp_path)
         await pilot.press("f6")
         assert "not an impq-tui run directory" in text_of(app.screen.query_one("#setup-message"))
+
+
+@pilot_test
+async def test_stop_when_settled_is_the_forms_default_and_continue_keeps_it(tiny_model_dir, tmp_path):
+    """A new run from the form stops once its allocations settle (core.settle): the choice
+    reaches config.json, the progress pane says where it stopped, and Continue keeps it."""
+    from core.settle import DEFAULT_BITS, SettleRule
+
+    run_dir, most = tmp_path / "settles", 150
+    app = ImpqApp(setup=tiny_setup(tiny_model_dir, run_dir, samples=most, windows=2),
+                  cursor_blink=False)
+    async with app.run_test(size=SIZE) as pilot:
+        form = app.screen
+        assert form.query_one("#until_settled").value is True
+        assert form.value("settle_bits") == "2.5 3 3.5"
+        await pilot.press("f5")
+        await until(pilot, lambda: isinstance(app.screen, Dashboard), "the dashboard")
+        dash = app.screen
+        saved = json.loads((run_dir / "config.json").read_text())
+        assert saved["until_settled"] == list(DEFAULT_BITS) and saved["samples"] == most
+        await until(pilot, lambda: dash.state == "completed" and dash.writer is None,
+                    "the run to settle")
+        await settled(pilot)
+        m = len(RunDir.open(run_dir).samples())
+        assert SettleRule.min_samples <= m < most
+        progress = pane_text(app, ProgressPane)
+        assert f"settled at sample {m} of {most}" in progress, progress
+        assert "completed" in progress
+
+        # Continue runs `run --resume` with the run's own choice: it stops again once
+        # settled, at least K new samples on
+        await pilot.press("r")
+        await pilot.press("enter")                 # the proposed count: the run's maximum
+        await until(pilot, lambda: dash.state == "completed" and dash.writer is None
+                    and len(dash.D) > m, "the continued run to settle")
+        await settled(pilot)
+        m2 = len(RunDir.open(run_dir).samples())
+        assert m + SettleRule.K <= m2 <= most
+        assert RunDir.open(run_dir).config.until_settled == DEFAULT_BITS
+        if m2 < most:
+            assert f"settled at sample {m2} of {most}" in pane_text(app, ProgressPane)
+
+
+@pilot_test
+async def test_stop_when_settled_off_runs_every_sample(tiny_model_dir, tmp_path):
+    run_dir = tmp_path / "all"
+    app = ImpqApp(setup=tiny_setup(tiny_model_dir, run_dir, samples=3, windows=2),
+                  cursor_blink=False)
+    async with app.run_test(size=SIZE) as pilot:
+        form = app.screen
+        await pilot.click("#until_settled")
+        assert form.query_one("#until_settled").value is False
+        assert form.query_one("#settle_bits").disabled
+        assert form.config().until_settled == ()
+        await pilot.press("f5")
+        await until(pilot, lambda: isinstance(app.screen, Dashboard), "the dashboard")
+        assert json.loads((run_dir / "config.json").read_text())["until_settled"] == []
+        dash = app.screen
+        await until(pilot, lambda: dash.state == "completed" and dash.writer is None, "the run")
+        await settled(pilot)
+        assert len(RunDir.open(run_dir).samples()) == 3
+        assert "settled at" not in pane_text(app, ProgressPane)
+
+
+@pilot_test
+async def test_the_budgets_to_settle_are_checked_against_the_levels(tmp_path):
+    """Budgets outside the chosen levels, words and an empty field are refused on the form,
+    in its words, before a run folder exists; the default follows the levels."""
+    run_dir = tmp_path / "never"
+    app = ImpqApp(setup=tiny_setup("embedded", run_dir, samples=50), cursor_blink=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        form = app.screen
+        budgets = form.query_one("#settle_bits")
+
+        async def refused(value: str) -> str:
+            budgets.value = value
+            await pilot.press("f5")
+            await pilot.pause()
+            assert isinstance(app.screen, SetupScreen) and not run_dir.exists()
+            message = form.query_one("#setup-message")
+            # below the buttons, yet scrolled into view on a small terminal
+            assert message.region.y + message.region.height <= 23, message.region
+            return text_of(message)
+
+        message = await refused("3 5")
+        assert message == ("Stop when settled 5 is outside the chosen Levels (2 to 4 bits): "
+                           "choose budgets between them."), message
+        assert "Stop when settled 'three' is not a number of bits" in await refused("2.5 three")
+        assert "Stop when settled has no budget" in await refused("  ")
+        assert "Stop when settled nan is outside" in await refused("nan")
+        # commas and spaces both separate; repeats are one budget
+        budgets.value = "3.5, 2.5 3.5"
+        assert form.config().until_settled == (2.5, 3.5)
+        # the default follows the levels: 4 and 8 bits watch their middle...
+        budgets.value = "2.5 3 3.5"
+        form.query_one("#backend").value = "hqq"
+        await pilot.pause()
+        form.query_one("#levels").value = "4 8"
+        await pilot.pause()
+        assert form.value("settle_bits") == "6" and form.config().until_settled == (6.0,)
+        # ...but budgets the user typed are kept, and checked against the new levels
+        budgets.value = "3"
+        form.query_one("#levels").value = "2 3 4 8"
+        await pilot.pause()
+        form.query_one("#levels").value = "4 8"
+        await pilot.pause()
+        assert form.value("settle_bits") == "3"
+        assert "Stop when settled 3 is outside the chosen Levels (4 to 8 bits)" in await refused("3")
 
 
 @pilot_test

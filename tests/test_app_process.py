@@ -41,7 +41,8 @@ from impq_tui.screens.setup import SetupDefaults
 
 model, run_dir, samples = sys.argv[1], sys.argv[2], int(sys.argv[3])
 ImpqApp(setup=SetupDefaults(model=model, samples=samples, windows=8, window_tokens=128,
-                            device="cpu", run_dir=run_dir), cursor_blink=False).run()
+                            device="cpu", run_dir=run_dir, until_settled=False),
+        cursor_blink=False).run()
 """
 
 

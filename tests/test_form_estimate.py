@@ -8,6 +8,7 @@ import functools
 import json
 import statistics
 import time
+from pathlib import Path
 
 import pytest
 from run_factory import FROZEN, copy_frozen
@@ -17,6 +18,8 @@ from impq_tui import estimate
 from impq_tui.app import ImpqApp
 from impq_tui.screens.picker import RunScan
 from impq_tui.screens.setup import SetupDefaults, SetupScreen, about, default_samples
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def pilot_test(test):
@@ -102,10 +105,11 @@ async def test_the_form_shows_the_duration_and_how_it_knows(monkeypatch):
         text = str(form.query_one("#setup-estimate").render())
         assert f"≈ {about(default_samples('cpu') * sample_s)}" in text and "probed now on cpu" in text
         assert "CPU default" in text
-        # more samples: the same rate, a longer run, no new probe
+        # more samples: the same rate, a longer run, no new probe; a maximum, since Stop
+        # when settled (on by default) may end it sooner
         form.query_one("#samples").value = "40"
         await pilot.pause()
-        assert f"≈ {about(40 * sample_s)}" in str(form.query_one("#setup-estimate").render())
+        assert f"≤ {about(40 * sample_s)}" in str(form.query_one("#setup-estimate").render())
         form.query_one("#samples").value = "4O"
         await pilot.pause()
         assert "no estimate until Samples M" in str(form.query_one("#setup-estimate").render())
@@ -130,6 +134,52 @@ async def test_the_form_uses_a_run_of_the_same_model_when_there_is_one(tmp_path,
         await pilot.press("n")
         form = await estimated(pilot)
         assert "measured by run tiny8" in str(form.query_one("#setup-estimate").render())
+
+
+def test_the_settled_share_is_the_one_measured():
+    """The share of its samples a settled run takes, as the form says it, is what
+    bench/early_stop.py measured with the default rule (mean stop over the maximum)."""
+    from core.settle import SettleRule
+
+    data = json.loads((ROOT / "bench/results/early_stop.json").read_text())
+    rule = SettleRule()
+    assert data["defaults"]["K"] == rule.K and data["defaults"]["rse"] == rule.rse
+    shares = []
+    for run in data["runs"].values():
+        [row] = [r for r in run["settings"] if (r["K"], r["rse"], r["min_samples"])
+                 == (rule.K, rule.rse, rule.min_samples)]
+        shares.append(row["stop_mean"] / run["samples"])
+    assert estimate.SETTLED_SHARE == pytest.approx(statistics.mean(shares), abs=0.005)
+    assert estimate.earliest_stop() == max(rule.min_samples, rule.K + 1) == 20
+
+
+@pilot_test
+async def test_the_estimate_is_a_maximum_when_the_run_may_stop_once_settled(monkeypatch):
+    monkeypatch.setattr(estimate, "probe", lambda *args: (0.25, 0.6))
+    app = ImpqApp(setup=SetupDefaults(device="cpu", samples=100), cursor_blink=False)
+    async with app.run_test(size=(100, 30)) as pilot:
+        form = await estimated(pilot)
+        full = about(form.estimate.run_s(100))
+
+        def shown() -> str:
+            return " ".join(str(form.query_one("#setup-estimate").render()).split())
+
+        assert shown().startswith(f"≤ {full} for 100 × 30 evaluations")
+        assert "a maximum: Stop when settled ends runs sooner (84% of the samples on average, " \
+               "measured on the embedded model)" in shown()
+        assert not form.query_one("#settle-short").display
+        # too few samples for the rule to stop a run: an estimate again, and said beside it
+        form.query_one("#samples").value = "20"
+        await pilot.pause()
+        assert shown().startswith(f"≈ {about(form.estimate.run_s(20))} for 20") and "84%" not in shown()
+        assert form.query_one("#settle-short").display
+        assert "needs > 20 samples" in str(form.query_one("#settle-short").render())
+        # off: every sample runs
+        form.query_one("#samples").value = "100"
+        await pilot.click("#until_settled")
+        await pilot.pause()
+        assert shown().startswith(f"≈ {full} for 100") and "84%" not in shown()
+        assert not form.query_one("#settle-short").display
 
 
 def test_about_reads_like_an_estimate():

@@ -15,6 +15,7 @@ let the fit in work finish and fit again after it, choosing another model kills 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 
@@ -34,6 +35,7 @@ from core.errors import UserError
 from core.files import read_bytes
 from core.results import IMPQ, IMPQ_FIT
 from core.runs import SAMPLES, RunConfig, RunDir, write_atomic
+from core.settle import SettleRule
 from core.solver import Allocation, Costs, budget_bytes
 
 from impq_tui import analysis
@@ -81,6 +83,22 @@ def remembered(run: RunDir, levels=(2, 4)) -> tuple[float | None, str | None]:
         bits = None
     method = state.get("method")
     return bits, method if method in analysis.MODELS else None
+
+
+# The engine's last word in events.log when a run stopped before its samples because the
+# decision settled (core.engine, README "Early stop").
+SETTLED_LINE = re.compile(r"completed \(settled\) with (\d+) of (\d+) samples")
+RUN_LINE = re.compile(r"^\S+ (start: |completed|cancelled|interrupted|error: )")
+
+
+def settled_stop(log: tuple[str, ...]) -> tuple[int, int] | None:
+    """(samples, of the most) when the latest run of the process in `log` ended settled;
+    None when it ended otherwise or has not ended."""
+    for line in reversed(log):
+        if RUN_LINE.match(line):
+            found = SETTLED_LINE.search(line)
+            return (int(found.group(1)), int(found.group(2))) if found else None
+    return None
 
 
 def remembered_bits(run: RunDir) -> float | None:
@@ -712,8 +730,26 @@ class Dashboard(Screen):
         summary = (f"{config.device} · {config.dtype} · calibration {config.windows} × "
                    f"{config.window_tokens} tokens of {config.calib_text} · seed {config.seed}"
                    + (" · antithetic" if config.antithetic else ""))
-        pane.show(state=self.state, detail=detail, done=len(self.D), total=config.samples,
+        total, stop = config.samples, None
+        if config.until_settled:
+            stop = settled_stop(snap.log) if self.state == "completed" else None
+            if stop:        # the run ended there: its bar is full, its maximum said below
+                total = len(self.D)
+            watched = "/".join(f"{b:g}" for b in self._settle_budgets(config))
+            summary = (f"settled at sample {stop[0]} of {stop[1]}: the allocations at {watched} "
+                       f"bits held for {SettleRule.K} samples · " if stop else
+                       f"until settled at {watched} bits · ") + summary
+        pane.show(state=self.state, detail=detail, done=len(self.D), total=total,
                   progress=snap.progress, summary=summary, age_s=self._progress_age(snap))
+
+    def _settle_budgets(self, config: RunConfig) -> tuple[float, ...]:
+        """The budgets the run's early stop watches (those of its levels, core.settle)."""
+        from core.settle import budgets_for
+
+        try:
+            return budgets_for(self.levels, config.until_settled)
+        except UserError:      # outside the levels: the run refuses them, and says so
+            return config.until_settled
 
     def _progress_age(self, snap: Snapshot) -> float:
         """Seconds since the writer reported its progress, while it runs: the elapsed clock
@@ -819,7 +855,10 @@ class Dashboard(Screen):
             self.state = "preparing"
             self.source.wake()
 
-        self.app.push_screen(NumberModal(f"Continue SPQE until how many samples? ({done} done)",
+        # the run keeps its own early stop (`run --resume`), which starts afresh
+        settles = (f"\nIt stops sooner once settled, after at least {SettleRule.K} more."
+                   if self.config.until_settled else "")
+        self.app.push_screen(NumberModal(f"Continue SPQE until how many samples? ({done} done){settles}",
                                          str(max(self.config.samples, done + 1)),
                                          minimum=done + 1, integer=True), chosen)
 

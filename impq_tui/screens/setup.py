@@ -17,7 +17,7 @@ from textual.worker import get_current_worker
 from core.errors import InvalidField, UserError, render
 from core.runs import RunConfig
 
-from impq_tui.estimate import Estimate
+from impq_tui.estimate import SETTLED_SHARE, Estimate, earliest_stop
 
 AUTO = "auto"
 # A sample of the embedded model costs a minute or two on a 2-core CPU (30 evaluations of
@@ -28,6 +28,9 @@ ESTIMATE_AFTER_S = 1.0     # the form waits this long after a change before prob
 LEVEL_CHOICES = (("2 4 (paper)", (2, 4)), ("2 3 4", (2, 3, 4)), ("2 3 4 8", (2, 3, 4, 8)),
                  ("4 8", (4, 8)))
 PAPER_LEVELS = "2 4"
+# The narrowest screen whose Stop when settled row has room for "needs > 20 samples"
+# beside the budgets; a narrower one leaves it out rather than cut it short.
+SETTLE_SHORT_WIDTH = 76
 
 
 def level_choices(backend: str) -> list[tuple[str, str]]:
@@ -42,6 +45,39 @@ def level_choices(backend: str) -> list[tuple[str, str]]:
 
 def parse_levels(value: str) -> tuple[int, ...]:
     return tuple(int(b) for b in value.split())
+
+
+def default_budgets(levels: tuple[int, ...]) -> str:
+    """The budgets "Stop when settled" watches unless others are typed: core.settle's
+    defaults within the levels (their middle when none is), as the field writes them."""
+    from core.settle import budgets_for
+
+    return " ".join(f"{b:g}" for b in budgets_for(levels, None))
+
+
+def parse_budgets(text: str, levels: tuple[int, ...]) -> tuple[float, ...]:
+    """The budgets typed into "Stop when settled" (spaces or commas between them), each
+    within the chosen levels, as `run --settle-bits` takes them."""
+    import math
+
+    words = text.replace(",", " ").split()
+    if not words:
+        raise InvalidField("until_settled", "has no budget: type the average bits to settle, "
+                                            f"e.g. {default_budgets(levels)}, or untick it.")
+    budgets = []
+    for word in words:
+        try:
+            budgets.append(float(word))
+        except ValueError:
+            raise InvalidField("until_settled", f"{word!r} is not a number of bits.") from None
+    lo, hi = min(levels), max(levels)
+    outside = [b for b in budgets if not (math.isfinite(b) and lo <= b <= hi)]
+    if outside:
+        raise InvalidField("until_settled", f"{', '.join(f'{b:g}' for b in outside)} "
+                                            f"{'is' if len(outside) == 1 else 'are'} outside the "
+                                            f"chosen `levels` ({lo} to {hi} bits): choose "
+                                            "budgets between them.")
+    return tuple(sorted(set(budgets)))
 
 
 @dataclass(frozen=True)
@@ -59,6 +95,8 @@ class SetupDefaults:
     gguf_types: str = "Q2_K,Q4_K"     # the gguf backend's low and high llama.cpp types
     levels: str = PAPER_LEVELS        # one of LEVEL_CHOICES' values: "2 3 4"
     antithetic: bool = False
+    until_settled: bool = True        # stop once the allocations are settled (core.settle)
+    settle_bits: str | None = None    # None: default_budgets of the levels
     run_dir: str = ""
 
 
@@ -100,7 +138,7 @@ FIELD_LABELS = {
     "samples": "Samples M", "seed": "Seed", "device": "Device", "windows": "Windows",
     "window_tokens": "Tokens per window", "group_size": "Group size", "gguf_types": "GGUF types",
     "antithetic": "Antithetic pairs", "run_dir": "Run folder", "resume": "Run folder",
-    "levels": "Levels",
+    "levels": "Levels", "until_settled": "Stop when settled",
     "micro_batch": "micro-batch", "gpus": "GPUs",
 }
 
@@ -132,12 +170,15 @@ class SetupScreen(Screen):
         self.estimate: Estimate | None = None
         self.estimate_for: tuple | None = None     # the inputs self.estimate was made for
         self._auto_samples: int | None = None      # the samples default the form filled in
+        self._auto_budgets: str | None = None      # likewise the budgets to settle
+        self._auto_sizes: tuple[str, str] | None = None   # and Windows × tokens
         self._estimate_timer = None
 
     def compose(self) -> ComposeResult:
         d = self.defaults
         sizes = defaults_for(d.device)
         self._auto_samples = default_samples(d.device)
+        self._auto_sizes = (str(sizes["windows"]), str(sizes["window_tokens"]))
         with VerticalScroll(id="setup"):
             yield Static("[b]New SPQE run[/b]  [dim]estimate each layer's Shapley value, then pick "
                          "a budget[/dim]", id="setup-title")
@@ -183,6 +224,19 @@ class SetupScreen(Screen):
                 yield Label("Antithetic pairs")
                 yield Checkbox("pair each permutation with its reverse", d.antithetic,
                                id="antithetic", compact=True)
+                yield Label("Stop when settled")
+                with Horizontal(id="setup-settle"):
+                    yield Checkbox("at budgets", d.until_settled, id="until_settled",
+                                   compact=True)
+                    levels = parse_levels(d.levels if d.levels in dict(map(reversed, choices))
+                                          else PAPER_LEVELS)
+                    self._auto_budgets = default_budgets(levels)
+                    budgets = Input(d.settle_bits or self._auto_budgets, id="settle_bits",
+                                    compact=True, placeholder="bits, e.g. 2.5 3 3.5")
+                    budgets.disabled = not d.until_settled
+                    yield budgets
+                    # said where the run is too short for the rule (impq_tui.estimate.earliest_stop)
+                    yield Static(f"[dim]needs > {earliest_stop()} samples[/dim]", id="settle-short")
                 yield Label("Run folder")
                 yield Input(d.run_dir, id="run_dir", compact=True,
                             placeholder="runs/<model>-<time>; F6 opens an existing run")
@@ -209,8 +263,11 @@ class SetupScreen(Screen):
         except UserError as exc:
             self.show_error(exc)
             return
-        self.query_one("#windows", Input).value = str(sizes["windows"])
-        self.query_one("#window_tokens", Input).value = str(sizes["window_tokens"])
+        # Select.Changed comes on mount too: sizes given as defaults, or typed, are kept
+        if (self.value("windows"), self.value("window_tokens")) == self._auto_sizes:
+            self.query_one("#windows", Input).value = str(sizes["windows"])
+            self.query_one("#window_tokens", Input).value = str(sizes["window_tokens"])
+        self._auto_sizes = (str(sizes["windows"]), str(sizes["window_tokens"]))
         if self.value("samples") == str(self._auto_samples):    # not one the user typed
             self.query_one("#samples", Input).value = str(samples)
         self._auto_samples = samples
@@ -227,6 +284,15 @@ class SetupScreen(Screen):
 
     @on(Select.Changed, "#levels")
     def _levels_changed(self) -> None:
+        budgets, auto = self.query_one("#settle_bits", Input), default_budgets(self.levels())
+        if budgets.value.strip() == self._auto_budgets:     # not ones the user typed
+            budgets.value = auto
+        self._auto_budgets = auto
+        self._show_estimate()
+
+    @on(Checkbox.Changed, "#until_settled")
+    def _until_settled_changed(self, event: Checkbox.Changed) -> None:
+        self.query_one("#settle_bits", Input).disabled = not event.value
         self._show_estimate()
 
     def levels(self) -> tuple[int, ...]:
@@ -244,6 +310,19 @@ class SetupScreen(Screen):
     @on(Input.Changed, "#samples")
     def _samples_changed(self) -> None:
         self._show_estimate()
+
+    def _show_settle_short(self) -> None:
+        """Beside Stop when settled: whether Samples M leaves it room to stop early."""
+        try:
+            samples = int(self.value("samples"))
+        except ValueError:
+            samples = None
+        self.query_one("#settle-short").display = (
+            self.query_one("#until_settled", Checkbox).value and samples is not None
+            and 0 < samples <= earliest_stop() and self.size.width >= SETTLE_SHORT_WIDTH)
+
+    def on_resize(self) -> None:
+        self._show_settle_short()
 
     # ------------------------------------------------------------------ the estimate
     def estimate_key(self) -> tuple | None:
@@ -320,6 +399,7 @@ class SetupScreen(Screen):
         self._show_estimate(why=why)
 
     def _show_estimate(self, pending: bool = False, why: str = "") -> None:
+        self._show_settle_short()
         field = self.query_one("#setup-estimate", Static)
         estimate = self.estimate
         if estimate is None:
@@ -347,9 +427,16 @@ class SetupScreen(Screen):
         per_sample = (f"{estimate.layers} evaluations ({each} a sample)" if steps == 1 else
                       f"{estimate.layers} × {steps} evaluations ({steps} steps a layer, {each} "
                       "a sample)")
+        # Stop when settled: the full run is a maximum, said with what runs measured took
+        # (impq_tui.estimate.SETTLED_SHARE); one too short to stop early says so beside it.
+        bound, settle = "≈", ""
+        if self.query_one("#until_settled", Checkbox).value and samples > earliest_stop():
+            bound = "≤"
+            settle = (f"\n[dim]a maximum: Stop when settled ends runs sooner ({SETTLED_SHARE:.0%} "
+                      "of the samples on average, measured on the embedded model)[/dim]")
         field.update(
-            f"[b]≈ {about(estimate.run_s(samples, steps))}[/b] for {samples} × {per_sample}, "
-            f"plus loading and quantizing\n[dim]{_escape(estimate.how)}[/dim]{note}")
+            f"[b]{bound} {about(estimate.run_s(samples, steps))}[/b] for {samples} × {per_sample}, "
+            f"plus loading and quantizing{settle}\n[dim]{_escape(estimate.how)}[/dim]{note}")
 
     # ------------------------------------------------------------------ buttons and keys
     @on(Button.Pressed, "#start")
@@ -365,7 +452,10 @@ class SetupScreen(Screen):
         self.action_start()
 
     def show_message(self, text: str) -> None:
-        self.query_one("#setup-message", Static).update(f"[$error]{_escape(text)}[/]")
+        message = self.query_one("#setup-message", Static)
+        message.update(f"[$error]{_escape(text)}[/]")
+        # below the buttons, which a small terminal scrolls past: brought into view
+        self.call_after_refresh(message.scroll_visible, animate=False)
 
     def value(self, field: str) -> str:
         return self.query_one(f"#{field}", Input).value.strip()
@@ -398,10 +488,17 @@ class SetupScreen(Screen):
             group_size=self.integer("group_size"), samples=self.integer("samples"),
             windows=self.integer("windows"), window_tokens=self.integer("window_tokens"),
             seed=self.integer("seed"), antithetic=self.query_one("#antithetic", Checkbox).value,
-            levels=None if self.levels() == (2, 4) else self.levels())
+            levels=None if self.levels() == (2, 4) else self.levels(),
+            until_settled=self.until_settled())
         request.validate()
         return RunConfig(**request.config_values(), device=str(device), dtype=sizes["dtype"],
                          micro_batch=sizes["micro_batch"])
+
+    def until_settled(self) -> tuple[float, ...]:
+        """The budgets "Stop when settled" watches; () when it is off (all samples run)."""
+        if not self.query_one("#until_settled", Checkbox).value:
+            return ()
+        return parse_budgets(self.value("settle_bits"), self.levels())
 
     def show_error(self, exc: UserError) -> None:
         """A user error in the form's words: each field by its label, never a flag."""
