@@ -14,11 +14,15 @@ side by side, and writes one JSON object.
     python bench/spqe_speed.py --shape smollm2-135m --samples 5
     python bench/spqe_speed.py --shape llama-3.1-70b --engine --backend hqq --windows 8 \
         --window-tokens 1024 --micro-batch 2 --samples 2
+    # as on a 40 GiB card: the layers that do not fit are streamed from host memory
+    python bench/spqe_speed.py --shape llama-3.1-70b --gpu-memory 40 --backend hqq --windows 8 \
+        --window-tokens 1024 --micro-batch 2 --samples 1
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import sys
@@ -56,6 +60,8 @@ def matmul_tflops(device: torch.device, n: int = 8192, reps: int = 20) -> float 
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1000)
+    del a, b
+    torch.cuda.empty_cache()       # not to count against a --gpu-memory cap
     return 2 * n ** 3 / float(np.median(times)) / 1e12
 
 
@@ -79,8 +85,10 @@ def bench_fast(loaded, windows, backend, samples: int, micro_batch: int, cfg, de
         switch = LayerSwitch(loaded, backend)
         sync(device)
         quantize_s = time.perf_counter() - t0
+    retries = []
     evaluator = PrefixEvaluator(loaded, windows, micro_batch, compile=compile,
-                                layer_scope=switch.unpacked)
+                                layer_scope=switch.unpacked, on_retry=retries.append)
+    streamed = getattr(switch, "streamed", None)
     layer_passes = []
     sampler = Sampler(switch, evaluator, seed=0,
                       on_eval=lambda step, steps, j: layer_passes.append(switch.L - j))
@@ -88,6 +96,7 @@ def bench_fast(loaded, windows, backend, samples: int, micro_batch: int, cfg, de
     sampler.sample(samples)        # warm-up sample (compilation, allocator), not timed
     sync(device)
     layer_passes.clear()
+    copied = (streamed.copied_bytes, streamed.copies) if streamed else (0, 0)
     per_sample = []
     for m in range(samples):
         t = time.perf_counter()
@@ -101,7 +110,12 @@ def bench_fast(loaded, windows, backend, samples: int, micro_batch: int, cfg, de
             "per_sample_s": per_sample, "evals": len(layer_passes),
             "evals_per_s": len(layer_passes) / total, "useful_tflop": useful / 1e12,
             "useful_tflops_per_s": useful / total / 1e12,
-            "mean_layers_per_eval": float(np.mean(layer_passes))}
+            "mean_layers_per_eval": float(np.mean(layer_passes)),
+            # the micro-batch halvings an out-of-memory error forced (the plan was too tight)
+            "oom_retries": retries,
+            "streamed_copies_per_sample": (streamed.copies - copied[1]) / samples if streamed else 0,
+            "streamed_gib_per_sample": ((streamed.copied_bytes - copied[0]) / samples / 2**30
+                                        if streamed else 0.0)}
 
 
 def bench_naive(loaded, windows, backend, evals: int, micro_batch: int, cfg, device,
@@ -164,11 +178,20 @@ def main() -> int:
     ap.add_argument("--engine", action="store_true",
                     help="build and quantize through the engine's memory plan (core.engine.prepare):"
                          " layer by layer and packed modules where the model does not fit")
+    ap.add_argument("--gpu-memory", metavar="SIZE",
+                    help="GPU memory cap as `impq-tui run --gpu-memory` takes it (40 = 40 GiB): the "
+                         "plan streams what does not fit from host memory; implies --engine")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", help="write the JSON here too")
     args = ap.parse_args()
 
     device = torch.device(args.device)
+    if args.gpu_memory:
+        from core.engine import GPU_MEMORY_ENV, parse_memory
+
+        parse_memory(args.gpu_memory)
+        os.environ[GPU_MEMORY_ENV] = args.gpu_memory
+        args.engine = True
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = shape_config(args.shape)
     peak_tflops = matmul_tflops(device)
@@ -210,6 +233,7 @@ def main() -> int:
     fast = bench_fast(loaded, windows, backend, args.samples, args.micro_batch, cfg, device,
                       compile=args.compile, switch=switch, quantize_s=quantize_s)
     L = cfg.num_hidden_layers
+    streamed = getattr(switch, "streamed", None)
     result = {
         "shape": args.shape, "layers": L, "backend": args.backend, "dtype": str(dtype),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -217,6 +241,12 @@ def main() -> int:
         "windows": args.windows, "window_tokens": args.window_tokens, "micro_batch": args.micro_batch,
         "build_model_s": build_s,
         "engine_path": args.engine, "memory_plan": plan,
+        "gpu_memory_cap": args.gpu_memory,
+        "layers_streamed": len(streamed.layers) if streamed else 0,
+        "layers_resident": L - (len(streamed.layers) if streamed else 0),
+        "host_streamed_gib": streamed.host_bytes / 2**30 if streamed else 0.0,
+        "host_pinned": streamed.pinned if streamed else None,
+        "seconds_per_sample": fast["seconds_per_sample"],
         "gpu_mem_after_build_gib": gpu_after_build, "peak_gpu_mem_build_gib": build_peak,
         "peak_host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "matmul_bf16_tflops": peak_tflops,
@@ -230,6 +260,7 @@ def main() -> int:
         "speedup_vs_naive_changed_layer": (naive["seconds_per_sample"] / fast["seconds_per_sample"]) if naive else None,
         "mfu": fast["useful_tflops_per_s"] / peak_tflops if peak_tflops else None,
         "peak_gpu_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "peak_gpu_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None,
         "gpu_mem_total_gib": torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None,
     }
     text = json.dumps(result, indent=1)

@@ -55,6 +55,9 @@ def ensure_model_files(config: RunConfig) -> None:
         embedded_checkpoint()
 
 
+GPU_MEMORY_ENV = "IMPQ_TUI_GPU_MEMORY"    # `run --gpu-memory`: the most GPU memory to plan for
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     """Where SPQE's weights live, decided from the config before any weight is read.
@@ -64,10 +67,38 @@ class MemoryPlan:
     packed: the backend's quantized modules themselves, de-quantized on every use (what
       a 70B-class model needs: 2- and 4-bit copies take about 7/16 of one bf16 copy).
     by_layer: the full-precision model does not fit the GPU (or the host) at once, so it is
-      built and quantized one decoder layer at a time (core.layerwise)."""
+      built and quantized one decoder layer at a time (core.layerwise).
+    streamed: with packed modules, how many layers (the first ones) keep theirs in host
+      memory, copied to the GPU for each pass over the layer, because not all fit the GPU;
+      host_bytes is what they take there."""
     packed: bool
     by_layer: bool
     summary: str
+    streamed: int = 0
+    host_bytes: int = 0
+
+
+def parse_memory(text: str) -> int:
+    """Bytes in a size as accelerate's max_memory writes it ("40GiB", "40GB", "512MiB"); a
+    bare number is GiB."""
+    units = {"": 2 ** 30, "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30, "TIB": 2 ** 40,
+             "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12}
+    value = str(text).strip()
+    number = value.rstrip("KMGTiBkmgtib ").strip()
+    unit = value[len(number):].strip().upper()
+    try:
+        size = float(number) * units[unit]
+    except (ValueError, KeyError):
+        raise UserError(f"{text!r} is not a memory size: write e.g. 40 (GiB), 40GiB or 42GB.") from None
+    if size <= 0:
+        raise UserError(f"the GPU memory cap must be positive, not {text!r}.")
+    return int(size)
+
+
+def gpu_memory_cap() -> int | None:
+    """The cap `run --gpu-memory` (or IMPQ_TUI_GPU_MEMORY) sets on GPU memory, in bytes."""
+    value = os.environ.get(GPU_MEMORY_ENV, "").strip()
+    return parse_memory(value) if value else None
 
 
 def _packed_bytes(linear: int, bits: int, group: int, item: int) -> int:
@@ -78,28 +109,32 @@ def _packed_bytes(linear: int, bits: int, group: int, item: int) -> int:
 
 
 def plan_memory(config: RunConfig, device: torch.device, backend, free: int | None = None,
-                host: int | None = None) -> MemoryPlan:
-    """Fail before loading when neither plan fits the GPU's free memory; say which fits.
-    `free` and `host` (bytes) default to what the GPU and the host have free now."""
+                host: int | None = None, cap: int | None = None) -> MemoryPlan:
+    """Fail before loading when no plan fits the GPU's free memory (and the host's, for the
+    layers streamed from it); say which fits. `free` and `host` (bytes) default to what the
+    GPU and the host have free now; `cap` (bytes) limits what is planned on the GPU."""
     sizes = parameter_counts(config.model)
     if sizes is None:
         return MemoryPlan(False, False, "memory plan: the model's size is unknown before loading")
     total, linear, cfg = sizes
     gib = 2 ** 30
+    L = cfg.num_hidden_layers
     item = torch.empty((), dtype=DTYPES[config.dtype]).element_size()
     tokens = config.windows * config.window_tokens
     micro_tokens = min(config.micro_batch, config.windows) * config.window_tokens
-    cache = cfg.num_hidden_layers * tokens * cfg.hidden_size * item
+    cache = L * tokens * cfg.hidden_size * item
     work = micro_tokens * (4 * cfg.intermediate_size + 8 * cfg.hidden_size) * item + (1 << 28) * 4
     if hasattr(backend, "calibrate"):     # one layer's float32 Hessians, two copies of the inputs
         work += 4 * (3 * cfg.hidden_size ** 2 + cfg.intermediate_size ** 2) \
             + 2 * tokens * cfg.hidden_size * item
     rest = (total - linear) * item                    # embeddings, head, norms
-    one_layer = linear // cfg.num_hidden_layers * item
+    one_layer = linear // L * item
     copies = len(config.levels) * linear * item
     packed = sum(_packed_bytes(linear, b, config.group_size, item) for b in config.levels)
     if free is None:
         free, _ = torch.cuda.mem_get_info(device)
+    capped = cap is not None and cap < free
+    free = min(free, cap) if cap is not None else free
     host = host_available() if host is None else host
     whole = total * item
     by_layer = whole > 0.9 * free or (host is not None and whole > 0.8 * host)
@@ -107,29 +142,60 @@ def plan_memory(config: RunConfig, device: torch.device, backend, free: int | No
     levels = "- and ".join(map(str, config.levels))
     parts = (f"{rest / gib:.1f} GiB embeddings and head, {cache / gib:.1f} GiB cached hidden "
              f"states of {tokens:,} calibration tokens")
+    of_free = f"{free / gib:.1f} GiB free" + (f" (capped by {GPU_MEMORY_ENV} / --gpu-memory)"
+                                              if capped else "")
     if fixed + copies <= free and not by_layer:
         return MemoryPlan(False, False, f"memory plan: de-quantized {levels}-bit copies of the "
                           f"decoder layers ({copies / gib:.1f} GiB) + {parts}, of "
-                          f"{free / gib:.1f} GiB free on {device}")
+                          f"{of_free} on {device}")
+    if by_layer and hasattr(backend, "calibrate") and fixed + one_layer <= free:
+        raise UserError(   # gguf imatrix, GPTQ Hessians
+            f"{config.model} does not fit {device} whole ({whole / gib:.1f} GiB), and the "
+            f"{config.backend} backend calibrates on the whole model; use hqq or quanto.")
+    where = ("built and quantized one decoder layer at a time (the whole model, "
+             f"{whole / gib:.1f} GiB, fits neither the GPU nor the host at once)"
+             if by_layer else "loaded whole")
     if fixed + packed + one_layer <= free:
-        if by_layer and hasattr(backend, "calibrate"):   # gguf imatrix, GPTQ Hessians
-            raise UserError(
-                f"{config.model} does not fit {device} whole ({whole / gib:.1f} GiB), and the "
-                f"{config.backend} backend calibrates on the whole model; use hqq or quanto.")
-        where = ("built and quantized one decoder layer at a time (the whole model, "
-                 f"{whole / gib:.1f} GiB, fits neither the GPU nor the host at once)"
-                 if by_layer else "loaded whole")
         return MemoryPlan(True, by_layer, (
             f"memory plan: packed {levels}-bit modules on {device}, de-quantized on use "
             f"({packed / gib:.1f} GiB; de-quantized copies would need {copies / gib:.1f}) + "
-            f"{parts}, of {free / gib:.1f} GiB free; {where}"))
+            f"{parts}, of {of_free}; {where}"))
+    # Streaming: the first layers' packed modules in host memory (the prefix evaluator passes
+    # over layer j in the evaluations that start at or before it, so the last layers are the
+    # most used: they stay). A pass holds the layer's copy, the next streamed one's
+    # (prefetched) and the layer de-quantized.
+    per_layer = packed / L
+    in_flight = 2 * _packed_bytes(linear // L, max(config.levels), config.group_size, item)
+    resident = min(L - 1, int((free - fixed - one_layer - in_flight) // per_layer))
+    if resident >= 0:
+        streamed = L - resident
+        host_bytes = int(streamed * per_layer)
+        if host is not None and host_bytes > 0.8 * host:
+            raise UserError(
+                f"SPQE on this model needs {host_bytes / gib:.1f} GiB of host memory for the "
+                f"packed {levels}-bit modules of the {streamed} of {L} layers that do not fit "
+                f"{device} ({resident} layers' modules, {resident * per_layer / gib:.1f} GiB, fit "
+                f"beside {parts} and {(one_layer + in_flight) / gib:.1f} GiB for the layer in "
+                f"hand, of {of_free}), but the host has {host / gib:.1f} GiB available and at "
+                "most 80% of it is used. Free host memory, use fewer calibration tokens "
+                "(`windows`, `window_tokens`) or a GPU with more memory.")
+        kind = "" if device.type != "cuda" else "pinned "
+        avail = f" of {host / gib:.1f} GiB available" if host is not None else \
+            " (the host's available memory is unknown)"
+        return MemoryPlan(True, True, (
+            f"memory plan: packed {levels}-bit modules, de-quantized on use: {resident} of {L} "
+            f"layers resident on {device} ({resident * per_layer / gib:.1f} GiB), {streamed} "
+            f"streamed from {kind}host memory ({host_bytes / gib:.1f} GiB{avail}), each copied "
+            f"to the GPU at the level in use for its pass ({in_flight / gib:.1f} GiB in flight) "
+            f"+ {parts}, of {of_free}; {where}"), streamed=streamed, host_bytes=host_bytes)
     raise UserError(
-        f"SPQE on this model needs about {(fixed + packed + one_layer) / gib:.1f} GiB of GPU "
-        f"memory even with packed {levels}-bit modules ({packed / gib:.1f} GiB; de-quantized "
-        f"copies: {copies / gib:.1f} GiB) and {parts}, but {device} has {free / gib:.1f} GiB "
-        "free. Use fewer calibration tokens (`windows`, `window_tokens`), a smaller "
-        "`micro_batch`, or a GPU with more memory; `gpus` speeds SPQE up but gives every "
-        "GPU its own full copy.")
+        f"SPQE on this model needs about {(fixed + one_layer + in_flight) / gib:.1f} GiB of GPU "
+        f"memory even with every layer's packed {levels}-bit modules streamed from host memory "
+        f"({packed / gib:.1f} GiB in all; de-quantized copies: {copies / gib:.1f} GiB): "
+        f"{parts}, {(one_layer + in_flight) / gib:.1f} GiB for the layer in hand, "
+        f"{work / gib:.1f} GiB working memory; but {device} has {of_free}. Use fewer "
+        "calibration tokens (`windows`, `window_tokens`), a smaller `micro_batch`, or a GPU "
+        "with more memory; `gpus` speeds SPQE up but gives every GPU its own full copy.")
 
 
 def check_before_loading(config: RunConfig, backend) -> None:
@@ -151,7 +217,14 @@ def prepare(config: RunConfig, callback: events.Callback = events.ignore,
     device = pick_device(config.device)
     backend = backend_for(config)
     check_before_loading(config, backend)
-    plan = plan_memory(config, device, backend) if device.type == "cuda" else MemoryPlan(False, False, "")
+    plan = MemoryPlan(False, False, "")
+    if device.type == "cuda":
+        cap = gpu_memory_cap()
+        plan = plan_memory(config, device, backend, cap=cap)
+        if cap is not None:    # held to, as a co-tenant of the card expects (not only planned)
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            total = torch.cuda.get_device_properties(index).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), index)
     if plan.summary:
         callback(events.Log(plan.summary))
     callback(events.Log(f"loading model {config.model} on {device} ({config.dtype})"))
@@ -180,7 +253,10 @@ def prepare(config: RunConfig, callback: events.Callback = events.ignore,
                             "calibration tokens"))
         backend.calibrate(loaded, windows, config.micro_batch)
     switch = LayerSwitch(loaded, backend, real=plan.packed, levels=[config.levels] * len(loaded.layers),
-                         on_layer=on_layer)
+                         on_layer=on_layer, stream=range(min(plan.streamed, len(loaded.layers))))
+    if switch.streamed is not None and not switch.streamed.pinned:
+        callback(events.Log("host memory could not be page-locked for the streamed layers: "
+                            "their copies to the GPU are slower", "warning"))
     return Prepared(loaded=loaded, windows=windows, backend=backend, switch=switch)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,7 @@ from torch import nn
 
 from core.backends.base import linear_holding
 from core.errors import UserError
+from core.layerwise import StreamedLayers
 from core.models import LoadedModel, final_norm
 
 LOW, HIGH = 2, 4
@@ -34,14 +35,25 @@ class LayerSwitch:
     unquantized linears so that apply(None per layer) puts them back (baselines, the
     unquantized perplexity). Real modules are built under inference mode, the mode every
     evaluation runs in (quanto's weight subclass fails there otherwise: "Cannot set
-    version_counter for inference tensor"); SPQE's plain weights stay ordinary tensors."""
+    version_counter for inference tensor"); SPQE's plain weights stay ordinary tensors.
+    `stream` (with `real`) lists the layers whose modules are kept in host memory and
+    brought to the device only for a pass over the layer (core.layerwise.StreamedLayers):
+    the model then holds their host modules, usable only inside `unpacked`."""
 
     def __init__(self, loaded: LoadedModel, backend, *, real: bool = False,
                  levels: Sequence[Sequence[int]] | None = None, keep_original: bool = False,
-                 on_layer: Callable[[int, int], None] | None = None):
+                 on_layer: Callable[[int, int], None] | None = None,
+                 stream: Collection[int] = ()):
         self.model, self.names = loaded.model, loaded.linear_names
         self.L = len(self.names)
         self.backend, self.real = backend, real
+        if stream and not real:
+            raise ValueError("only packed (real) modules are streamed from host memory")
+        self.streamed = StreamedLayers(loaded.device) if stream else None
+        stream = set(stream)
+        # the streamed layer a pass over layer i reaches next (passes run up to the last layer)
+        self._next_streamed = {i: min((k for k in stream if k > i), default=None)
+                               for i in range(self.L)}
         levels = levels or [(LOW, HIGH)] * self.L
         originals = [[self.model.get_submodule(n) for n in layer] for layer in self.names]
         self.params = [sum(lin.weight.numel() for lin in layer) for layer in originals]
@@ -62,6 +74,9 @@ class LayerSwitch:
                     built[bits] = quantized if real else [
                         linear_holding(backend.dequantize(m).to(lin.weight.dtype), lin.bias)
                         for m, lin in zip(quantized, layer)]
+                    if i in stream:      # only its host copy is kept, once measured
+                        built[bits] = self.streamed.store(i, bits, built[bits])
+                        del quantized
                 if keep_original:
                     built[None] = layer
                 originals[i] = None     # else freed once replaced below: never two full copies
@@ -105,19 +120,29 @@ class LayerSwitch:
         """Layer i computing with plain linears holding the weights its real modules compute
         with, for the duration of one pass over every micro-batch: packed modules (SPQE of
         models too large for de-quantized copies) are then de-quantized once per layer pass,
-        not once per micro-batch. Does nothing when the modules are plain already."""
+        not once per micro-batch. A streamed layer's modules at its level are copied to the
+        device for the pass (prefetched during the layer before where it can), and the copy
+        of the next streamed layer starts. Does nothing when the modules are plain already."""
         bits = self.bits[i]
         if not self.real or bits is None:
             yield
             return
-        real = self.modules[i][bits]
-        plain = [linear_holding(self.backend.dequantize(m), getattr(m, "bias", None)) for m in real]
+        streamed = self.streamed is not None and i in self.streamed.layers
+        with (self.streamed.fetched(i, bits) if streamed
+              else contextlib.nullcontext(self.modules[i][bits])) as real:
+            following = self._next_streamed[i] if self.streamed is not None else None
+            if following is not None and self.bits[following] is not None:
+                self.streamed.prefetch(following, self.bits[following])
+            # (a streamed layer's device copy is needed only until it is de-quantized)
+            plain = [linear_holding(self.backend.dequantize(m), _bias(m, copy=streamed))
+                     for m in real]
+        held = self.modules[i][bits]
         self.modules[i][bits] = plain
         self.set(i, bits)
         try:
             yield
         finally:
-            self.modules[i][bits] = real
+            self.modules[i][bits] = held
             self.set(i, bits)
 
     def restore_original(self) -> None:
@@ -129,6 +154,12 @@ class LayerSwitch:
             if name in layer:
                 return self.modules[i][bits][layer.index(name)]
         raise KeyError(name)
+
+
+def _bias(module: nn.Module, copy: bool) -> torch.Tensor | None:
+    """A module's bias; a copy of it for a streamed module, whose buffer it would keep alive."""
+    bias = getattr(module, "bias", None)
+    return bias.clone() if copy and bias is not None else bias
 
 
 def loss_chunk_tokens(vocab: int, budget_elements: int = 1 << 26) -> int:
@@ -237,14 +268,25 @@ class PrefixEvaluator:
         self.inputs, self.kwargs = [], []
         base = self.model.get_decoder()
         total = 0.0
+        scope = contextlib.ExitStack()      # layer_scope around each layer's call, as in _from
+
+        def enter(j: int):
+            def hook(_module, _args) -> None:
+                scope.enter_context(self.layer_scope(j))
+            return hook
+
         for batch in self.batches:
             inputs: list[torch.Tensor] = [None] * self.L
             kwargs: list[dict] = [None] * self.L
             hooks = [layer.register_forward_pre_hook(_recorder(j, inputs, kwargs), with_kwargs=True)
                      for j, layer in enumerate(self.layers)]
+            hooks += [layer.register_forward_pre_hook(enter(j)) for j, layer in enumerate(self.layers)]
+            hooks += [layer.register_forward_hook(lambda module, args, out: scope.close())
+                      for layer in self.layers]
             try:
                 out = base(input_ids=batch, use_cache=False)
             finally:
+                scope.close()
                 for hook in hooks:
                     hook.remove()
             self.inputs.append(inputs)

@@ -387,8 +387,10 @@ async def test_the_budgets_to_settle_are_checked_against_the_levels(tmp_path):
             await pilot.pause()
             assert isinstance(app.screen, SetupScreen) and not run_dir.exists()
             message = form.query_one("#setup-message")
-            # below the buttons, yet scrolled into view on a small terminal
-            assert message.region.y + message.region.height <= 23, message.region
+            # below the buttons, yet scrolled into view on a small terminal (after a refresh)
+            await until(pilot, lambda: message.region.height > 0
+                        and message.region.y + message.region.height <= 23,
+                        f"the message scrolled into view ({message.region})")
             return text_of(message)
 
         message = await refused("3 5")
@@ -675,7 +677,8 @@ async def test_compare_view_runs_and_shows_the_comparison(tiny_model_dir, tmp_pa
     async with app.run_test(size=(120, 40)) as pilot:
         await until(pilot, lambda: isinstance(app.screen, Dashboard), "the dashboard")
         await pilot.press("5")
-        assert "saved comparison" in text_of(app.screen.query_one("#compare-status"))
+        await until(pilot, lambda: "saved comparison" in text_of(app.screen.query_one("#compare-status")),
+                    "the saved comparison (read off the event loop)")
         assert f"{format_ppl(impq.ppl)} @{impq.avg_bits:.2f}" in text_of(
             app.screen.query_one("#compare-table"))
         await pilot.press("q")

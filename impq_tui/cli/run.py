@@ -3,6 +3,7 @@ continues a run, `--gpus N` or torchrun spreads the samples over GPUs."""
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import shutil
 import signal
@@ -54,9 +55,26 @@ def add_parser(sub) -> None:
     run.add_argument("--gpus", type=whole, default=1,
                      help="spread samples over N GPUs of this host, one process each (under "
                           "torchrun, one process per rank instead)")
+    run.add_argument("--gpu-memory", type=memory_size, metavar="SIZE",
+                     help="GPU memory to use at most, per GPU, like accelerate's max_memory: 40 "
+                          "(GiB), 40GiB or 42GB. The memory plan keeps within it (streaming the "
+                          "layers that do not fit from host memory) and PyTorch's allocator is "
+                          "held to it (default: what is free; also IMPQ_TUI_GPU_MEMORY)")
     run.add_argument("--run-dir", help="where to write the run (default runs/<model>-<time>)")
     run.add_argument("--resume", metavar="DIR", help="continue the run in DIR")
     run.add_argument("--quiet", action="store_true", help="no progress display")
+
+
+def memory_size(text: str) -> str:
+    """A size core.engine.parse_memory reads, checked at parse time."""
+    from core.engine import parse_memory
+    from core.errors import UserError
+
+    try:
+        parse_memory(text)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def request(args):
@@ -103,6 +121,10 @@ def command(args) -> int:
 
     req = request(args)
     req.validate()
+    if getattr(args, "gpu_memory", None):   # in the environment: --gpus N workers read it too
+        from core.engine import GPU_MEMORY_ENV
+
+        os.environ[GPU_MEMORY_ENV] = args.gpu_memory
     from core.distributed import run_rank, torchrun_env
 
     rank = torchrun_env()
