@@ -180,55 +180,305 @@ def _convert_embedded(target: Path) -> Path:
     return target
 
 
-def gguf_config(path: Path):
-    """The transformers config of a GGUF file, from its header only (no tensor is read)."""
-    from transformers import AutoConfig
+# ---------------------------------------------------------------- GGUF files
+#
+# A GGUF's header is its config, under llama.cpp's key names. transformers reads it with
+# gguf-py, which parses every vocabulary entry first: 13 s for Gemma 3's 262k tokens, and
+# again for the tokenizer and for the weights (how a refusal once came after 74 s). The
+# header is read here with transformers' own fast reader instead (milliseconds: the
+# vocabulary stays a count), and turned into the config transformers' GGUF reader makes,
+# by that reader's rules and tables; then the llama.cpp keys it leaves at the config
+# class's defaults are read in (rope scaling, partial rotary, attention scale, softcaps,
+# experts' widths), so the model built is the one the file was converted from.
 
-    try:
-        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-        _expert_widths(path, config)
-        return config
-    except (ValueError, KeyError, OSError, EOFError, struct.error) as exc:
-        # struct.error: a file cut short after its magic bytes.
-        raise UserError(f"could not read the GGUF file {path}: {_first_line(exc)}. transformers "
-                        "reads GGUF for the architectures its gguf integration lists (Llama, "
-                        "Mistral, Qwen2/3, Qwen2/3-MoE, Gemma 2/3, Phi-3, Falcon, StarCoder2, "
-                        "StableLM...).") from None
+# llama.cpp's architecture names that transformers' GGUF reader renames (load_gguf_checkpoint).
+_GGUF_RENAMES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss",
+                 "minimax-m2": "minimax_m2"}
+_GGUF_TEXT_MODELS = {"gemma3": "gemma3_text", "gemma4": "gemma4_text"}   # the text models of those files
 
-
-# GGUF header keys (after "<arch>.") that transformers' GGUF reader does not map for the
-# Qwen MoE families: their experts' widths then stay at the config class's defaults (768
-# for Qwen3-MoE: right for Qwen3-30B-A3B, wrong for other sizes).
-_EXPERT_WIDTHS = {"expert_feed_forward_length": "moe_intermediate_size",
+# Header keys (after "<arch>.") for config fields that transformers' GGUF tables leave out
+# for some families; read in wherever the config class has the field.
+_HEADER_FIELDS = {"attention.sliding_window": "sliding_window",
+                  "attn_logit_softcapping": "attn_logit_softcapping",
+                  "final_logit_softcapping": "final_logit_softcapping",
+                  "expert_feed_forward_length": "moe_intermediate_size",
                   "expert_shared_feed_forward_length": "shared_expert_intermediate_size"}
 
+# llama.cpp scales Gemma 2's and Gemma 3's queries by 1/sqrt(head_dim), except in the 27B
+# models (46 and 62 layers), where it is 1/sqrt(hidden / heads) (src/llama-model.cpp):
+# the real models' query_pre_attn_scalar, which the header does not carry.
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 
-def _expert_widths(path: Path, config) -> None:
-    """The experts' widths a GGUF header records, where transformers leaves the default."""
-    if not any(hasattr(config, field) for field in _EXPERT_WIDTHS.values()):
+
+def gguf_header(path: Path) -> tuple[dict, tuple[str, ...]]:
+    """(metadata, tensor names) of a GGUF file, from its header (no tensor is read; string
+    arrays such as the vocabulary are left as their lengths)."""
+    from transformers.integrations.gguf import read_gguf_metadata
+
+    try:
+        return read_gguf_metadata(str(path))
+    except (ValueError, KeyError, OSError, EOFError, IndexError, struct.error) as exc:
+        # struct.error, IndexError: a file cut short after its magic bytes.
+        raise UserError(f"could not read the GGUF file {path}: {_first_line(exc)}.") from None
+
+
+def gguf_config(path: Path):
+    """The transformers config of a GGUF file, from its header only (milliseconds)."""
+    metadata, tensors = gguf_header(path)
+    config = _transformers_gguf_config(path, metadata, tensors)
+    _header_fields(config, path, metadata, tensors)
+    return config
+
+
+def _gguf_families() -> list[str]:
+    """The GGUF architectures transformers loads, by llama.cpp's names."""
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+    from transformers.integrations.gguf import GGUF_CONFIG_ARCHS
+
+    renamed = {v: k for k, v in _GGUF_RENAMES.items()}
+    return sorted({renamed.get(k, k) for k in GGUF_CONFIG_MAPPING if k not in ("general", "tokenizer")}
+                  | set(GGUF_CONFIG_ARCHS))
+
+
+def _transformers_gguf_config(path: Path, metadata: dict, tensors: tuple[str, ...]):
+    """The config transformers' GGUF reader makes of this header (load_gguf_checkpoint's
+    rules, with its own key tables), built from the header's values alone."""
+    import transformers
+    from transformers import CONFIG_MAPPING
+    from transformers.integrations.ggml import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_CONFIG_MAPPING
+    from transformers.integrations.gguf import GGUF_CONFIG_ARCHS, get_gguf_config
+
+    arch = metadata["general.architecture"]
+    if arch in GGUF_CONFIG_ARCHS:          # the families transformers' newer GGUF path reads
+        values = get_gguf_config(metadata, tensors)
+    else:
+        family = _GGUF_RENAMES.get(arch, arch)
+        if arch == "llama" and metadata.get("general.name") == "mistral":
+            family = "mistral"
+        if family not in GGUF_CONFIG_MAPPING or family in ("general", "tokenizer"):
+            raise UserError(
+                f"{path.name} is a GGUF of architecture {arch!r}, which transformers "
+                f"{transformers.__version__} cannot load from GGUF (its GGUF reader knows "
+                f"{', '.join(_gguf_families())}); impq-tui loads GGUF files through it. Give "
+                "impq-tui the model's Hugging Face checkpoint (safetensors) instead: any "
+                "decoder-only family transformers ships loads from there.")
+        values = {"tie_word_embeddings": "output.weight" not in tensors or arch in ("falcon", "bloom"),
+                  **GGUF_CONFIG_DEFAULTS_MAPPING.get(family, {})}
+        for key, value in metadata.items():
+            prefix, _, rest = key.replace(arch, family).partition(".")
+            target = GGUF_CONFIG_MAPPING.get(prefix, {}).get(rest)
+            if target is not None and target != -1:
+                values[target] = value.replace(arch, family) if isinstance(value, str) else value
+        if arch == "stablelm":    # what the tensors say
+            values["use_qkv_bias"] = any(f"attn_{x}.bias" in t for t in tensors for x in "qkv")
+            values["use_parallel_residual"] = not any("ffn_norm" in t for t in tensors)
+        values["model_type"] = _GGUF_TEXT_MODELS.get(values["model_type"], values["model_type"])
+        if values["model_type"] == "gemma4_text":
+            values["eos_token_id"] = [1, 106, 50]        # as transformers sets Gemma 4's
+        gating = values.get("scoring_func")
+        if isinstance(gating, int):                      # MiniMax-M2's expert gating
+            values["scoring_func"] = {0: "none", 1: "softmax", 2: "sigmoid"}.get(gating, "softmax")
+        if "vocab_size" not in values and "tokenizer.ggml.tokens" in metadata:
+            values["vocab_size"] = metadata["tokenizer.ggml.tokens"]      # its length
+    try:
+        return CONFIG_MAPPING[values["model_type"]].from_dict(values)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise UserError(f"could not read the GGUF file {path}: {_first_line(exc)}.") from None
+
+
+def _header_fields(config, path: Path, metadata: dict, tensors: tuple[str, ...]) -> None:
+    """The llama.cpp header values transformers' GGUF reader leaves at the config class's
+    defaults, read into `config`; a header that describes something the config cannot hold
+    (experts in a family without them) is refused."""
+    arch = metadata["general.architecture"]
+
+    def value(key: str, default=None):
+        return metadata.get(f"{arch}.{key}", default)
+
+    for key, field in _HEADER_FIELDS.items():
+        if value(key) is not None and hasattr(config, field):
+            setattr(config, field, value(key))
+    if hasattr(config, "sliding_window") and value("attention.sliding_window") == 0:
+        config.sliding_window = None      # llama.cpp's "none" (its Phi-3 converter writes 0 for Phi-4)
+    if arch == "gemma3" and not value("attention.sliding_window"):
+        # llama.cpp: no sliding layers then
+        config.layer_types = ["full_attention"] * config.num_hidden_layers
+    pad = getattr(config, "pad_token_id", None)
+    if isinstance(pad, int) and not 0 <= pad < config.vocab_size:
+        config.pad_token_id = None     # the config class's default, another vocabulary's (Phi-3's 32000)
+    experts = value("expert_count") or 0
+    if experts and not any(getattr(config, f, None) for f in ("num_experts", "num_local_experts")):
+        raise UserError(
+            f"{path.name} is a {arch!r} GGUF with {experts} experts per layer (a Mixtral-style "
+            f"model), and transformers reads {arch!r} GGUF files as the dense "
+            f"{type(config).__name__.removesuffix('Config')} model: the experts would be dropped. "
+            "Give impq-tui the model's Hugging Face checkpoint (safetensors) instead; its "
+            "mixture-of-experts layers are split and quantized from there.")
+    if arch in _GEMMA_27B_LAYERS:
+        head_dim = value("attention.key_length") or config.head_dim
+        if value("attention.scale") is not None:
+            config.query_pre_attn_scalar = value("attention.scale") ** -2
+        elif value("block_count") == _GEMMA_27B_LAYERS.get(arch):
+            config.query_pre_attn_scalar = config.hidden_size // config.num_attention_heads
+        else:
+            config.query_pre_attn_scalar = head_dim
+    _rope_from_header(config, path, arch, metadata, tensors)
+
+
+def _rope_from_header(config, path: Path, arch: str, metadata: dict, tensors: tuple[str, ...]) -> None:
+    """Rope scaling and partial rotary from llama.cpp's header keys and rope tensors:
+    linear and YaRN (rope.scaling.*), Llama 3's scaling (per-frequency factors in
+    `rope_freqs`), LongRoPE (Phi-3.5, Phi-4-mini: `rope_factors_short/long`)."""
+    params = getattr(config, "rope_parameters", None)
+    if not isinstance(params, dict):
         return
-    from gguf import GGUFReader
+    layered = all(isinstance(v, dict) for v in params.values())
+    # Per-layer-type rope (Gemma 3): llama.cpp scales the global layers' only, as the
+    # config's own rope_scaling does; the sliding layers have their own base.
+    rope = params.get("full_attention", {}) if layered else params
+    if layered and metadata.get(f"{arch}.rope.freq_base_swa") is not None:
+        swa_base = float(metadata[f"{arch}.rope.freq_base_swa"])
+        params.get("sliding_attention", {})["rope_theta"] = swa_base
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rotary = metadata.get(f"{arch}.rope.dimension_count")
+    if rotary and rotary != head_dim and arch != "llama":    # llama: transformers reads it as head_dim
+        if not layered and ("partial_rotary_factor" in rope or hasattr(config, "partial_rotary_factor")):
+            rope["partial_rotary_factor"] = rotary / head_dim
+        else:
+            raise UserError(f"{path.name} rotates {rotary} of its {head_dim} head dimensions, which "
+                            f"{type(config).__name__} has no setting for.")
+    key = lambda name: metadata.get(f"{arch}.rope.scaling.{name}")  # noqa: E731
+    kind = key("type") or "none"
+    if kind == "linear":
+        rope.update(rope_type="linear", factor=float(key("factor")))
+    elif kind == "yarn":
+        rope.update(rope_type="yarn", factor=float(key("factor")),
+                    original_max_position_embeddings=int(key("original_context_length")
+                                                         or config.max_position_embeddings))
+        for name, field in (("yarn_attn_factor", "attention_factor"), ("yarn_beta_fast", "beta_fast"),
+                            ("yarn_beta_slow", "beta_slow")):
+            if key(name) is not None:
+                rope[field] = float(key(name))
+    elif kind != "none" or key("factor") not in (None, 1.0):
+        raise UserError(f"{path.name} scales its rope by {kind!r} (factor {key('factor')}), which "
+                        "impq-tui does not read from a GGUF header: it reads linear, yarn, Llama 3's "
+                        "rope_freqs and LongRoPE's rope factors. Give it the model's Hugging Face "
+                        "checkpoint instead.")
+    if "rope_freqs.weight" in tensors:
+        factors = _small_tensor(path, "rope_freqs.weight")
+        llama3 = _llama3_rope(factors, float(rope["rope_theta"]),
+                              int(head_dim * rope.get("partial_rotary_factor", 1.0)))
+        if llama3 is None:
+            raise UserError(f"{path.name} scales its rope frequencies by factors (rope_freqs) that are "
+                            "not Llama 3's scaling, the one impq-tui reads from a GGUF; give it the "
+                            "model's Hugging Face checkpoint instead.")
+        rope.update(rope_type="llama3", **llama3)
+    if "rope_factors_long.weight" in tensors:
+        original = int(key("original_context_length") or config.max_position_embeddings)
+        rope.update(rope_type="longrope", original_max_position_embeddings=original,
+                    long_factor=_small_tensor(path, "rope_factors_long.weight").tolist(),
+                    short_factor=_small_tensor(path, "rope_factors_short.weight").tolist())
+        if key("attn_factor") is not None:
+            rope["attention_factor"] = float(key("attn_factor"))
+        if hasattr(config, "original_max_position_embeddings"):
+            config.original_max_position_embeddings = original
 
-    reader = GGUFReader(str(path))
-    arch = reader.get_field("general.architecture").contents()
-    for key, field in _EXPERT_WIDTHS.items():
-        value = reader.get_field(f"{arch}.{key}")
-        if value is not None and hasattr(config, field):
-            setattr(config, field, int(value.contents()))
+
+def _small_tensor(path: Path, name: str):
+    """One small float tensor of a GGUF file (rope factors: a few hundred bytes), as numpy."""
+    import numpy as np
+    from transformers.integrations.gguf import GgufHeader, load_gguf_state_dict
+
+    try:
+        tensor = load_gguf_state_dict(GgufHeader.from_file(str(path)))[name]
+    except (ValueError, OSError, IndexError, struct.error) as exc:
+        raise UserError(f"could not read the GGUF file {path}: {_first_line(exc)}.") from None
+    if tensor.ggml_type not in (0, 1, 30):      # F32, F16, BF16: how llama.cpp stores them
+        raise UserError(f"{path.name} stores {name} quantized (ggml type {tensor.ggml_type}).")
+    return np.asarray(tensor[...].float().numpy(), dtype=np.float64)
+
+
+def _llama3_rope(factors, theta: float, dim: int) -> dict | None:
+    """Llama 3's rope scaling (factor, low/high frequency factors, original context) whose
+    per-frequency factors are `factors` (what llama.cpp's converter stores in rope_freqs),
+    or None where none gives them. The scaling depends on the context and the frequency
+    factors through their ratios only, so the low one is taken as Llama 3's 1."""
+    import numpy as np
+
+    if len(factors) != dim // 2:
+        return None
+    wavelength = 2 * np.pi * theta ** (np.arange(0, dim, 2) / dim)
+    factor = float(factors.max())
+    if factor <= 1.0:
+        return None
+    # 1 where a frequency is left as it is, 0 where divided by the factor, linear in 1/wavelength between
+    smooth = (1 / factors - 1 / factor) / (1 - 1 / factor)
+    band = (smooth > 1e-6) & (smooth < 1 - 1e-6)
+    if band.sum() >= 2:       # smooth = original / wavelength / (high - 1) - 1 / (high - 1)
+        slope, offset = np.polyfit(1 / wavelength[band], smooth[band], 1)
+        high = 1 - 1 / offset
+        original = slope * (high - 1)
+    else:                     # Llama 3's high factor 4, the context from the band or its edges
+        high = 4.0
+        inside = wavelength[band]
+        if len(inside):
+            original = inside[0] * (smooth[band][0] * (high - 1) + 1)
+        else:
+            unscaled, scaled = wavelength[smooth >= 1 - 1e-6], wavelength[smooth <= 1e-6]
+            lowest = unscaled.max() * high if len(unscaled) else 1.0
+            original = 2 ** np.floor(np.log2(scaled.min())) if len(scaled) else lowest
+            original = max(original, lowest)
+    params = {"factor": factor, "low_freq_factor": 1.0, "high_freq_factor": round(float(high), 4),
+              "original_max_position_embeddings": int(round(float(original)))}
+    if not np.allclose(_llama3_factors(params, wavelength), factors, rtol=1e-4, atol=0):
+        return None
+    return params
+
+
+def _llama3_factors(params: dict, wavelength):
+    """Llama 3's per-frequency factors (llama.cpp's converter, transformers' llama3 rope)."""
+    import numpy as np
+
+    original, factor = params["original_max_position_embeddings"], params["factor"]
+    low, high = params["low_freq_factor"], params["high_freq_factor"]
+    smooth = (original / wavelength - low) / (high - low)
+    middle = 1 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelength < original / high, 1.0, np.where(wavelength > original / low, factor, middle))
+
+
+def _gguf_tokenizer(path: Path, config):
+    """The tokenizer transformers builds from the GGUF's vocabulary, of the class its
+    AutoTokenizer picks for the model type (named, so that AutoTokenizer does not read the
+    header through gguf-py once more for the config)."""
+    from transformers import AutoTokenizer
+    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES
+
+    kind = config.model_type if TOKENIZER_MAPPING_NAMES.get(config.model_type) else None
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, tokenizer_type=kind)
 
 
 def _load_gguf(path: Path, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, GgufConfig
 
     config = gguf_config(path)
     check_structure(meta_model(copy.deepcopy(config)))   # refuse in seconds, before de-quantizing
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=config,
-                                                     dtype=dtype)
+        tokenizer = _gguf_tokenizer(path, config)
+        # De-quantized: transformers' newer GGUF path (Qwen3.5, LFM2 so far) otherwise keeps
+        # the blocks packed in its own modules, which are not the nn.Linear layers SPQE swaps.
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, config=config, dtype=dtype, output_loading_info=True,
+            quantization_config=GgufConfig(dequantize=True))
     except (ValueError, KeyError, OSError, EOFError, struct.error) as exc:
         # struct.error: a file cut short after its magic bytes.
         raise UserError(f"could not read the GGUF file {path}: {_first_line(exc)}.") from exc
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:      # transformers fills them with random values and only logs it
+        raise UserError(
+            f"{path.name} has no tensor for {len(missing)} weights of the "
+            f"{type(model).__name__} transformers builds from its header ({', '.join(missing[:3])}"
+            f"{', ...' if len(missing) > 3 else ''}): its GGUF reader does not map this file's "
+            "tensors. Give impq-tui the model's Hugging Face checkpoint (safetensors) instead.")
     # The weights are de-quantized now; drop the GGUF marker so the model saves and
     # re-quantizes like any other.
     model.hf_quantizer = None

@@ -1,8 +1,16 @@
 """Any decoder-only causal LM, by structure (core.models): tiny random-config models of the
-families transformers 5 ships, end to end (run, solve, eval, export with quanto and HQQ),
-and clear refusals, decided from the config before any weight is read."""
+families transformers 5 ships, end to end (run, solve, eval, export with quanto and HQQ;
+GPTQ on Gemma 3), the gguf export's refusal of the checkpoints impq-tui does not convert,
+and clear refusals, decided from the config before any weight is read.
+
+Which (family, backend) pairs are tested where: quanto and HQQ here (and
+tests/test_moe.py for Qwen3-MoE, Mixtral); GPTQ here (Gemma 3), tests/test_gptq_spqe.py
+(Llama), tests/test_moe.py (Qwen3-MoE); gguf on checkpoints in tests/test_gguf_convert.py
+(Llama, Qwen2/3, Qwen3-MoE converted; the whole export on Llama), on GGUF inputs in
+tests/test_gguf.py (Llama) and tests/test_gguf_inputs.py (Gemma 3, Phi-3)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 
@@ -21,8 +29,10 @@ FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3
 EVAL = {"windows": 2, "window_tokens": 32}
 
 
-def save_family(path, tokenizer, model_type: str, layers: int = 2):
+def save_family(path, tokenizer, model_type: str, layers: int = 2, **changes):
     config = tiny_config(model_type, layers=layers, vocab=len(tokenizer))
+    for key, value in changes.items():
+        setattr(config, key, value)
     loaded = from_config(config, torch.device("cpu"), torch.float32, seed=1)
     loaded.model.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -49,6 +59,49 @@ def test_a_family_runs_end_to_end(family, tiny_tokenizer, tmp_path):
         assert exported.ppl == pytest.approx(measured.ppl, rel=1e-5)
         record = json.loads((tmp_path / f"out-{backend}" / "allocation.json").read_text())
         assert [layer["bits"] for layer in record["layers"]] == bits
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None,
+                    reason="GPTQModel is not installed (pip install 'impq-tui[gptq]')")
+def test_gemma3_runs_end_to_end_with_gptq(tiny_tokenizer, tmp_path):
+    """GPTQ's Hessians come from each layer run on its recorded inputs and keyword
+    arguments: Gemma 3's sliding and global layers take different masks and rotary
+    embeddings (a window of 8 tokens in 32, the sixth layer global). The real GPTQModel
+    modules compute what SPQE simulated; the export writes each layer's bits."""
+    from core.export import ROUND_TRIP_RTOL
+
+    model = save_family(tmp_path / "gemma3", tiny_tokenizer, "gemma3_text", layers=6, head_dim=16,
+                        sliding_window=8)
+    config = RunConfig(model=str(model), backend="gptq", samples=1, windows=2, window_tokens=32,
+                       device="cpu", group_size=32, micro_batch=2)
+    run = RunDir.create(tmp_path / "run", config)
+    assert run_spqe(config, run) == "completed"
+    run = RunDir.open(run.path)
+    bits = [4, 2, 2, 2, 2, 4]
+    measured = evaluate_allocation(run, bits, backend="gptq", **EVAL)
+    assert measured.ppl == pytest.approx(measured.ppl_simulated, rel=ROUND_TRIP_RTOL["float16"])
+    assert measured.ppl != pytest.approx(measured.ppl_original, rel=1e-6)
+    export_model(run, bits, "gptq", str(tmp_path / "out"))
+    record = json.loads((tmp_path / "out" / "allocation.json").read_text())
+    assert [layer["bits"] for layer in record["layers"]] == bits
+    assert [layer["bytes"] for layer in record["layers"]] == [
+        (run.costs().m_hi if b == 4 else run.costs().m_lo)[i] for i, b in enumerate(bits)]
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "phi3", "olmo2", "granite",
+                                    "starcoder2", "gpt_neox", "stablelm"])
+def test_the_gguf_export_of_a_checkpoint_it_does_not_convert_names_llama_cpps_converter(
+        family, tiny_tokenizer, tmp_path):
+    """impq-tui converts Llama, Mistral, Qwen2/3 and Qwen3-MoE checkpoints to GGUF itself
+    (core.export.gguf_convert); for the others the gguf export says to convert with
+    llama.cpp's converter (whose output, beside the folder, it then takes), before any
+    weight is loaded."""
+    from core.export.gguf import gguf_input
+
+    folder = save_family(tmp_path / family, tiny_tokenizer, family)
+    with pytest.raises(UserError, match=f"is a {family}") as info:
+        gguf_input(RunConfig(model=str(folder), backend="gguf"), convert=False)
+    assert f"convert_hf_to_gguf.py {folder} --outtype f32 --outfile {folder}.gguf" in str(info.value)
 
 
 def _config_only(path, model_type: str, **extra):

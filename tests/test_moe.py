@@ -1,10 +1,12 @@
 """Mixture-of-experts models (core.experts): experts split into per-expert nn.Linear
 modules compute what the fused ones do, take their layer's precision, count in its bytes,
 and export to quanto and HQQ files that load back (in a fresh process, by the card's
-snippet) to the same perplexity. Tiny random models of real transformers configs,
-saved as transformers 5 saves them (Mixtral in its hub layout, w1/w2/w3 per expert)."""
+snippet) to the same perplexity; GPTQ of every expert, from the tokens routed to it. Tiny
+random models of real transformers configs, saved as transformers 5 saves them (Mixtral
+in its hub layout, w1/w2/w3 per expert)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -116,10 +118,52 @@ def test_a_moe_family_runs_end_to_end(family, tiny_tokenizer, tmp_path):
         assert "convert_model" in (out / "README.md").read_text()
 
 
+@pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None,
+                    reason="GPTQModel is not installed (pip install 'impq-tui[gptq]')")
+def test_qwen3_moe_runs_end_to_end_with_gptq(tiny_tokenizer, tmp_path):
+    """Each expert's Hessian comes from the tokens routed to it (a few of 64 here): every
+    expert of a layer is GPTQ-packed at the layer's bits, the packed bytes are the run's
+    costs, and the real GPTQModel modules compute what SPQE simulated."""
+    from safetensors.torch import load_file
+
+    from core.export import ROUND_TRIP_RTOL
+
+    model = save_moe(tmp_path / "qwen3_moe", tiny_tokenizer, "qwen3_moe")
+    config = RunConfig(model=str(model), backend="gptq", samples=1, windows=2, window_tokens=32,
+                       device="cpu", group_size=32, micro_batch=2)
+    run = RunDir.create(tmp_path / "run", config)
+    assert run_spqe(config, run) == "completed"
+    run = RunDir.open(run.path)
+    bits = [4, 2]
+    measured = evaluate_allocation(run, bits, backend="gptq", **EVAL)
+    assert measured.ppl == pytest.approx(measured.ppl_simulated, rel=ROUND_TRIP_RTOL["float16"])
+    out = tmp_path / "out"
+    export_model(run, bits, "gptq", str(out))
+    stored = load_file(str(out / "model.safetensors"))
+    record = json.loads((out / "allocation.json").read_text())
+    for layer, b in zip(record["layers"], bits):
+        experts = [m for m in layer["modules"] if ".experts." in m]
+        assert len(experts) == EXPERTS * 3 and layer["bits"] == b
+        for name in experts:      # GPTQ packs 32 // bits codes per word: the layer's bits
+            assert stored[f"{name}.qweight"].shape[0] * 32 // b == stored[f"{name}.g_idx"].numel()
+        assert layer["bytes"] == (run.costs().m_hi if b == 4 else run.costs().m_lo)[layer["index"]]
+
+
 def _config_only(path, config):
     path.mkdir()
     config.save_pretrained(path)
     return path
+
+
+def test_the_gguf_export_of_a_mixtral_checkpoint_names_llama_cpps_converter(tmp_path):
+    """impq-tui converts Qwen3-MoE checkpoints to GGUF itself, not Mixtral's: the gguf
+    export says to convert with llama.cpp's converter, from config.json alone."""
+    from core.export.gguf import gguf_input
+
+    folder = _config_only(tmp_path / "mixtral", moe_config("mixtral"))
+    with pytest.raises(UserError, match="is a mixtral") as info:
+        gguf_input(RunConfig(model=str(folder), backend="gguf"), convert=False)
+    assert f"convert_hf_to_gguf.py {folder} --outtype f32" in str(info.value)
 
 
 def test_the_memory_estimate_counts_every_expert(tmp_path):
