@@ -16,6 +16,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -210,6 +211,12 @@ def check_before_loading(config: RunConfig, backend) -> None:
     for name, shape in linear_shapes(meta):
         for bits in config.levels:
             backend.check(shape, bits, name)
+    if config.backend == "gguf" and Path(os.path.expanduser(config.model)).is_dir():
+        # A gguf run is measured for a GGUF export: a checkpoint that export could not
+        # convert is refused now, with llama.cpp's converter command, not after the run.
+        from core.export.gguf import gguf_input
+
+        gguf_input(config, convert=False)
 
 
 def prepare(config: RunConfig, callback: events.Callback = events.ignore,

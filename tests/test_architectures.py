@@ -142,3 +142,25 @@ def test_the_backends_rules_are_checked_before_loading(tiny_tokenizer, tmp_path)
     with pytest.raises(UserError, match="does not divide"):
         check_before_loading(config, get_backend("quanto", 48))
     check_before_loading(RunConfig(model=str(folder), group_size=32), get_backend("hqq", 32))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="needs the gguf extra")
+def test_a_gguf_run_on_a_checkpoint_the_export_cannot_convert_is_refused_before_loading(
+        tiny_tokenizer, tmp_path):
+    """A gguf run is measured for a GGUF export: on a Gemma 3 checkpoint (which impq-tui does
+    not convert) the run is refused from the config, with llama.cpp's converter command,
+    instead of after hours of SPQE; once the user's conversion lies beside the folder, the
+    same check passes. A convertible Llama checkpoint passes as it is."""
+    from core.backends import get_backend
+    from core.engine import check_before_loading
+
+    folder = save_family(tmp_path / "gemma3", tiny_tokenizer, "gemma3_text")
+    config = RunConfig(model=str(folder), backend="gguf", group_size=32, device="cpu")
+    backend = get_backend("gguf", 32)
+    with pytest.raises(UserError, match="convert_hf_to_gguf.py") as info:
+        check_before_loading(config, backend)
+    assert "gemma3" in str(info.value)
+    (tmp_path / "gemma3.gguf").write_bytes(b"GGUF")     # where the converter's output goes
+    check_before_loading(config, backend)
+    llama = save_family(tmp_path / "llama", tiny_tokenizer, "llama")
+    check_before_loading(RunConfig(model=str(llama), backend="gguf", group_size=32), backend)
