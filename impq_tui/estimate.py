@@ -73,12 +73,22 @@ class Shape:
 
 def model_shape(model: str) -> Shape | None:
     """The model's transformers config read from local files only (the form must not
-    wait on the network); None where that is not possible (GGUF, a hub id not cached)."""
-    from core.models import EMBEDDED, RANDOM_PREFIX, shape_config
+    wait on the network); None where that is not possible (a hub id not cached, an
+    unreadable file). A GGUF's comes from its header alone (milliseconds)."""
+    from core.errors import UserError
+    from core.models import EMBEDDED, RANDOM_PREFIX, gguf_config, shape_config
 
     model = model or EMBEDDED
     if model.endswith(".gguf"):
-        return None
+        path = Path(model).expanduser()
+        if not path.is_file():
+            return None
+        try:
+            config = gguf_config(path)
+        except (UserError, OSError, ValueError, KeyError):
+            return None
+        layers = getattr(config, "num_hidden_layers", None)
+        return Shape(config, int(layers)) if layers else None
     if model == EMBEDDED:
         config = shape_config("smollm2-135m")      # the embedded model's exact shape
     elif model.startswith(RANDOM_PREFIX):

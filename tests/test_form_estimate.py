@@ -74,7 +74,17 @@ def test_the_probe_times_the_real_evaluator(monkeypatch):
 def test_model_shapes_come_from_local_files_only(tmp_path):
     assert estimate.model_shape("embedded").layers == 30
     assert estimate.model_shape("random:llama-3.1-8b").layers == 32
-    assert estimate.model_shape(str(tmp_path / "model.gguf")) is None
+    assert estimate.model_shape(str(tmp_path / "model.gguf")) is None     # no such file
+    (tmp_path / "broken.gguf").write_bytes(b"GGUF not really")
+    assert estimate.model_shape(str(tmp_path / "broken.gguf")) is None
+    from core.models import _installed_embedded_gguf
+
+    gguf = _installed_embedded_gguf()
+    if gguf is not None:          # the embedded model's own GGUF, from its header alone
+        started = time.monotonic()
+        shape = estimate.model_shape(str(gguf))
+        assert (shape.layers, shape.config.hidden_size, shape.config.intermediate_size) == (30, 576, 1536)
+        assert time.monotonic() - started < 5
     started = time.monotonic()
     assert estimate.model_shape("nobody/no-such-model-here") is None    # no network asked
     assert time.monotonic() - started < 10
