@@ -88,6 +88,30 @@ def test_gemma3_runs_end_to_end_with_gptq(tiny_tokenizer, tmp_path):
         (run.costs().m_hi if b == 4 else run.costs().m_lo)[i] for i, b in enumerate(bits)]
 
 
+@pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None,
+                    reason="GPTQModel is not installed (pip install 'impq-tui[gptq]')")
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "gemma3_text"])   # gemma3: above
+def test_a_family_runs_end_to_end_with_gptq(family, tiny_tokenizer, tmp_path):
+    """GPTQ measured by SPQE on every family: the run, an allocation, GPTQModel's real
+    modules computing what SPQE simulated, and an export holding each layer's bits and the
+    run's bytes."""
+    from core.export import ROUND_TRIP_RTOL
+
+    model = save_family(tmp_path / family, tiny_tokenizer, family)
+    config = RunConfig(model=str(model), backend="gptq", samples=1, windows=2, window_tokens=32,
+                       device="cpu", group_size=32, micro_batch=2)
+    run = RunDir.create(tmp_path / "run", config)
+    assert run_spqe(config, run) == "completed"
+    run = RunDir.open(run.path)
+    bits = [4, 2]
+    measured = evaluate_allocation(run, bits, backend="gptq", **EVAL)
+    assert measured.ppl == pytest.approx(measured.ppl_simulated, rel=ROUND_TRIP_RTOL["float16"])
+    export_model(run, bits, "gptq", str(tmp_path / "out"))
+    record = json.loads((tmp_path / "out" / "allocation.json").read_text())
+    assert [layer["bits"] for layer in record["layers"]] == bits
+    assert [layer["bytes"] for layer in record["layers"]] == [run.costs().m_hi[0], run.costs().m_lo[1]]
+
+
 @pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "phi3", "olmo2", "granite",
                                     "starcoder2", "gpt_neox", "stablelm"])
 def test_the_gguf_export_of_a_checkpoint_it_does_not_convert_names_llama_cpps_converter(
