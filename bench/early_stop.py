@@ -64,7 +64,12 @@ FIRST_M = 1          # states from the first sample on, as the engine computes t
 def trajectory(path: str, seed: int, bits) -> list[dict]:
     run = RunDir.open(path)
     D, costs = run.D(), run.costs()
-    order = np.random.default_rng(seed).permutation(len(D))
+    rng = np.random.default_rng(seed)
+    if run.config.antithetic:   # re-order whole antithetic pairs (a permutation and its reverse)
+        pairs = rng.permutation(len(D) // 2)
+        order = np.stack([2 * pairs, 2 * pairs + 1], axis=1).reshape(-1)
+    else:
+        order = rng.permutation(len(D))
     Dp = D[order]
     out = []
     for m in range(FIRST_M, len(Dp) + 1):
