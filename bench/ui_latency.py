@@ -16,8 +16,10 @@ Times are seconds from starting the app, noted on the wake-up after they happen.
     budget    20 budget keys a tenth of a second apart (5 up, 10 down, 5 up by 0.05 bits),
               then until the last one is solved
 
-plus the 41-budget frontier alone, outside the app (impq_tui.analysis, one thread). Each
-run is measured in a process of its own, so that it pays the imports a fresh app pays.
+plus the 41-budget frontier alone, outside the app (impq_tui.analysis in this process, one
+thread: the work itself, without the app's solver process or its second thread). Each run
+is measured in a process of its own, so that it pays the imports a fresh app pays, and
+--repeat times (the machine may be shared: the summary gives each figure's range).
 
 A run is written through core.runs.RunDir as `impq-tui run` writes one: config.json,
 costs.json (byte costs of a SmolLM2-135M- or Llama-70B-shaped layer at 2 and 4 bits with
@@ -26,7 +28,7 @@ quadratic game v(x) = u.x + x.W.x/2 with interactions of both signs (as
 tests/test_fit.py's games), so no model is loaded.
 
     python bench/ui_latency.py                       # writes bench/results/ui_latency.json
-    python bench/ui_latency.py --runs 30:3 80:20 --out /tmp/lat.json
+    python bench/ui_latency.py --runs 30:3 80:20 --repeat 3 --out /tmp/lat.json
 """
 from __future__ import annotations
 
@@ -216,7 +218,7 @@ async def drive(run_dir: Path) -> dict:
 
 
 def frontier_alone(run_dir: Path) -> dict:
-    """The 41 budgets solved one after another, as the app's frontier worker does."""
+    """The 41 budgets solved one after another in this process (after the app has gone)."""
     from impq_tui import analysis
 
     run = RunDir.open(run_dir)
@@ -227,36 +229,71 @@ def frontier_alone(run_dir: Path) -> dict:
     return {"seconds": round(time.perf_counter() - t, 3), "budgets": len(points)}
 
 
-def measure(spec: str) -> dict:
-    """One synthetic run LAYERS:SAMPLES, written to a temporary folder and opened."""
+def measure(spec: str, run_dir: Path) -> dict:
+    """One synthetic run LAYERS:SAMPLES, written by the parent process (writing one imports
+    torch, which `impq-tui --run DIR` never does: here its objects would lengthen every
+    full garbage collection on the app's loop), opened here."""
     layers, samples = map(int, spec.split(":"))
-    with tempfile.TemporaryDirectory(prefix="impq-ui-latency-") as tmp:
-        run_dir = Path(tmp) / f"synthetic-{layers}x{samples}"
-        write_synthetic_run(run_dir, layers, samples)
-        record = {"layers": layers, "samples": samples, "loadavg_before": os.getloadavg()[0]}
-        record.update(asyncio.run(drive(run_dir)))
-        record["frontier_alone"] = frontier_alone(run_dir)
-        record["loadavg_after"] = os.getloadavg()[0]
+    record = {"layers": layers, "samples": samples, "loadavg_before": os.getloadavg()[0]}
+    record.update(asyncio.run(drive(run_dir)))
+    record["torch_imported"] = "torch" in sys.modules
+    record["frontier_alone"] = frontier_alone(run_dir)
+    record["loadavg_after"] = os.getloadavg()[0]
     return record
+
+
+def summary(results: list[dict]) -> list[dict]:
+    """Per run (layers:samples), each figure's [min, max] over its repeats; the lag over all
+    phases, and the worst phase's p99 and max."""
+    out = []
+    for spec in dict.fromkeys(f"{r['layers']}:{r['samples']}" for r in results):
+        rs = [r for r in results if f"{r['layers']}:{r['samples']}" == spec]
+
+        def span(values):
+            return [min(values), max(values)]
+
+        phases = [p for r in rs for name, p in r["lag"].items() if name != "all"]
+        out.append({
+            "run": spec, "repeats": len(rs),
+            "first_screen_s": span([r["time_to_first_screen_s"] for r in rs]),
+            "frontier_coarse_s": span([r["frontier_coarse_s"] for r in rs]),
+            "frontier_s": span([r["frontier_s"] for r in rs]),
+            "frontier_alone_s": span([r["frontier_alone"]["seconds"] for r in rs]),
+            "lag_all_p50_ms": span([r["lag"]["all"]["p50_ms"] for r in rs]),
+            "lag_all_p99_ms": span([r["lag"]["all"]["p99_ms"] for r in rs]),
+            "lag_all_max_ms": span([r["lag"]["all"]["max_ms"] for r in rs]),
+            "worst_phase_p99_ms": max(p["p99_ms"] for p in phases),
+            "worst_phase_max_ms": max(p["max_ms"] for p in phases),
+            "loadavg": span([r["loadavg_before"] for r in rs] + [r["loadavg_after"] for r in rs]),
+        })
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", nargs="+", default=["30:3", "30:40", "80:20", "80:100"],
                         help="LAYERS:SAMPLES of each synthetic run")
+    parser.add_argument("--repeat", type=int, default=2,
+                        help="measurements of each run, each in a process of its own")
     parser.add_argument("--out", default=str(ROOT / "bench/results/ui_latency.json"))
-    parser.add_argument("--one", metavar="LAYERS:SAMPLES", help=argparse.SUPPRESS)
+    parser.add_argument("--one", nargs=2, metavar=("LAYERS:SAMPLES", "RUN_DIR"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:            # a run of its own process: it pays the imports, as the app does
-        print(json.dumps(measure(args.one)))
+        print(json.dumps(measure(args.one[0], Path(args.one[1]))))
         return
     results = []
-    for spec in args.runs:
-        proc = subprocess.run([sys.executable, __file__, "--one", spec], capture_output=True,
-                              text=True, check=True, cwd=ROOT)
-        record = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(json.dumps(record), flush=True)
-        results.append(record)
+    with tempfile.TemporaryDirectory(prefix="impq-ui-latency-") as tmp:
+        for spec in args.runs:
+            layers, samples = map(int, spec.split(":"))
+            run_dir = Path(tmp) / f"synthetic-{layers}x{samples}"
+            write_synthetic_run(run_dir, layers, samples)
+            for k in range(args.repeat):
+                proc = subprocess.run([sys.executable, __file__, "--one", spec, str(run_dir)],
+                                      capture_output=True, text=True, check=True, cwd=ROOT)
+                record = {"repeat": k + 1, **json.loads(proc.stdout.strip().splitlines()[-1])}
+                print(json.dumps(record), flush=True)
+                results.append(record)
     import textual
 
     report = {"bench": "ui_latency", "tick_ms": TICK_S * 1000, "budget_keys": BUDGET_KEYS,
@@ -264,11 +301,16 @@ def main() -> None:
               "textual": textual.__version__, "machine": platform.machine(),
               "targets": {"p99_ms": 100, "max_ms": 250, "first_screen_s": 2.0,
                           "frontier_80_layers_s": 2.0},
-              "note": "Once the first screen and the frontier are drawn, the dashboard reads "
-                      "the run's saved comparison in a thread; that imports torch (for "
-                      "core.compare), whose loading holds the GIL for 100-200 ms once. It "
-                      "falls in the frontier or budget phase; it also makes c and e instant.",
-              "runs": results}
+              "note": "Solves, fits, K's colours, the stability check and the frontier run "
+                      "in the dashboard's solver process (impq_tui.solver_process, nice 10, "
+                      "the frontier two budgets at a time); the lag is the event loop's own "
+                      "work: drawing (the first complete screen, plots redrawn per frontier "
+                      "batch and per budget) and garbage collection. The run folders are "
+                      "written by the parent process, so the measured process does not "
+                      "import torch (torch_imported), as `impq-tui --run DIR` does not. "
+                      "loadavg: the machine's 1-minute load around each run (2 cores, "
+                      "shared with other sessions).",
+              "summary": summary(results), "runs": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out}")

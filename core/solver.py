@@ -192,35 +192,55 @@ def solve(a, K, costs: Costs, *, bits: float | None = None, budget: int | None =
 # and again, and building the linearized program of 80 layers in Python takes about ten
 # times as long as SCIP takes to copy it.
 _PROGRAMS: OrderedDict[bytes, _Programs] = OrderedDict()
-_PROGRAMS_KEPT = 8
+# the model of a run's samples and the ten of fewer that the app's stability check asks
+# for at every budget (impq_tui.analysis.unchanged_for), with room to spare
+_PROGRAMS_KEPT = 16
 _programs_lock = threading.Lock()
+# The form that was faster on the latest model of the same costs and kind of program that
+# tried both: a new model of the same run (a sample more, or the stability check's fewer,
+# which are solved once each) starts with it instead of always the first.
+_FASTER: dict[bytes, int] = {}
 
 
 class _Programs:
     """One model's exact programs and how long SCIP took on each. With a factor of fewer
     rows than drops: the compact form. Otherwise two linearizations with the same optimum,
     neither always the faster (several times apart, either way, on the benchmark and real runs):
-    one y per pair (_linearized_program) or one z per drop (_aggregated_program). The first solve takes the first; the next tries
-    the second within twice the first's time; later solves take the faster on average."""
+    one y per pair (_linearized_program) or one z per drop (_aggregated_program). The first solve takes
+    `first` (the one faster on the run's previous model, _FASTER; else one y per pair); the
+    next tries the other within twice the first's time, and solves of other threads meanwhile
+    wait for that trial (the frontier solves two budgets at once); later solves take the
+    faster on average."""
 
-    def __init__(self, a, K, costs: Costs, factor, compact: bool) -> None:
+    def __init__(self, a, K, costs: Costs, factor, compact: bool, first: int = 0) -> None:
         self.forms = ((lambda: _factored_program(a, factor, costs)),) if compact else (
             (lambda: _linearized_program(a, K, costs)), (lambda: _aggregated_program(a, K, costs)))
         self.built: dict[int, scip.Model] = {}
         self.seconds: dict[int, list[float]] = {k: [] for k in range(len(self.forms))}
+        self.first = first if first < len(self.forms) else 0
         self.trying = False
+        self.tried = threading.Event()      # the trial of the other form has ended
 
-    def pick(self) -> tuple[int, float | None]:
-        """The form for the next solve and, while the second is on trial, its time limit."""
-        first, second = self.seconds[0], self.seconds.get(1)
-        if second is None or not first:
+    def pick(self) -> tuple[int | None, float | None]:
+        """The form for the next solve and, while the other is on trial, its time limit;
+        None while another thread's trial has not ended (wait for `tried`)."""
+        if len(self.forms) == 1:
             return 0, None
-        if not second:
+        first, other = self.first, 1 - self.first
+        if not self.seconds[first]:
+            return first, None
+        if not self.seconds[other]:
             if self.trying:
-                return 0, None
+                return None, None
             self.trying = True
-            return 1, 2 * max(first)
-        return min(self.seconds, key=lambda k: sum(self.seconds[k]) / len(self.seconds[k])), None
+            return other, 2 * max(self.seconds[first])
+        return self.faster(), None
+
+    def faster(self) -> int | None:
+        """The form faster on average, once every form has been tried (None before)."""
+        if not all(self.seconds.values()):
+            return None
+        return min(self.seconds, key=lambda k: sum(self.seconds[k]) / len(self.seconds[k]))
 
     def copy(self, form: int, costs: Costs, B: int) -> tuple[scip.Model, list]:
         if form not in self.built:
@@ -237,27 +257,51 @@ def _solve_program(a, K, costs: Costs, B: int, factor,
     """The optimal drops at budget B, by the model's programs (_Programs)."""
     compact = factor is not None and 0 < len(factor[1]) < costs.n_drops
     h = hashlib.blake2b(repr((costs, compact)).encode(), digest_size=16)
+    kind = h.digest()
     for x in (a, K, *(factor if compact else ())):
         h.update(np.ascontiguousarray(x, dtype=np.float64).tobytes())
     key = h.digest()
     with _programs_lock:
-        programs = _PROGRAMS.get(key) or _Programs(a, K, costs, factor, compact)
+        programs = _PROGRAMS.get(key) or _Programs(a, K, costs, factor, compact,
+                                                   first=_FASTER.get(kind, 0))
         _PROGRAMS[key] = programs
         _PROGRAMS.move_to_end(key)
         while len(_PROGRAMS) > _PROGRAMS_KEPT:
             _PROGRAMS.popitem(last=False)
-        form, trial = programs.pick()
-        model, q = programs.copy(form, costs, B)
+    while True:
+        with _programs_lock:
+            form, trial = programs.pick()
+            if form is not None:
+                try:
+                    model, q = programs.copy(form, costs, B)
+                except BaseException:
+                    if trial is not None:   # the trial could not start: the first form it is
+                        programs.seconds[form].append(math.inf)
+                        programs.tried.set()
+                    raise
+                break
+        programs.tried.wait()       # another thread tries the other form: its time decides
     start = time.perf_counter()
     limit = trial if time_limit is None or (trial is not None and trial < time_limit) else time_limit
-    q_val, status = _optimize(model, q, costs, B, limit)
+    try:
+        q_val, status = _optimize(model, q, costs, B, limit)
+    except BaseException:
+        if trial is not None:       # a trial that failed: the first form it is
+            with _programs_lock:
+                programs.seconds[form].append(math.inf)
+            programs.tried.set()
+        raise
     seconds = time.perf_counter() - start
     with _programs_lock:
         if trial is not None and status != "optimal":   # too slow on trial: never again
             programs.seconds[form].append(math.inf)
-            form, model, q = None, *programs.copy(0, costs, B)
+            form, model, q = None, *programs.copy(programs.first, costs, B)
         else:
             programs.seconds[form].append(seconds)
+        if programs.faster() is not None:
+            _FASTER[kind] = programs.faster()
+    if trial is not None:
+        programs.tried.set()
     if form is None:
         q_val, status = _optimize(model, q, costs, B, None if time_limit is None else
                                   max(time_limit - seconds, 0.0))

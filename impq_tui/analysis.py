@@ -1,5 +1,6 @@
 """What the dashboard shows, computed from a run's samples: no Textual here, so the app's
-worker threads call these and the tests can check them against the engine directly.
+solver process (impq_tui.solver_process) calls these and the tests can check them against
+the engine directly.
 
     fit(D, paired)                       the quadratic model and how its estimates settled
     Allocations(costs).get(D, bits)      the allocation at a budget (SCIP), as `impq-tui solve`,
@@ -8,6 +9,8 @@ worker threads call these and the tests can check them against the engine direct
     frontier_points(D, allocations)      predicted loss increase over the run's whole bits range
                                          (2..4 for the paper's levels; frontier_grid)
     FitProcess(D, P).result()            IMPQ-fit's model (core.fit), fitted in a child process
+    diverging_colors(K), legend_colors() K's cells and colour scale (matplotlib: imported
+                                         by the solver process, never on the event loop)
 
 The allocation model is one of core.results.RUN_METHODS: IMPQ (the paper's, the default),
 IMPQ-local and IMPQ-fit (our extensions, labelled so wherever they are shown).
@@ -130,9 +133,23 @@ def fit(D: np.ndarray, paired: bool = False, alpha: float = 0.5, steps: int = 1)
     model = quadratic_model(D, alpha=alpha, paired=paired)
     first = 4 if paired else 2          # se needs two independent draws
     ms = tuple(range(first, len(D) + 1))
-    settle = tuple(relative_se(quadratic_model(D[:m], alpha=alpha, paired=paired)) for m in ms)
+    settle = tuple(_relative_se_of(D[:m], paired) for m in ms)
     layer = layer_terms(D, model, steps, paired, alpha) if steps > 1 else None
     return Fit(model=model, settle_m=ms, settle=settle, paired=paired, steps=steps, layer=layer)
+
+
+def _relative_se_of(D: np.ndarray, paired: bool) -> float:
+    """relative_se of quadratic_model(D, paired=paired) from its phi and se alone: the
+    settle curve asks for one per sample count, and needs neither C nor K nor a."""
+    M, L = D.shape
+    phi = D.mean(axis=0)
+    draws = D[: M - M % 2].reshape(-1, 2, L).mean(axis=1) if paired else D
+    n = draws.shape[0]
+    X = draws - draws.mean(axis=0)
+    se = np.sqrt((X * X).sum(axis=0) / (n - 1) / n)
+    mag = np.abs(phi)
+    floor = max(0.1 * float(mag.mean()), 1e-12)
+    return float(np.max(se / np.maximum(mag, floor)))
 
 
 def _digest(*arrays: np.ndarray | None) -> bytes:
@@ -253,33 +270,47 @@ def frontier_order(grid=FRONTIER_GRID) -> list[float]:
 def frontier_progress(D: np.ndarray, allocations: Allocations, grid=None, *,
                       method: str = IMPQ, perms: np.ndarray | None = None,
                       fitted: FittedModel | None = None,
-                      cancelled: Callable[[], bool] = lambda: False, every_s: float = 0.25
-                      ) -> Iterator[tuple[list[FrontierPoint], bool]]:
+                      cancelled: Callable[[], bool] = lambda: False, every_s: float = 0.25,
+                      workers: int = 1) -> Iterator[tuple[list[FrontierPoint], bool]]:
     """The frontier of D by `method` (Allocations.get) solved budget by budget, coarse ones
     first (frontier_order): yields (the points solved so far in order of bits, complete)
     once the half bits are solved, then at most every `every_s`, and last with every point
     (complete True). Each budget is solved as core.solver.frontier solves it (IMPQ-local:
-    with the model of that budget), through the cache of `allocations`; stops without a
+    with the model of that budget), through the cache of `allocations`, `workers` at a
+    time (SCIP releases the GIL while it optimizes), taken in that order; stops without a
     last yield once `cancelled()` says so. grid: the run's (frontier_grid of its levels)
     unless given."""
+    from concurrent.futures import ThreadPoolExecutor
+
     grid = frontier_grid(allocations.costs.levels) if grid is None else grid
     top = allocations.costs.levels[-1]
     model = (quadratic_model(D, alpha=allocations.alpha, paired=allocations.paired)
              if method == IMPQ else None)
     order = frontier_order(grid)
     first = sum(1 for b in order if math.isclose(b / COARSE_STEPS[0], round(b / COARSE_STEPS[0])))
+
+    def one(b: float) -> Allocation | None:
+        if cancelled():
+            return None
+        return allocations.get(D, b, model, method=method, perms=perms, fitted=fitted)
+
+    pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+    solved = pool.map(one, order) if pool is not None else map(one, order)
     points: dict[float, FrontierPoint] = {}
     shown = time.monotonic()
-    for k, b in enumerate(order, 1):
-        if cancelled():
-            return
-        alloc = allocations.get(D, b, model, method=method, perms=perms, fitted=fitted)
-        points[b] = FrontierPoint(bits=float(b), avg_bits=alloc.avg_bits,
-                                  predicted=alloc.predicted_delta_nll,
-                                  high_layers=sum(x == top for x in alloc.bits_per_layer))
-        if k == len(order) or k == first or (k > first and time.monotonic() - shown >= every_s):
-            shown = time.monotonic()
-            yield [points[x] for x in sorted(points)], k == len(order)
+    try:
+        for k, (b, alloc) in enumerate(zip(order, solved), 1):
+            if alloc is None or cancelled():
+                return
+            points[b] = FrontierPoint(bits=float(b), avg_bits=alloc.avg_bits,
+                                      predicted=alloc.predicted_delta_nll,
+                                      high_layers=sum(x == top for x in alloc.bits_per_layer))
+            if k == len(order) or k == first or (k > first and time.monotonic() - shown >= every_s):
+                shown = time.monotonic()
+                yield [points[x] for x in sorted(points)], k == len(order)
+    finally:
+        if pool is not None:        # budgets not started yet are dropped, not solved
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 def frontier_points(D: np.ndarray, allocations: Allocations, grid=None,
@@ -438,3 +469,28 @@ def top_interactions(K: np.ndarray, n: int = 3) -> list[tuple[int, int, float]]:
     pairs = [(i, j, float(K[i, j])) for i in range(L) for j in range(i + 1, L)]
     pairs.sort(key=lambda p: -abs(p[2]))
     return pairs[:n]
+
+
+# ------------------------------------------------------------------ K's colours
+
+def interaction_scale(K: np.ndarray) -> float:
+    """The largest off-diagonal |K_ij|: the colour scale's end. The diagonal holds the
+    variances, usually larger; it saturates rather than washing the pairs out."""
+    off = np.abs(K - np.diag(np.diag(K)))
+    return float(off.max()) if K.shape[0] > 1 and off.max() > 0 else float(np.max(np.abs(K))) or 1.0
+
+
+def diverging_colors(K: np.ndarray, scale: float | None = None) -> list[list[tuple[int, int, int]]]:
+    """RGB per cell from matplotlib's RdBu colormap, symmetric around zero, so that sign
+    and size read at a glance (and stay distinct at 256 colours)."""
+    from matplotlib import colormaps
+
+    scale = scale or interaction_scale(K)
+    rgba = colormaps["RdBu_r"](np.clip((K / scale + 1) / 2, 0, 1))
+    return [[tuple(int(255 * c) for c in cell[:3]) for cell in row] for row in rgba]
+
+
+def legend_colors(steps: int = 11) -> list[tuple[int, int, int]]:
+    """The colour scale's strip: `steps` colours from -s through 0 to +s (the same for
+    every K, its ends being K's own scale)."""
+    return diverging_colors(np.linspace(-1.0, 1.0, steps).reshape(1, -1), 1.0)[0]

@@ -1,5 +1,6 @@
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -265,4 +266,67 @@ def test_a_model_solved_again_tries_the_other_linearization_then_keeps_the_faste
     assert len(programs.seconds[0]) >= 1 and len(programs.seconds[1]) >= 1
     assert sum(map(len, programs.seconds.values())) == 5
     for alloc, b in zip(allocs, (2.2, 2.6, 3.0, 3.4, 3.8)):
+        assert_optimal(alloc, a, K, costs, budget_bytes(costs, b))
+
+
+def test_a_new_model_of_the_same_costs_starts_with_the_form_that_was_faster():
+    """The stability check and each new sample bring models solved once or twice: they
+    start with the linearization that was faster on the run's previous model."""
+    rng = np.random.default_rng(12)
+    L = 9
+    costs = random_costs(rng, L)
+    a, K = random_model(rng, L, "spqe")
+    solver._PROGRAMS.clear()
+    for b in (2.2, 2.6, 3.0):
+        solve(a, K, costs, bits=b)
+    (programs,) = solver._PROGRAMS.values()
+    faster = programs.faster()
+    assert faster is not None
+    a2, K2 = a * 1.01, K * 0.99         # the model of one more sample, say
+    alloc = solve(a2, K2, costs, bits=2.7)
+    newer = list(solver._PROGRAMS.values())[-1]
+    assert newer is not programs and newer.first == faster
+    assert list(newer.built) == [faster] and len(newer.seconds[faster]) == 1
+    assert_optimal(alloc, a2, K2, costs, budget_bytes(costs, 2.7))
+
+
+def test_solves_of_other_threads_wait_for_the_trial_of_the_other_linearization(monkeypatch):
+    """The frontier solves two budgets at once: while one thread tries the second form,
+    the other waits for its time rather than taking the first form, which may be the
+    slow one."""
+    import threading
+
+    rng = np.random.default_rng(13)
+    L = 9
+    costs = random_costs(rng, L)
+    a, K = random_model(rng, L, "spqe")
+    solver._PROGRAMS.clear()
+    solver._FASTER.clear()
+    solve(a, K, costs, bits=2.5)                 # the first form, timed
+    (programs,) = solver._PROGRAMS.values()
+    optimize, events = solver._optimize, []
+    in_trial = threading.Event()
+
+    def recorded(model, q, costs_, B, time_limit):
+        trial = time_limit is not None
+        events.append(("start", trial))
+        if trial:
+            in_trial.set()
+            time.sleep(0.3)                      # a slow trial: the other thread must wait
+        out = optimize(model, q, costs_, B, time_limit)
+        events.append(("end", trial))
+        return out
+
+    monkeypatch.setattr(solver, "_optimize", recorded)
+    results = {}
+    first = threading.Thread(target=lambda: results.setdefault(3.0, solve(a, K, costs, bits=3.0)))
+    first.start()
+    assert in_trial.wait(10)
+    second = threading.Thread(target=lambda: results.setdefault(3.4, solve(a, K, costs, bits=3.4)))
+    second.start()
+    first.join(30)
+    second.join(30)
+    assert events[:2] == [("start", True), ("end", True)]    # the other solve came after
+    assert len(programs.seconds[1]) >= 1 and programs.tried.is_set()
+    for b, alloc in results.items():
         assert_optimal(alloc, a, K, costs, budget_bytes(costs, b))

@@ -26,6 +26,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.markup import escape
+from textual.message import Message
 from textual.reactive import var
 from textual.screen import Screen
 from textual.widgets import Footer, RichLog, Static, TabbedContent, TabPane, Tabs
@@ -41,6 +42,7 @@ from core.solver import Allocation, Costs, budget_bytes
 from impq_tui import analysis
 from impq_tui.analysis import Fit, FitProcess, FitResult, FrontierPoint, model_label
 from impq_tui.follow import FINAL, RunSource, Snapshot
+from impq_tui.solver_process import FrontierJob, SolveJob, SolverProcess
 from impq_tui.messages import (
     Fitted,
     FrontierReady,
@@ -52,7 +54,7 @@ from impq_tui.messages import (
 )
 from impq_tui.widgets.compare import CompareView
 from impq_tui.widgets.details import InteractionDetail, LayerDetail, SettleDetail
-from impq_tui.widgets.interactions import KGrid, diverging_colors
+from impq_tui.widgets.interactions import KGrid
 from impq_tui.widgets.layer_map import LayerMap
 from impq_tui.widgets.panes import BudgetPane, BudgetSlider, ProgressPane
 from impq_tui.widgets.plots import EstimatesPlot, FrontierPlot, SettlePlot
@@ -99,6 +101,15 @@ def settled_stop(log: tuple[str, ...]) -> tuple[int, int] | None:
             found = SETTLED_LINE.search(line)
             return (int(found.group(1)), int(found.group(2))) if found else None
     return None
+
+
+class KColored(Message):
+    """K's colours (analysis.diverging_colors) and its scale's, for the fit of the samples
+    `of`, computed by the solver process after the allocation."""
+
+    def __init__(self, of, colors: list, legend: list) -> None:
+        super().__init__()
+        self.of, self.colors, self.legend = of, colors, legend
 
 
 def remembered_bits(run: RunDir) -> float | None:
@@ -158,8 +169,11 @@ class Dashboard(Screen):
     # ui.json, so that what it shows depends on the run's data alone.
     remember_headless = False
 
-    def __init__(self, source: RunSource, *, created: bool = False, bits: float = 3.0) -> None:
-        """bits: the budget to start at, unless the run remembers the one last left."""
+    def __init__(self, source: RunSource, *, created: bool = False, bits: float = 3.0,
+                 solver: SolverProcess | None = None) -> None:
+        """bits: the budget to start at, unless the run remembers the one last left;
+        solver: a solver process started already (the app starts one with its run), which
+        the screen then owns; else it starts its own when mounted."""
         super().__init__()
         self.source = source
         self.run = source.run
@@ -167,7 +181,9 @@ class Dashboard(Screen):
         self.config: RunConfig | None = None
         self.set_reactive(Dashboard.bits, analysis.clamp_bits(bits))
         self.k_colors: list | None = None      # K as RGB cells, for the interaction view
-        self._allocations: analysis.Allocations | None = None
+        self._k_colors_of: np.ndarray | None = None   # the D whose K they colour
+        # fits, solves and the frontier: a process of their own (on_mount starts it if need be)
+        self.solver: SolverProcess | None = solver
         self._frontier_of: tuple | None = None   # (model, D) of the frontier computed or in work
         self._frontier_worker = None
         self._solve_worker = None              # the one solve in work (see _solve)
@@ -188,6 +204,7 @@ class Dashboard(Screen):
         self._asked: tuple[str, int] | None = None    # (state asked for, of which pid)
         self._failure_shown = None           # the process whose failure was reported
         self._log_lines = 0
+        self._bindings_of: tuple | None = None    # what the footer's keys were drawn for
         self.discarded = False               # the run folder was removed (failed at once)
 
     # ------------------------------------------------------------------ layout
@@ -228,6 +245,8 @@ class Dashboard(Screen):
         self.query_one("#budget-strip", LayerMap).compact = self.size.height < 36
 
     def on_mount(self) -> None:
+        if self.solver is None:   # first: its imports are paid while the run is read and drawn
+            self.solver = SolverProcess()
         # Arrow keys drive the budget, so the tab strip never takes focus from the screen.
         for widget in (*self.query(Tabs), self.query_one(RichLog), self.query_one("#k-scroll"),
                        self.query_one(CompareView)):
@@ -249,6 +268,8 @@ class Dashboard(Screen):
             self._follower.cancel()
         if self._fit_process is not None:          # no fit left running after the app
             self._fit_process.kill()
+        if self.solver is not None:
+            self.solver.close()
         if self._remember_timer is not None:       # a budget not written yet
             self._remember_timer.stop()
             remember_bits(self.run, self.bits, self.method)
@@ -287,7 +308,12 @@ class Dashboard(Screen):
         self.state = self._state_of(snap)
         self._show_log(snap.log)
         self._show_progress()
-        self.refresh_bindings()
+        process = self.source.process
+        key = (snap.writer, snap.controllable, len(snap.D), self.state,
+               process is not None and process.poll() is None)
+        if key != self._bindings_of:    # the footer's keys are redrawn only when they change
+            self._bindings_of = key
+            self.refresh_bindings()
         if old is None and not len(snap.D):
             self._when_idle()
         if snap.error is not None and self._failure_shown is not self.source.process:
@@ -418,7 +444,16 @@ class Dashboard(Screen):
     def watch_fit(self, fit: Fit) -> None:
         self.query_one(EstimatesPlot).show(fit, self.levels)
         self.query_one(SettlePlot).show(fit)
-        self.query_one(KGrid).show(fit.layer_K if self.k_colors else None, self.k_colors)
+        if self._k_colors_of is self._fit_of or not np.any(fit.layer_K):
+            self.query_one(KGrid).show(fit.layer_K if self.k_colors else None, self.k_colors)
+        # else the grid keeps the colours it has until this K's come (on_kcolored)
+
+    def on_kcolored(self, message: KColored) -> None:
+        if message.of is not self._fit_of or self.fit is None:
+            return          # of samples no longer on screen
+        self.k_colors, self._k_colors_of = message.colors, message.of
+        self.query_one(InteractionDetail).legend = message.legend
+        self.query_one(KGrid).show(self.fit.layer_K, self.k_colors)
 
     def watch_allocation(self, allocation: Allocation | None) -> None:
         phi = tuple(map(float, self.fit.layer_phi)) if self.fit is not None else None
@@ -448,19 +483,13 @@ class Dashboard(Screen):
         return (settled and self.allocation is not None
                 and self.allocation.target_bits == self.bits)
 
-    @property
-    def allocations(self) -> analysis.Allocations | None:
-        """The cache of solved allocations, once the layer costs are known."""
-        if self._allocations is None and self.costs is not None:
-            self._allocations = analysis.Allocations(self.costs, paired=self.config.antithetic)
-        return self._allocations
-
     def _solve(self) -> None:
-        """Fit the samples and solve at the budget by the chosen model, in a worker. One
-        solve at a time: a newer budget, model or sample cancels the one in flight (its
-        answer would be stale, and SCIP finishes the solve it is in) and starts when it
-        has ended, so keys pressed faster than SCIP solves skip the budgets passed over
-        instead of piling up threads that would leave the screen a fraction of the GIL.
+        """Fit the samples and solve at the budget by the chosen model, in the solver
+        process (impq_tui.solver_process), waited for by a worker thread. One solve at a
+        time: a newer budget, model or sample cancels the one in flight (its answer would
+        be stale, and SCIP finishes the solve it is in) and starts when it has ended, so
+        keys pressed faster than SCIP solves skip the budgets passed over. The fit, K's
+        colours and the stability check come in that order after the allocation.
         IMPQ-fit solves with the latest model fitted (FitProcess), which may be of fewer
         samples while the next fit is in work; the panes say so."""
         if self.costs is None or not len(self.D):
@@ -470,36 +499,27 @@ class Dashboard(Screen):
             self._solve_worker.cancel()
             self._solve_pending = True
             return
-        D, P, bits, method = self.D.copy(), self.P.copy(), self.bits, self.method
-        allocations, of = self.allocations, self.D
+        of, bits, method = self.D, self.bits, self.method
         # a new budget on the same samples keeps their fit (and the plots drawn from it)
-        fitted = (self.fit, self.k_colors) if self._fit_of is of and self.fit is not None else None
-        states = self.fitted if method == IMPQ_FIT else None    # IMPQ-fit's model, if any
+        fit = self.fit if self._fit_of is of and self.fit is not None else None
+        colored = fit is not None and (self._k_colors_of is of or not np.any(fit.layer_K))
+        job = SolveJob(D=of, P=self.P, costs=self.costs, bits=bits, method=method,
+                       paired=self.config.antithetic, fit=not colored,
+                       states=self.fitted if method == IMPQ_FIT else None)
+        solver = self.solver
 
         def fit_and_solve() -> None:
             worker = get_current_worker()
             try:
-                if fitted is None:
-                    fit = analysis.fit(D, paired=allocations.paired, steps=allocations.costs.steps)
-                    colors = diverging_colors(fit.layer_K) if np.any(fit.layer_K) else None
-                else:
-                    fit, colors = fitted
-                if method == IMPQ:
-                    allocation = allocations.get(D, bits, fit.model)
-                elif method != IMPQ_FIT:
-                    allocation = allocations.get(D, bits, method=method, perms=P)
-                elif states is not None and states.model is not None:
-                    allocation = allocations.get(states.D, bits, method=method, perms=states.P,
-                                                 fitted=states.model)
-                else:
-                    allocation = None        # being fitted, or core.fit refused
-                if worker.is_cancelled:
-                    return
-                self.post_message(Fitted(fit, bits, allocation, colors, of, method))
-                unchanged = analysis.unchanged_for(D, allocations, bits, method=method, perms=P,
-                                                   cancelled=lambda: worker.is_cancelled)
-                if not worker.is_cancelled:
-                    self.post_message(Stability(len(D), bits, unchanged, method))
+                for reply in solver.solve(job, cancelled=lambda: worker.is_cancelled):
+                    if worker.is_cancelled:
+                        return
+                    if reply[0] == "solved":      # the fit the screen has, if it has one
+                        self.post_message(Fitted(fit or reply[1], bits, reply[2], None, of, method))
+                    elif reply[0] == "colors":
+                        self.post_message(KColored(of, reply[1], reply[2]))
+                    else:
+                        self.post_message(Stability(len(of), bits, reply[1], method))
             finally:
                 self.post_message(SolveEnded(worker))
 
@@ -520,7 +540,8 @@ class Dashboard(Screen):
         self.solving = False
         self._fit_of = message.of
         if message.fit is not self.fit:
-            self.k_colors = message.colors
+            if not np.any(message.fit.layer_K):   # one sample: no K to colour
+                self.k_colors, self._k_colors_of = None, message.of
             self.fit = message.fit
         self.allocation = message.allocation
         self._when_idle()
@@ -610,13 +631,14 @@ class Dashboard(Screen):
 
     def _maybe_frontier(self) -> None:
         """41 solves by the chosen model, coarse budgets first (analysis.frontier_progress),
-        drawn as they come: worth it when the frontier is on screen, or when no run
-        competes for the CPU. New samples make the one in work stale: it is cancelled and
-        the new one starts; a complete frontier is kept per model and sample count. The
-        solve at the budget and its stability check go first: the frontier waits while they
-        run. IMPQ-fit's waits for its model of these samples."""
+        in the solver process, drawn in batches as they come: worth it when the frontier is
+        on screen, or when no run competes for the CPU. New samples make the one in work
+        stale: it is cancelled and the new one starts; a complete frontier is kept per
+        model and sample count. The solve at the budget goes first (the solver process
+        holds the frontier back while one is in work). IMPQ-fit's waits for its model of
+        these samples."""
         method, D = self.method, self.D
-        if self.allocations is None or not len(D) or (
+        if self.costs is None or not len(D) or (
                 self._frontier_of is not None and self._frontier_of[0] == method
                 and self._frontier_of[1] is D):
             return
@@ -634,32 +656,23 @@ class Dashboard(Screen):
                 self.frontier = []
                 return
             states = self.fitted.model
-        P, allocations = self.P, self.allocations
         self._frontier_of = (method, D)
         if (method, len(D)) in self._frontiers:
             self.frontier = self._frontiers[(method, len(D))]
             return
+        job = FrontierJob(D=D, P=self.P, costs=self.costs, method=method,
+                          paired=self.config.antithetic, fitted=states)
+        solver = self.solver
 
         def frontier() -> None:
             worker = get_current_worker()
-
-            def cancelled() -> bool:
-                # one solver thread at a time: two would leave the screen a third of the GIL
-                while self._solver_busy and not worker.is_cancelled:
-                    time.sleep(0.02)
-                return worker.is_cancelled
-
-            for points, complete in analysis.frontier_progress(
-                    D, allocations, method=method, perms=P, fitted=states, cancelled=cancelled):
+            for points, complete in solver.frontier(job, cancelled=lambda: worker.is_cancelled):
+                if worker.is_cancelled:
+                    return
                 self.post_message(FrontierReady(len(D), points, complete, method))
 
         self._frontier_worker = self.app.run_worker(frontier, name="frontier", group="frontier",
                                                     exclusive=True, thread=True, exit_on_error=False)
-
-    @property
-    def _solver_busy(self) -> bool:
-        """The solve at the budget, or its stability check, is in work."""
-        return self.solving or self._solve_worker is not None
 
     def on_frontier_ready(self, message: FrontierReady) -> None:
         if message.samples != len(self.D) or message.method != self.method:

@@ -121,6 +121,7 @@ class InteractionDetail(Static):
 
     fit: reactive[Fit | None] = reactive(None, layout=True, always_update=True)   # holds arrays
     method: reactive[str] = reactive(IMPQ, layout=True)
+    legend: reactive[list | None] = reactive(None, layout=True)   # the scale's colours, once known
 
     def render(self) -> Text | str:
         if self.fit is None or not np.any(self.fit.model.K):
@@ -136,7 +137,10 @@ class InteractionDetail(Static):
             text.append(f"The allocation is {model_label(self.method)}'s, whose pairwise "
                         "terms are not these.\n", "yellow")
         text.append("\n")
-        text.append_text(scale_legend(K))
+        if self.legend is not None:
+            text.append_text(scale_legend(K, self.legend))
+        else:          # its colours are on their way (analysis.legend_colors)
+            text.append("colour scale…", "dim")
         text.append("\n\nstrongest pairs i×j\n", "bold")
         for i, j, k in top_interactions(K, 5):
             text.append(f"{i:>3} × {j:<3} {k:+.2e}\n")

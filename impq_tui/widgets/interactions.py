@@ -12,6 +12,10 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.widget import Widget
 
+# K's colours are computed with the analysis (in the solver process): importing matplotlib
+# on the event loop would hold it for a quarter of a second.
+from impq_tui.analysis import diverging_colors, interaction_scale, legend_colors  # noqa: F401
+
 
 @dataclass(frozen=True)
 class GridLayout:
@@ -126,29 +130,13 @@ class KGrid(Widget):
         return blocks
 
 
-def interaction_scale(K: np.ndarray) -> float:
-    """The largest off-diagonal |K_ij|: the colour scale's end. The diagonal holds the
-    variances, usually larger; it saturates rather than washing the pairs out."""
-    off = np.abs(K - np.diag(np.diag(K)))
-    return float(off.max()) if K.shape[0] > 1 and off.max() > 0 else float(np.max(np.abs(K))) or 1.0
-
-
-def diverging_colors(K: np.ndarray, scale: float | None = None) -> list[list[tuple[int, int, int]]]:
-    """RGB per cell from matplotlib's RdBu colormap, symmetric around zero, so that sign
-    and size read at a glance (and stay distinct at 256 colours)."""
-    from matplotlib import colormaps
-
-    scale = scale or interaction_scale(K)
-    rgba = colormaps["RdBu_r"](np.clip((K / scale + 1) / 2, 0, 1))
-    return [[tuple(int(255 * c) for c in cell[:3]) for cell in row] for row in rgba]
-
-
-def scale_legend(K: np.ndarray) -> Text:
+def scale_legend(K: np.ndarray, cells: list | None = None) -> Text:
     """A strip from -s through 0 to +s, s the largest off-diagonal |K_ij|: coloured
     blocks joined to their labels by no-break spaces, so that wrapping never drops the
-    strip (it is no whitespace) nor parts it from its ends."""
+    strip (it is no whitespace) nor parts it from its ends. cells: its colours
+    (analysis.legend_colors, computed off the event loop) unless computed here."""
     m = interaction_scale(K)
-    cells = diverging_colors(np.linspace(-m, m, 11).reshape(1, -1), m)[0]
+    cells = cells if cells is not None else legend_colors()
     text = Text()
     text.append(f"{-m:.1e}\u00a0", "dim")
     for r, g, b in cells:
