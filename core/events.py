@@ -88,22 +88,40 @@ def check_cancel(cancel: threading.Event | None) -> None:
         raise Cancelled
 
 
+# Progress within a phase: after step `done` of `total` of `what` ("converting to GGUF").
+Substep = Callable[[int, int, str], None]
+
+
 class Phases:
     """The phases of a long job (eval, export): `phase(what, message)` stops the job if
     `cancel` is set, logs `message` and reports Step(done, total, what); `log(message)`
-    only checks and logs; `done()` reports the last step."""
+    only checks and logs; `substep(done, total, what)` checks and reports the progress of
+    a step within the phase; `done()` reports the last step."""
 
     def __init__(self, callback: Callback, total: int, cancel: threading.Event | None) -> None:
         self.callback, self.total, self.cancel, self.count = callback, total, cancel, 0
+        self._substep: Step | None = None
 
     def log(self, message: str) -> None:
         check_cancel(self.cancel)
         self.callback(Log(message))
 
+    def substep(self, done: int, total: int, what: str) -> None:
+        """Progress within the current phase (the tensors a conversion has written): stops
+        the job if `cancel` is set; reports Step(done, total, what) unless that is the step
+        it reported last, so a caller waiting on a child process calls it as often as it
+        looks at the child (a cancel is then seen within that interval)."""
+        check_cancel(self.cancel)
+        step = Step(done, total, what)
+        if step != self._substep:
+            self._substep = step
+            self.callback(step)
+
     def __call__(self, what: str, message: str) -> None:
         self.log(message)
         self.callback(Step(self.count, self.total, what))
         self.count += 1
+        self._substep = None
 
     def done(self) -> None:
         self.callback(Step(self.total, self.total, "done"))

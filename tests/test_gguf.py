@@ -149,7 +149,8 @@ def test_imatrix_file_is_llama_imatrix_format(tmp_path):
     stats = imatrix.collect(loaded, windows, micro_batch=2)
     names = {n: f"blk.{i}.t{j}.weight" for i, layer in enumerate(loaded.linear_names)
              for j, n in enumerate(layer)}
-    imatrix.write(tmp_path / "imatrix.gguf", stats, names, dataset="builtin", chunks=3, chunk_tokens=10)
+    imatrix.write(tmp_path / "imatrix.gguf", stats, {n: (t, 0) for n, t in names.items()},
+                  dataset="builtin", chunks=3, chunk_tokens=10)
     reader = gguf.GGUFReader(str(tmp_path / "imatrix.gguf"))
     assert reader.get_field("general.type").contents() == "imatrix"
     assert reader.get_field("imatrix.datasets").contents() == ["builtin"]
@@ -384,11 +385,18 @@ def test_embedded_model_simulation_equals_llama_cpp_quantize(tmp_path):
     assert by_type["blk.0.attn_q.weight"] == "Q4_0" and by_type["blk.0.ffn_down.weight"] == "Q2_K"
     assert by_type["blk.1.ffn_up.weight"] == "Q5_0" and by_type["blk.1.ffn_down.weight"] == "Q4_K"
 
-    imatrix.write(tmp_path / "imatrix.gguf", backend.imatrix_stats, names, dataset="builtin",
-                  chunks=2, chunk_tokens=64)
+    imatrix.write(tmp_path / "imatrix.gguf", backend.imatrix_stats,
+                  {n: (t, 0) for n, t in names.items()}, dataset="builtin", chunks=2, chunk_tokens=64)
     asked = {n: ("Q2_K" if n.startswith("blk.0.") else "Q4_K") for n in simulated}
-    quantize_file(source, tmp_path / "out.gguf", asked, tmp_path / "imatrix.gguf")
+    steps = []
+    quantize_file(source, tmp_path / "out.gguf", asked, tmp_path / "imatrix.gguf",
+                  progress=lambda k, n, what: steps.append((k, n, what)))
     stored = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "out.gguf")).tensors}
+    # its progress: read from llama.cpp's log, up to the last of the source's tensors
+    n = len(gguf.GGUFReader(str(source)).tensors)
+    assert steps[0] == (0, 1, "llama.cpp quantize") and steps[-1] == (n, n, "llama.cpp quantize")
+    at = [k for k, total, _ in steps if (k, total) != (0, 1)]
+    assert {total for k, total, _ in steps if k} == {n} and at == sorted(at)
     for name, module in simulated.items():
         t = stored[name]
         assert t.tensor_type.name == module.ggml_type

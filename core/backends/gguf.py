@@ -263,10 +263,11 @@ class GgufBackend(Backend):
     def calibrate(self, loaded, windows: torch.Tensor, micro_batch: int = 8) -> None:
         """Collect the importance matrix on the calibration windows, with the model as it
         is now (unquantized): every later quantization of its linears uses it."""
-        from core.imatrix import collect
+        from core.imatrix import collect, imatrix_mean
 
         stats = collect(loaded, windows, micro_batch)
-        self.imatrix = {_key(loaded.model.get_submodule(name)): s.mean for name, s in stats.items()}
+        self.imatrix = {_key(loaded.model.get_submodule(name)): imatrix_mean(s.sum2, s.count)
+                        for name, s in stats.items()}
         self.imatrix_stats = stats
 
     def _check(self, shape: torch.Size, bits: int, what: str) -> None:

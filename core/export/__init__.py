@@ -160,7 +160,7 @@ def export_model(run: RunDir, bits_per_layer: list[int], backend: str, out_dir: 
                                    on_layer=lambda i, L: events.check_cancel(cancel))
         phase("writing the files", f"writing the {backend} export")
         with writing(tmp, out):
-            written = exporter.write(loaded, module_bits, tmp, config, checkpoint)
+            written = exporter.write(loaded, module_bits, tmp, config, checkpoint, phase.substep)
             loaded.tokenizer.save_pretrained(tmp)
         _check_budget(written, budget, target_bits, exporter, config)
         ppl = tokens = None

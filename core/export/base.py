@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from core import events
 from core.backends import get_backend
 from core.errors import UserError
 from core.models import LoadedModel, load_model
@@ -76,9 +77,12 @@ class Exporter(ABC):
 
     @abstractmethod
     def write(self, loaded: LoadedModel, module_bits: dict[str, int], folder: Path,
-              config: RunConfig, checkpoint: Callable[[str], None]) -> Written:
+              config: RunConfig, checkpoint: Callable[[str], None],
+              progress: events.Substep) -> Written:
         """Save the quantized loaded.model in the library's own format into folder
-        (config.json included)."""
+        (config.json included). `checkpoint(message)` logs a step, `progress(done, total,
+        what)` reports progress within one (events.Phases.log and .substep); both stop the
+        export once it is cancelled."""
 
     @abstractmethod
     def snippet(self, path: str, dtype: str) -> str:

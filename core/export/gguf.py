@@ -16,20 +16,30 @@ A run on a Hugging Face checkpoint exports from that checkpoint converted to GGU
 llama.cpp's own conversion where the user made one (beside the folder as <folder>.gguf,
 or the one GGUF inside it), else impq-tui's (core.export.gguf_convert, with gguf-py),
 cached in the user cache under the checkpoint's fingerprint.
+
+Mixture-of-experts layers: the run quantized each expert as a linear of its own
+(core.experts), llama.cpp stores a layer's experts stacked in one tensor
+(blk.N.ffn_up_exps, [experts, out, in]) and quantizes it expert by expert, each with
+its own rows of the importance matrix. Every expert of a layer has the layer's type, so
+one override covers the stack; the stack's bytes are its experts' (each expert's slice
+is counted for its linear), and each slice must hold the bytes the simulation made for
+that expert.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 
-from core import imatrix
+from core import events, imatrix
 from core.backends import backend_for
 from core.backends.gguf import INSTALL_HINT, GgufBackend, ggml
 from core.errors import UserError
@@ -47,12 +57,15 @@ LLAMA_FTYPE_MOSTLY_Q4_K_M = 15
 # the perplexities differ a little. Relative gap allowed before the export is refused
 # (a larger one means the file does not hold the model that was simulated).
 VERIFY_RTOL = 0.05
+CONVERT_LOG_S = 5.0      # a log line this often while a checkpoint is converted
+CONVERTING, QUANTIZING = "converting to GGUF", "llama.cpp quantize"   # steps within the write
 
 
-def gguf_input(config, convert: bool = True) -> Path:
+def gguf_input(config, convert: bool = True, progress=None) -> Path:
     """The GGUF file the run's model was loaded from or, for a checkpoint, its conversion.
     `convert` False: only check that a checkpoint can be converted (seconds), and return
-    where its conversion will be."""
+    where its conversion will be. `progress(k, n, name)`: after each tensor a conversion
+    writes (gguf_convert.convert)."""
     from core.export import gguf_convert
     from core.fingerprint import model_location
     from core.models import _cached_embedded_gguf, _installed_embedded_gguf
@@ -89,12 +102,23 @@ def gguf_input(config, convert: bool = True) -> Path:
     if not convert:
         gguf_convert.check_convertible(path)
         return gguf_convert.cached_path(path, dtype)
-    return gguf_convert.converted(path, dtype)
+    return gguf_convert.converted(path, dtype, progress)
+
+
+# A per-expert linear (core.experts): model.layers.3.mlp.experts.7.up_proj
+_EXPERT = re.compile(r"\.experts\.(\d+)\.([^.]+)$")
+
+
+def expert_of(name: str) -> int | None:
+    """The expert a linear is (its slice of the stacked tensor), None for a dense linear."""
+    found = _EXPERT.search(name)
+    return None if found is None else int(found[1])
 
 
 def tensor_names(path: Path, linear_names: list[list[str]]) -> dict[str, str]:
-    """Each decoder linear's tensor name in the GGUF file (blk.N.attn_q.weight), by
-    gguf-py's name map for the file's architecture; checked against the file."""
+    """Each decoder linear's tensor name in the GGUF file (blk.N.attn_q.weight; an
+    expert's: its layer's stacked blk.N.ffn_up_exps.weight), by gguf-py's name map for the
+    file's architecture; checked against the file."""
     import gguf
 
     reader = gguf.GGUFReader(str(path))
@@ -105,13 +129,20 @@ def tensor_names(path: Path, linear_names: list[list[str]]) -> dict[str, str]:
                         f"{_version('gguf')} does not know.")
     blocks = int(_field(reader, f"{arch_name}.block_count"))
     name_map = gguf.get_tensor_name_map(arches[arch_name], blocks)
-    in_file = {t.name for t in reader.tensors}
+    in_file = {t.name: t for t in reader.tensors}
     names = {}
     for name in (n for layer in linear_names for n in layer):
-        mapped = name_map.get_name(name)
-        if mapped is None or f"{mapped}.weight" not in in_file:
+        expert = expert_of(name)
+        # gguf-py names the stack: model.layers.3.mlp.experts.up_proj
+        source = name if expert is None else _EXPERT.sub(r".experts.\2", name)
+        mapped = name_map.get_name(source)
+        tensor = in_file.get(f"{mapped}.weight") if mapped is not None else None
+        stacked = tensor is not None and len(tensor.shape) == 3     # ggml order: in, out, experts
+        if (tensor is None or stacked != (expert is not None)
+                or (stacked and expert >= int(tensor.shape[2]))):
             raise UserError(f"the linear {name} has no tensor in {path} ({mapped or 'no name'}"
-                            f".weight); the GGUF does not hold the model the run measured.")
+                            f".weight{'' if expert is None else f', expert {expert}'}); the GGUF "
+                            "does not hold the model the run measured.")
         names[name] = f"{mapped}.weight"
     return names
 
@@ -162,19 +193,21 @@ class GgufExporter(Exporter):
         self._backend.calibrate(loaded, windows, config.micro_batch)
         return loaded
 
-    def write(self, loaded, module_bits, folder: Path, config, checkpoint) -> Written:
+    def write(self, loaded, module_bits, folder: Path, config, checkpoint, progress) -> Written:
         import gguf
 
         backend = self.backend(config)
-        source = gguf_input(config)
+        source = gguf_input(config, progress=converting(checkpoint, progress))
         names = tensor_names(source, loaded.linear_names)
-        checkpoint(f"writing {IMATRIX} ({len(names)} tensors)")
-        imatrix.write(folder / IMATRIX, backend.imatrix_stats, names, dataset=config.calib_text,
-                      chunks=config.windows, chunk_tokens=config.window_tokens)
+        checkpoint(f"writing {IMATRIX} ({len(set(names.values()))} tensors)")
+        imatrix.write(folder / IMATRIX, backend.imatrix_stats,
+                      {n: (t, expert_of(n) or 0) for n, t in names.items()},
+                      dataset=config.calib_text, chunks=config.windows,
+                      chunk_tokens=config.window_tokens)
         asked = {names[n]: backend.types[b] for n, b in module_bits.items()}
         checkpoint(f"llama.cpp quantize: {source.name} -> {WEIGHTS} ({FTYPE_RULES} rules, "
                    f"{len(asked)} tensor overrides)")
-        log = quantize_file(source, folder / WEIGHTS, asked, folder / IMATRIX)
+        log = quantize_file(source, folder / WEIGHTS, asked, folder / IMATRIX, progress)
         (folder / MODELFILE).write_text(f"FROM ./{WEIGHTS}\n")   # Ollama reads the chat template from the GGUF
 
         reader = gguf.GGUFReader(str(folder / WEIGHTS))
@@ -187,12 +220,22 @@ class GgufExporter(Exporter):
             got = tensor.tensor_type.name
             if got != want:
                 wrong[names[name]] = (got, want)
-            module_bytes[name] = int(tensor.n_bytes)
-            same += _same_rows(np.asarray(tensor.data), getattr(module, "data", None))
+            data = np.asarray(tensor.data)
+            if (expert := expert_of(name)) is not None:
+                data = data[expert]            # the expert's slice of its layer's stack
+            module_bytes[name] = int(data.nbytes)
+            same += _same_rows(data, getattr(module, "data", None))
         if wrong:
             raise RuntimeError(f"llama.cpp stored other types than the simulation used "
                                f"(tensor: (stored, simulated)): {dict(list(wrong.items())[:4])}")
         check_all_written(module_bits, module_bytes, "llama.cpp quantize")
+        counted = {}
+        for name, n in module_bytes.items():
+            counted[names[name]] = counted.get(names[name], 0) + n
+        if miscounted := {t: (n, int(stored[t].n_bytes)) for t, n in counted.items()
+                          if n != int(stored[t].n_bytes)}:
+            raise RuntimeError(f"the linears' bytes do not add up to their tensors' in {WEIGHTS} "
+                               f"(tensor: (counted, stored)): {dict(list(miscounted.items())[:4])}")
         types = {t.name: t.tensor_type.name for t in reader.tensors}
         others = {n: t for n, t in types.items() if n not in asked.keys()}
         fallbacks = backend.fallbacks(
@@ -207,9 +250,17 @@ class GgufExporter(Exporter):
                          f"fit the K-quant/IQ block of 256: llama.cpp stores them as "
                          f"{', '.join(kinds)} (its fallback), and the run's byte costs count "
                          "those types.")
-        notes.append(f"{same} of {len(module_bits)} decoder-layer tensors in {WEIGHTS} are "
-                     "byte-identical (up to the row order llama.cpp's conversion gives Q and K) "
-                     "to the ones the simulation de-quantized.")
+        stacks = {names[n] for n in module_bits if expert_of(n) is not None}
+        if stacks:
+            experts = sum(expert_of(n) is not None for n in module_bits)
+            notes.append(f"Mixture of experts: the {experts} expert linears are stored stacked, "
+                         f"as llama.cpp stores them, in {len(stacks)} tensors (ffn_gate_exps, "
+                         "ffn_up_exps, ffn_down_exps: all experts of a layer at its type); each "
+                         "expert's slice is counted for its linear.")
+        notes.append(f"{same} of {len(module_bits)} decoder-layer "
+                     f"{'linears (each expert its slice of the stack)' if stacks else 'tensors'} "
+                     f"in {WEIGHTS} are byte-identical (up to the row order llama.cpp's "
+                     "conversion gives Q and K) to the ones the simulation de-quantized.")
         return Written(
             module_bytes=module_bytes, weight_files=[WEIGHTS],
             library=f"llama.cpp (llama-cpp-python {ggml().version})",
@@ -261,21 +312,50 @@ def _same_rows(stored: np.ndarray, simulated: np.ndarray | None) -> int:
 
 # ------------------------------------------------------------------ llama.cpp's quantize
 
-def quantize_file(source: Path, target: Path, overrides: dict[str, str], imatrix_path: Path) -> str:
+def quantize_file(source: Path, target: Path, overrides: dict[str, str], imatrix_path: Path,
+                  progress: events.Substep | None = None) -> str:
     """llama_model_quantize in a child process (llama.cpp aborts the process on some
-    errors; that must not take the app down). Returns its log."""
+    errors; that must not take the app down). Returns its log. `progress(k, n, QUANTIZING)`
+    every 0.1 s while it runs (at tensor k of n, read from the log llama.cpp writes as it
+    goes) and once when it is done; when that raises (core.errors.Cancelled: the export
+    was cancelled), the child is killed."""
     with tempfile.TemporaryDirectory(prefix="impq-gguf-") as work:
-        job = Path(work) / "job.json"
+        job, log_path = Path(work) / "job.json", Path(work) / "log.txt"
         job.write_text(json.dumps({"source": str(source), "target": str(target),
                                    "overrides": overrides, "imatrix": str(imatrix_path)}))
-        proc = subprocess.run(
-            [sys.executable, "-c", "import sys; from core.export.gguf import quantize_main; "
-                                   "sys.exit(quantize_main(sys.argv[1]))", str(job)],
-            capture_output=True, text=True, timeout=24 * 3600)
-    log = proc.stdout + proc.stderr
+        log, done = "", (0, 1)
+        with open(log_path, "w") as out, open(log_path) as reader:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", "import sys; from core.export.gguf import quantize_main; "
+                                       "sys.exit(quantize_main(sys.argv[1]))", str(job)],
+                stdout=out, stderr=subprocess.STDOUT, text=True)
+            try:
+                while True:
+                    running = proc.poll() is None
+                    log += reader.read()
+                    done = _at_tensor(log, done)
+                    if progress is not None:
+                        progress(*done, QUANTIZING)
+                    if not running:
+                        break
+                    time.sleep(0.1)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
     if proc.returncode != 0 or not target.is_file():
         raise RuntimeError(f"llama.cpp's quantize failed (exit {proc.returncode}):\n{log[-4000:]}")
     return log
+
+
+# llama.cpp's quantize logs "[  12/  30]  blk.1.attn_q.weight - [...], type = ..." per tensor
+_QUANTIZE_LINE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]", re.MULTILINE)
+
+
+def _at_tensor(log: str, last: tuple[int, int]) -> tuple[int, int]:
+    """(the tensor under way, tensors) from the last per-tensor line of the log so far."""
+    lines = _QUANTIZE_LINE.findall(log[-4096:])
+    return (int(lines[-1][0]), int(lines[-1][1])) if lines else last
 
 
 def quantize_main(job_path: str) -> int:
@@ -307,6 +387,24 @@ def quantize_main(job_path: str) -> int:
     status = llama_cpp.llama_model_quantize(job["source"].encode(), job["target"].encode(),
                                             ctypes.byref(params))
     return int(status)
+
+
+# ------------------------------------------------------------------ progress within the write
+
+def converting(checkpoint, progress: events.Substep):
+    """gguf_convert's progress (after tensor k of n): each tensor on `progress` (the app's
+    bar; the app merges bursts), a log line at the first, the last and every CONVERT_LOG_S
+    (the CLI's)."""
+    logged = -math.inf
+
+    def after(k: int, n: int, tensor: str) -> None:
+        nonlocal logged
+        progress(k, n, CONVERTING)
+        now = time.monotonic()
+        if k in (1, n) or now - logged >= CONVERT_LOG_S:
+            logged = now
+            checkpoint(f"converting to GGUF: tensor {k} of {n} ({tensor})")
+    return after
 
 
 # ------------------------------------------------------------------ the card

@@ -427,9 +427,12 @@ def _metadata(writer, config, arch_name: str, folder: Path) -> None:
         writer.add_expert_feed_forward_length(config.moe_intermediate_size)
 
 
-def convert(folder: Path, target: Path, dtype: str | None = None) -> Path:
+def convert(folder: Path, target: Path, dtype: str | None = None,
+            progress: Callable[[int, int, str], None] | None = None) -> Path:
     """Write `folder`'s checkpoint to `target` as GGUF (`dtype`: the dtype the run held
-    the weights in; None keeps the checkpoint's). Returns `target`."""
+    the weights in; None keeps the checkpoint's). Returns `target`. `progress(k, n, name)`
+    after tensor k of n is written; what it raises (core.errors.Cancelled) stops the
+    conversion between tensors, and the partial file goes."""
     import gguf
 
     folder = Path(folder)
@@ -443,6 +446,7 @@ def convert(folder: Path, target: Path, dtype: str | None = None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     os.close(fd)
+    writer = None
     try:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch_name]])
         _metadata(writer, config, arch_name, folder)
@@ -459,14 +463,19 @@ def convert(folder: Path, target: Path, dtype: str | None = None) -> Path:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for t in plan:                     # one tensor in memory at a time
+        for k, t in enumerate(plan, 1):    # one tensor in memory at a time
             data = t.array()
             if data.shape != t.shape:
                 raise RuntimeError(f"{t.name}: {data.shape} read, {t.shape} announced")
             writer.write_tensor_data(data)
+            del data
+            if progress is not None:
+                progress(k, len(plan), t.name)
         writer.close()
         os.replace(tmp, target)
     except BaseException:
+        if writer is not None:
+            writer.close()             # its open file (a no-op once closed)
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
@@ -493,14 +502,15 @@ def cached_path(folder: Path, dtype: str | None) -> Path:
     return cache_dir().joinpath(*CACHE_SUBDIR) / f"{name}-{cache_key(folder, dtype)}.gguf"
 
 
-def converted(folder: Path, dtype: str | None = None) -> Path:
+def converted(folder: Path, dtype: str | None = None,
+              progress: Callable[[int, int, str], None] | None = None) -> Path:
     """The checkpoint converted to GGUF, from the user cache when it was converted
-    before (the same files, dtype and converter)."""
+    before (the same files, dtype and converter); `progress` as for convert()."""
     path = cached_path(folder, dtype)
     if path.is_file():
         return path
     try:
-        return convert(folder, path, dtype)
+        return convert(folder, path, dtype, progress)
     except OSError as exc:
         from core.files import why
 

@@ -140,7 +140,7 @@ class GptqExporter(Exporter):
                         "calibration.")]
         return loaded
 
-    def write(self, loaded, module_bits, folder: Path, config, checkpoint) -> Written:
+    def write(self, loaded, module_bits, folder: Path, config, checkpoint, progress) -> Written:
         checkpoint("writing model.safetensors and quantize_config.json")
         if self._measured:
             self._write_measured(loaded, module_bits, folder)

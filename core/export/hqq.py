@@ -20,7 +20,7 @@ class HqqExporter(Exporter):
     distribution = "hqq"
     split_experts = False    # set by write(): the loader splits MoE experts as they were quantized
 
-    def write(self, loaded, module_bits, folder: Path, config, checkpoint) -> Written:
+    def write(self, loaded, module_bits, folder: Path, config, checkpoint, progress) -> Written:
         from hqq.models.hf.base import AutoHQQHFModel
 
         self.split_experts = experts.split(loaded.model)

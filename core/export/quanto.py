@@ -28,7 +28,7 @@ class QuantoExporter(Exporter):
     distribution = "optimum-quanto"
     split_experts = False    # set by write(): the loader splits MoE experts as they were quantized
 
-    def write(self, loaded, module_bits, folder: Path, config, checkpoint) -> Written:
+    def write(self, loaded, module_bits, folder: Path, config, checkpoint, progress) -> Written:
         from optimum.quanto import quantization_map
         from safetensors.torch import save_file
 

@@ -1,7 +1,8 @@
 """Export the allocation at the chosen budget, by the allocation model chosen on the
 dashboard (IMPQ, or our IMPQ-local or IMPQ-fit, as `export --local/--fit`): pick a
 backend and a folder, optionally measure perplexity first (core.evaluate), then write a
-model ordinary tools load (core.export, shared with the headless CLI)."""
+model ordinary tools load (core.export, shared with the headless CLI). With the gguf
+backend the screen shows the llama.cpp type each level is written as."""
 from __future__ import annotations
 
 import threading
@@ -76,6 +77,8 @@ class ExportScreen(Screen):
                 yield Label("Backend")
                 yield Select([(b, b) for b in EXPORT_BACKENDS], value=backend, allow_blank=False,
                              id="export-backend", compact=True)
+                yield Label("GGUF types", id="export-gguf-label")
+                yield Static(escape(self._gguf_types()), id="export-gguf-types")
                 yield Label("Output folder")
                 yield Input(self._default_out(backend), id="export-out", compact=True)
                 yield Label("Perplexity")
@@ -99,6 +102,25 @@ class ExportScreen(Screen):
     def on_mount(self) -> None:
         for field in self.query(Input):
             field.cursor_blink = self.app.cursor_blink
+        self._show_gguf_types(str(self.query_one("#export-backend", Select).value))
+
+    def _gguf_types(self) -> str:
+        """The llama.cpp type of each level, as the gguf export takes them (core.backends
+        backend_for, as `impq-tui export --backend gguf`): a gguf run's own types, the ones
+        its byte costs were measured for; for any other run the gguf defaults (its bytes
+        were measured for its own backend's format, not for these)."""
+        from core.backends.gguf import parse_types
+
+        config = self.run.config
+        levels = tuple(config.levels)
+        types = " / ".join(parse_types(config.gguf_types or None, levels))
+        if config.backend == "gguf":
+            return f"{types} (the run's, as measured)"
+        return f"{types} (the defaults; the run measured {config.backend} sizes)"
+
+    def _show_gguf_types(self, backend: str) -> None:
+        for row in self.query("#export-gguf-label, #export-gguf-types"):
+            row.display = backend == "gguf"
 
     def on_unmount(self) -> None:
         self.cancel.set()      # quitting stops a job in flight (and kills a verify process)
@@ -110,6 +132,7 @@ class ExportScreen(Screen):
 
     @on(Select.Changed, "#export-backend")
     def _backend_changed(self, event: Select.Changed) -> None:
+        self._show_gguf_types(str(event.value))
         out = self.query_one("#export-out", Input)
         if Path(out.value).parent == self.run.path / "exports":
             out.value = self._default_out(str(event.value))
