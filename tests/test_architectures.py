@@ -88,6 +88,21 @@ def test_gemma3_runs_end_to_end_with_gptq(tiny_tokenizer, tmp_path):
         (run.costs().m_hi if b == 4 else run.costs().m_lo)[i] for i, b in enumerate(bits)]
 
 
+def gptq_run_and_measure(model, tmp_path, bits=(4, 2)) -> tuple[RunDir, list[int]]:
+    """A 1-sample GPTQ run of the 2-layer checkpoint `model`; the real GPTQModel modules of
+    the allocation `bits` compute what SPQE simulated. (the run, the allocation)"""
+    from core.export import ROUND_TRIP_RTOL
+
+    config = RunConfig(model=str(model), backend="gptq", samples=1, windows=2, window_tokens=32,
+                       device="cpu", group_size=32, micro_batch=2)
+    run = RunDir.create(tmp_path / "run", config)
+    assert run_spqe(config, run) == "completed"
+    run = RunDir.open(run.path)
+    measured = evaluate_allocation(run, list(bits), backend="gptq", **EVAL)
+    assert measured.ppl == pytest.approx(measured.ppl_simulated, rel=ROUND_TRIP_RTOL["float16"])
+    return run, list(bits)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None,
                     reason="GPTQModel is not installed (pip install 'impq-tui[gptq]')")
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f != "gemma3_text"])   # gemma3: above
@@ -95,17 +110,8 @@ def test_a_family_runs_end_to_end_with_gptq(family, tiny_tokenizer, tmp_path):
     """GPTQ measured by SPQE on every family: the run, an allocation, GPTQModel's real
     modules computing what SPQE simulated, and an export holding each layer's bits and the
     run's bytes."""
-    from core.export import ROUND_TRIP_RTOL
-
     model = save_family(tmp_path / family, tiny_tokenizer, family)
-    config = RunConfig(model=str(model), backend="gptq", samples=1, windows=2, window_tokens=32,
-                       device="cpu", group_size=32, micro_batch=2)
-    run = RunDir.create(tmp_path / "run", config)
-    assert run_spqe(config, run) == "completed"
-    run = RunDir.open(run.path)
-    bits = [4, 2]
-    measured = evaluate_allocation(run, bits, backend="gptq", **EVAL)
-    assert measured.ppl == pytest.approx(measured.ppl_simulated, rel=ROUND_TRIP_RTOL["float16"])
+    run, bits = gptq_run_and_measure(model, tmp_path)
     export_model(run, bits, "gptq", str(tmp_path / "out"))
     record = json.loads((tmp_path / "out" / "allocation.json").read_text())
     assert [layer["bits"] for layer in record["layers"]] == bits

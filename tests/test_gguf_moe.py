@@ -107,7 +107,9 @@ def test_a_moe_gguf_export_has_the_runs_bytes_and_runs_in_llama_cpp(moe_run, tmp
     assert len(set(quantizing)) == len(quantizing)      # each reported once
 
 
-def test_a_cancelled_export_stops_the_conversion_between_tensors(moe_run, tmp_path, monkeypatch):
+def _cancelled_export(moe_run, tmp_path, monkeypatch, step: str, at: int | None) -> list:
+    """Export the MoE run with Esc pressed when `step` reports `at` done (None: its first
+    report); the export must raise Cancelled and leave no folder. The `step` events seen."""
     from core.export import export_model
     from core.runs import RunDir
 
@@ -118,38 +120,25 @@ def test_a_cancelled_export_stops_the_conversion_between_tensors(moe_run, tmp_pa
 
     def callback(event):
         seen.append(event)
-        if isinstance(event, events.Step) and event.what == "converting to GGUF" and event.done == 3:
-            cancel.set()         # the user pressed Esc while tensor 3 was reported
+        if isinstance(event, events.Step) and event.what == step and at in (None, event.done):
+            cancel.set()         # the user pressed Esc
 
     out = tmp_path / "export"
     with pytest.raises(Cancelled):
         export_model(RunDir.open(run_dir), [4, 2], "gguf", str(out), callback=callback, cancel=cancel)
-    converting = [e.done for e in seen if isinstance(e, events.Step) and e.what == "converting to GGUF"]
-    assert converting == [1, 2, 3]        # the check after tensor 4 stopped it
     assert not out.exists() and not list(tmp_path.glob(".export*"))
+    return [e for e in seen if isinstance(e, events.Step) and e.what == step]
+
+
+def test_a_cancelled_export_stops_the_conversion_between_tensors(moe_run, tmp_path, monkeypatch):
+    converting = _cancelled_export(moe_run, tmp_path, monkeypatch, "converting to GGUF", at=3)
+    assert [e.done for e in converting] == [1, 2, 3]        # the check after tensor 4 stopped it
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]   # no partial conversion
 
 
 def test_a_cancelled_export_stops_llama_cpps_quantize(moe_run, tmp_path, monkeypatch):
-    from core.export import export_model
-    from core.runs import RunDir
-
-    run_dir, _ = moe_run
-    monkeypatch.setenv("IMPQ_TUI_CACHE", str(tmp_path / "cache"))
-    cancel = threading.Event()
-    seen: list = []
-
-    def callback(event):
-        seen.append(event)
-        if isinstance(event, events.Step) and event.what == "llama.cpp quantize":
-            cancel.set()         # Esc while llama.cpp quantizes
-
-    out = tmp_path / "export"
-    with pytest.raises(Cancelled):
-        export_model(RunDir.open(run_dir), [4, 2], "gguf", str(out), callback=callback, cancel=cancel)
-    quantizing = [e for e in seen if isinstance(e, events.Step) and e.what == "llama.cpp quantize"]
+    quantizing = _cancelled_export(moe_run, tmp_path, monkeypatch, "llama.cpp quantize", at=None)
     assert [(s.done, s.total) for s in quantizing] == [(0, 1)]     # the next look stopped it
-    assert not out.exists() and not list(tmp_path.glob(".export*"))
 
 
 # ------------------------------------------------------------------ an expert no token reaches

@@ -126,17 +126,10 @@ def test_qwen3_moe_runs_end_to_end_with_gptq(tiny_tokenizer, tmp_path):
     costs, and the real GPTQModel modules compute what SPQE simulated."""
     from safetensors.torch import load_file
 
-    from core.export import ROUND_TRIP_RTOL
+    from test_architectures import gptq_run_and_measure
 
     model = save_moe(tmp_path / "qwen3_moe", tiny_tokenizer, "qwen3_moe")
-    config = RunConfig(model=str(model), backend="gptq", samples=1, windows=2, window_tokens=32,
-                       device="cpu", group_size=32, micro_batch=2)
-    run = RunDir.create(tmp_path / "run", config)
-    assert run_spqe(config, run) == "completed"
-    run = RunDir.open(run.path)
-    bits = [4, 2]
-    measured = evaluate_allocation(run, bits, backend="gptq", **EVAL)
-    assert measured.ppl == pytest.approx(measured.ppl_simulated, rel=ROUND_TRIP_RTOL["float16"])
+    run, bits = gptq_run_and_measure(model, tmp_path)
     out = tmp_path / "out"
     export_model(run, bits, "gptq", str(out))
     stored = load_file(str(out / "model.safetensors"))
