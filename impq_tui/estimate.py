@@ -87,9 +87,7 @@ def model_shape(model: str) -> Shape | None:
             config = gguf_config(path)
         except (UserError, OSError, ValueError, KeyError):
             return None
-        layers = getattr(config, "num_hidden_layers", None)
-        return Shape(config, int(layers)) if layers else None
-    if model == EMBEDDED:
+    elif model == EMBEDDED:
         config = shape_config("smollm2-135m")      # the embedded model's exact shape
     elif model.startswith(RANDOM_PREFIX):
         config = shape_config(model.removeprefix(RANDOM_PREFIX))
