@@ -47,8 +47,10 @@ from core.solver import solve_impq
 
 RUNS = ("bench/results/smol-h100-hqq", "bench/results/smol-h100-quanto")
 GRID_K = (3, 5, 8, 10, 15, 20)
-GRID_RSE = (math.inf, 1.0, 0.75, 0.6, 0.5, 0.4, 0.3)
-GRID_MIN = (10, 20, 30)
+GRID_RSE = (math.inf, 1.0, 0.5, 0.3)
+GRID_MIN = (10, 20)
+GRID_TOL = (0.0, 0.005, 0.01, 0.02, 0.05)
+K_MAX = max(GRID_K)
 WHY = ("K decides nearly everything: no setting both stops well before the maximum and "
        "matches the full-run allocation most of the time, because the IMPQ allocation of "
        "SmolLM2-135M keeps swapping a layer or two near the cut up to ~100 samples. K=10 "
@@ -71,17 +73,20 @@ def trajectory(path: str, seed: int, bits) -> list[dict]:
     else:
         order = rng.permutation(len(D))
     Dp = D[order]
-    out = []
+    out, previous = [], []
     for m in range(FIRST_M, len(Dp) + 1):
-        s = state(Dp[:m], costs, bits, run.config.antithetic)
-        out.append({"m": s.m, "allocations": [list(a) for a in s.allocations], "rse": s.rse})
+        s = state(Dp[:m], costs, bits, run.config.antithetic, previous=previous[::-1])
+        out.append({"m": s.m, "allocations": [list(a) for a in s.allocations], "rse": s.rse,
+                    "regret": list(s.regret)})
+        previous = (previous + [s.allocations])[-K_MAX:]
     return out
 
 
 def stop_of(traj: list[dict], rule: SettleRule) -> dict:
     history = []
     for t in traj:
-        history.append(State(m=t["m"], allocations=tuple(map(tuple, t["allocations"])), rse=t["rse"]))
+        history.append(State(m=t["m"], allocations=tuple(map(tuple, t["allocations"])), rse=t["rse"],
+                             regret=tuple(t["regret"])))
         if settled(history, rule):
             return t
     return traj[-1]       # the hard maximum: every sample
@@ -93,10 +98,13 @@ def summarize(path: str, trajs: list[list[dict]], bits) -> list[dict]:
     full_model = quadratic_model(D, paired=run.config.antithetic)
     full = [solve_impq(D, costs, bits=b, model=full_model) for b in bits]
     M = len(D)
-    rows = []
-    for K, rse, mins in itertools.product(GRID_K, GRID_RSE, GRID_MIN):
-        rule = SettleRule(bits=tuple(bits), K=K, rse=rse, min_samples=mins)
+    rows, kept = [], []
+    for K, rse, mins, tol in itertools.product(GRID_K, GRID_RSE, GRID_MIN, GRID_TOL):
+        rule = SettleRule(bits=tuple(bits), K=K, rse=rse, min_samples=mins, tol=tol)
         stops = [stop_of(t, rule) for t in trajs]
+        if rse == SettleRule.rse and mins == SettleRule.min_samples:
+            kept.append({"K": K, "tol": tol, "stops": [{"m": s["m"], "allocations": s["allocations"]}
+                                                       for s in stops]})
         ms = np.array([s["m"] for s in stops])
         per_budget = []
         for j, (b, ref) in enumerate(zip(bits, full)):
@@ -109,16 +117,18 @@ def summarize(path: str, trajs: list[list[dict]], bits) -> list[dict]:
                 "layers_differ_mean": float(layers.mean()), "layers_differ_max": int(layers.max()),
                 "predicted_gap_mean": float(gaps.mean()), "predicted_gap_max": float(gaps.max()),
                 "predicted_gap_rel_mean": float(gaps.mean() / ref.predicted_delta_nll),
+                "predicted_gap_rel_max": float(gaps.max() / ref.predicted_delta_nll),
                 "full_predicted_delta": ref.predicted_delta_nll})
         rows.append({
-            "K": K, "rse": None if math.isinf(rse) else rse, "min_samples": mins,
+            "K": K, "rse": None if math.isinf(rse) else rse, "min_samples": mins, "tol": tol,
             "stop_mean": float(ms.mean()), "stop_p10": float(np.percentile(ms, 10)),
             "stop_p50": float(np.percentile(ms, 50)), "stop_p90": float(np.percentile(ms, 90)),
             "stop_max": int(ms.max()), "reached_max_share": float((ms == M).mean()),
             "any_differs_share": float(np.mean([any(s["allocations"][j] != list(r.bits_per_layer)
                                                     for j, r in enumerate(full)) for s in stops])),
             "budgets": per_budget})
-    return rows
+    full_allocations = [list(r.bits_per_layer) for r in full]
+    return rows, {"full": full_allocations, "settings": kept}
 
 
 def main() -> None:
@@ -128,27 +138,33 @@ def main() -> None:
     p.add_argument("--bits", type=float, nargs="+", default=list(DEFAULT_BITS))
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--out", default=str(ROOT / "bench/results/early_stop.json"))
+    p.add_argument("--stops-out", default=str(ROOT / "bench/results/early_stop_stops.json"),
+                   help="every ordering's stopped allocations (K x tol at the default rse and "
+                        "minimum), the input of bench/early_stop_real.py (GPU)")
     args = p.parse_args()
     t0 = time.perf_counter()
     report = {"what": __doc__.split("\n\n")[1].replace("\n", " "), "bits": args.bits,
               "orderings": args.orderings, "machine": platform.processor() or platform.machine(),
               "command": " ".join(["bench/early_stop.py"] + sys.argv[1:]), "runs": {}}
+    stops = {"bits": args.bits, "orderings": args.orderings, "runs": {}}
     with ProcessPoolExecutor(args.workers) as pool:
         for path in args.runs:
             futures = [pool.submit(trajectory, path, seed, tuple(args.bits)) for seed in range(args.orderings)]
             trajs = [f.result() for f in futures]
             M = len(RunDir.open(path).D())
             rses = np.array([[t["rse"] for t in tr] for tr in trajs])
+            rows, stops["runs"][path] = summarize(path, trajs, args.bits)
             report["runs"][path] = {
                 "samples": M,
                 "rse_by_m": {str(m): float(np.median(rses[:, m - FIRST_M]))
                              for m in (5, 10, 20, 30, 50, 75, M) if FIRST_M <= m <= M},
-                "settings": summarize(path, trajs, args.bits)}
+                "settings": rows}
             print(f"{path}: {args.orderings} orderings in {time.perf_counter() - t0:.0f}s", flush=True)
     report["defaults"] = {**dataclasses.asdict(SettleRule()), "why": WHY}
     report["seconds"] = round(time.perf_counter() - t0, 1)
     write_atomic(Path(args.out), json.dumps(report, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_atomic(Path(args.stops_out), json.dumps(stops) + "\n")
+    print(f"wrote {args.out} and {args.stops_out}")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from core import events
+from core import events, settle
 from core.engine import (
     _finish,
     _Meter,
@@ -88,8 +88,8 @@ def torchrun_env() -> tuple[int, int, int] | None:
 def run_rank(rank: int, world: int, local_rank: int, config: RunConfig | None, run: RunDir | None,
              callback: events.Callback, cancel: threading.Event, init: str = "env://") -> str:
     """One rank of a multi-GPU SPQE run. Rank 0 passes the run and config; the others
-    receive them. Cancellation is decided by rank 0 between rounds: each GPU finishes
-    the sample in flight, and rank 0 writes it."""
+    receive them. Cancellation and the settle rule (`until_settled`) are decided by rank 0
+    between rounds: each GPU finishes the sample in flight, and rank 0 writes it."""
     on_gpu = torch.cuda.is_available()
     if on_gpu:
         torch.cuda.set_device(local_rank)
@@ -118,6 +118,12 @@ def run_rank(rank: int, world: int, local_rank: int, config: RunConfig | None, r
             if rank == 0 else None
         sampler = Sampler(prepared.switch, evaluator, config.seed, config.antithetic,
                           on_eval=meter.on_eval if meter else None, levels=config.levels)
+        # Rank 0 applies the settle rule to the samples in index order, as one process would;
+        # the round in flight when it holds is kept (those samples are already paid for).
+        settler = settle.Settler(run.costs(), settle.SettleRule(
+            bits=settle.budgets_for(config.levels, config.until_settled)), config.antithetic) \
+            if rank == 0 and config.until_settled else None
+        settled = None
         sampler.start()
         for start in range(0, len(todo), world):
             round_ = todo[start:start + world]
@@ -125,7 +131,7 @@ def run_rank(rank: int, world: int, local_rank: int, config: RunConfig | None, r
             record = sampler.sample(mine).to_record() if mine is not None else None
             gathered = [None] * world if rank == 0 else None
             dist.gather_object(record, gathered, dst=0)
-            stop, error = [False, None], None
+            stop, error = [False, None, None], None
             if rank == 0:
                 for rec in sorted((r for r in gathered if r), key=lambda r: r["m"]):
                     run.append_sample(rec)
@@ -137,13 +143,23 @@ def run_rank(rank: int, world: int, local_rank: int, config: RunConfig | None, r
                             handle_nonfinite(run, callback, rec, sampler.nonfinite_alone)
                         except UserError as exc:
                             error = exc
+                    if settler is not None and settled is None and settler.observe(run.D()):
+                        settled = settler.message()
                 meter.sample += len(round_)
-                stop = [cancel.is_set() or error is not None, str(error) if error else None]
+                stop = [cancel.is_set() or error is not None or settled is not None,
+                        str(error) if error else None, settled]
             dist.broadcast_object_list(stop, src=0)
             if stop[1] is not None:       # every rank leaves; rank 0 reports it
                 if rank == 0:
                     raise error
                 return "failed"
+            if stop[2] is not None:
+                if rank > 0:
+                    return "completed"
+                callback(events.Log(settled))
+                return _finish(run, callback, "completed",
+                               f"completed (settled) on {world} {'GPUs' if on_gpu else 'CPU processes'} "
+                               f"with {len(run.samples())} of {config.samples} samples; {settled}")
             if stop[0]:
                 return _finish(run, callback, "cancelled", "cancelled after a round") if rank == 0 else "cancelled"
         return _finish(run, callback, "completed", f"completed on {world} {'GPUs' if on_gpu else 'CPU processes'}") if rank == 0 else "completed"

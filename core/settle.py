@@ -4,8 +4,13 @@ After each finished sample the run's quadratic model (core.interactions, the pap
 IMPQ) is fitted to the samples so far and solved at each budget in `bits`. The run has
 settled at sample m when all of
 
-  (a) stable:  none of those allocations changed over the last K samples (the
-               allocations after samples m-K, ..., m are equal, budget by budget);
+  (a) stable:  over the last K samples no allocation changed by more than `tol`: every
+               allocation the run held after samples m-K, ..., m-1 is the current one,
+               or costs at most `tol` more predicted loss than it under the current
+               model (relative to the current allocation's predicted increase, at each
+               budget). Near the cut IMPQ keeps swapping layers whose effects are nearly
+               tied; such a swap changes the decision by almost nothing, so it does not
+               hold the run (tol = 0 asks for the very same allocations);
   (b) precise: the standard error of every "marginal" drop is at most `rse` times the
                mean |phi| over all drops (a typical layer's effect). The marginal drops
                of a budget are the 2 x `width` drops nearest the cut when the drops are
@@ -29,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from core.errors import InvalidField
-from core.interactions import quadratic_model
+from core.interactions import predicted_delta, quadratic_model
 from core.solver import Costs, solve_impq
 
 DEFAULT_BITS = (2.5, 3.0, 3.5)
@@ -43,17 +48,22 @@ class SettleRule:
     # gaps <= 0.8%); rse binds only below 0.5, min_samples not at all past K = 8.
     K: int = 10              # samples over which no allocation may change
     rse: float = 0.5         # the largest se / mean|phi| allowed among marginal drops
+    tol: float = 0.0         # the predicted-loss regret (relative) a change may cost
     min_samples: int = 20
     width: int = 2           # marginal drops: this many on each side of the cut
 
 
 @dataclass(frozen=True)
 class State:
-    """The decision after m samples: one allocation (bits per layer) per budget, and the
-    largest se among the marginal drops of all budgets over the mean |phi|."""
+    """The decision after m samples: one allocation (bits per layer) per budget, the
+    largest se among the marginal drops of all budgets over the mean |phi|, and
+    regret[k - 1]: how much more predicted loss, under this state's model, the
+    allocations held k samples before cost than these (the largest over budgets,
+    relative to these allocations' predicted increase; 0 where they are the same)."""
     m: int
     allocations: tuple[tuple[int, ...], ...]
     rse: float
+    regret: tuple[float, ...] = ()
 
 
 def budgets_for(levels: tuple[int, ...], bits: tuple[float, ...] | None) -> tuple[float, ...]:
@@ -71,8 +81,9 @@ def budgets_for(levels: tuple[int, ...], bits: tuple[float, ...] | None) -> tupl
 
 
 def state(D: np.ndarray, costs: Costs, bits: tuple[float, ...], paired: bool = False,
-          width: int = SettleRule.width) -> State:
-    """The allocations at `bits` from the samples D [m, drops], and their marginal rse."""
+          width: int = SettleRule.width, previous=()) -> State:
+    """The allocations at `bits` from the samples D [m, drops], their marginal rse, and
+    the regret of the `previous` states' allocations (most recent first)."""
     model = quadratic_model(D, paired=paired)
     allocations, worst = [], 0.0
     order = np.argsort(model.phi, kind="stable")
@@ -84,7 +95,22 @@ def state(D: np.ndarray, costs: Costs, bits: tuple[float, ...], paired: bool = F
         cut = int(sum(alloc.q))
         near = order[max(0, cut - width):cut + width]
         worst = max(worst, float(rel[near].max()) if len(near) else 0.0)
-    return State(m=len(D), allocations=tuple(allocations), rse=worst)
+    allocations = tuple(allocations)
+
+    def delta(alloc) -> float:
+        return predicted_delta(model, costs.drops_of(alloc))
+
+    now = [delta(a) for a in allocations]
+    seen: dict = {}
+
+    def regret(earlier) -> float:
+        if earlier not in seen:
+            seen[earlier] = max(((delta(e) - d) / max(abs(d), 1e-12) if e != a else 0.0)
+                                for e, a, d in zip(earlier, allocations, now))
+        return seen[earlier]
+
+    return State(m=len(D), allocations=allocations, rse=worst,
+                 regret=tuple(regret(earlier) for earlier in previous))
 
 
 def settled(history: list[State], rule: SettleRule) -> bool:
@@ -94,13 +120,20 @@ def settled(history: list[State], rule: SettleRule) -> bool:
     last = history[-rule.K - 1:]
     if last[-1].m - last[0].m != rule.K:        # a gap (a non-finite sample): not K samples
         return False
-    return all(s.allocations == last[-1].allocations for s in last) and last[-1].rse <= rule.rse
+    now = last[-1]
+    if now.rse > rule.rse:
+        return False
+    return all(s.allocations == now.allocations
+               or (k <= len(now.regret) and now.regret[k - 1] <= rule.tol)
+               for k, s in enumerate(reversed(last[:-1]), 1))
 
 
 def describe(history: list[State], rule: SettleRule) -> str:
     s = history[-1]
+    change = ("unchanged" if rule.tol <= 0 else
+              f"within {rule.tol:.1%} of the predicted loss")
     return (f"settled after {s.m} samples: allocations at {'/'.join(str(float(b)) for b in rule.bits)} "
-            f"bits unchanged for {rule.K} samples, largest se of the marginal layers / mean |phi| "
+            f"bits {change} for {rule.K} samples, largest se of the marginal layers / mean |phi| "
             f"{s.rse:.3f} (at most {rule.rse:g})")
 
 
@@ -116,7 +149,9 @@ class Settler:
     def observe(self, D: np.ndarray) -> bool:
         if len(D) == 0 or (self.history and self.history[-1].m == len(D)):
             return False        # nothing new: the sample was non-finite and left out of D
-        self.history.append(state(D, self.costs, self.rule.bits, self.paired, self.rule.width))
+        previous = [s.allocations for s in reversed(self.history[-self.rule.K:])]
+        self.history.append(state(D, self.costs, self.rule.bits, self.paired, self.rule.width,
+                                  previous))
         del self.history[:-self.rule.K - 1]
         return settled(self.history, self.rule)
 

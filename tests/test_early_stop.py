@@ -8,10 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from core.errors import InvalidField
+from core.interactions import predicted_delta, quadratic_model
 from core.runs import RunDir
 from core.settle import (
     DEFAULT_BITS,
@@ -22,7 +25,7 @@ from core.settle import (
     settled,
     state,
 )
-from core.solver import Costs
+from core.solver import Costs, solve_impq
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,6 +92,47 @@ def test_noisy_samples_stop_k_samples_after_the_last_change():
     assert changes, "the stream should swap the tied layers at least once"
     assert stop == max(rule.min_samples, changes[-1] + rule.K)
     assert allocs[stop - 1] == allocs[-1]       # and it stopped on the 80-sample decision
+
+
+def _regret_rule_holds(D, costs, m: int, rule: SettleRule) -> bool:
+    """The tolerance rule recomputed from scratch at sample m: every allocation of the
+    last K samples costs at most tol more predicted loss than the current one, under the
+    model of the first m samples."""
+    model = quadratic_model(D[:m])
+    current = [solve_impq(D[:m], costs, bits=b, model=model) for b in rule.bits]
+    for k in range(1, rule.K + 1):
+        for b, now in zip(rule.bits, current):
+            earlier = solve_impq(D[:m - k], costs, bits=b).bits_per_layer
+            gap = (predicted_delta(model, costs.drops_of(earlier)) - now.predicted_delta_nll)
+            if earlier != now.bits_per_layer and gap > rule.tol * now.predicted_delta_nll:
+                return False
+    return True
+
+
+def test_swaps_of_nearly_tied_layers_within_tol_do_not_hold_the_run():
+    """The same noisy stream: with tol the swaps of the tied layers (0.1 apart in an
+    increase of about 18) stop holding the run, which stops earlier, at the first sample
+    where every allocation of the last K costs at most tol more predicted loss."""
+    L, rng = 6, np.random.default_rng(3)
+    phi = np.array([1.0, 2.0, 3.0, 4.0, 8.0, 8.1])
+    D = phi + 0.4 * rng.standard_normal((80, L))
+    costs = _costs(L)
+    strict = SettleRule(bits=(2.5,), K=6, rse=0.5, min_samples=5)
+    loose = replace(strict, tol=0.05)
+
+    def stop_of(rule):
+        settler = Settler(costs, rule)
+        m = next(m for m in range(1, 81) if settler.observe(D[:m]))
+        return m, settler.message()
+
+    m_strict, _ = stop_of(strict)
+    m_loose, message = stop_of(loose)
+    assert m_loose < m_strict
+    assert "within 5.0% of the predicted loss for 6 samples" in message
+    assert _regret_rule_holds(D, costs, m_loose, loose)
+    assert not any(_regret_rule_holds(D, costs, m, loose)
+                   for m in range(loose.K + 1, m_loose) if m >= loose.min_samples
+                   and state(D[:m], costs, loose.bits).rse <= loose.rse)
 
 
 def test_budgets_follow_the_run_levels():

@@ -8,6 +8,7 @@ one GPU per rank) is measured by bench/multi_gpu.sh.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -53,3 +54,26 @@ def test_torchrun_ranks_merge_into_one_run_with_the_single_process_vectors(tiny_
     cli("run", "--resume", single, "--samples", 8, "--quiet", check=True)
     np.testing.assert_array_equal(RunDir.open(ranks).D(), RunDir.open(single).D())
     assert RunDir.open(ranks).D().shape[0] == 8
+
+
+def test_torchrun_stops_when_settled_as_rank_0_decides(tiny_model_dir, tmp_path):
+    """--until-settled under torchrun: rank 0 applies the rule to the samples in index
+    order, the ranks stop after that round, and the rule held at the sample it names."""
+    from core.settle import DEFAULT_BITS, SettleRule, Settler
+
+    run_dir, most = tmp_path / "ranks", 150
+    done = torchrun(2, "run", "--model", tiny_model_dir, "--samples", most, "--windows", "2",
+                    "--window-tokens", "32", "--device", "cpu", "--run-dir", run_dir,
+                    "--until-settled", "--quiet")
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = RunDir.open(run_dir)
+    n = len(run.samples())
+    log = (run_dir / "events.log").read_text()
+    said = re.search(r"settled after (\d+) samples", log)
+    assert said and "completed (settled) on 2 CPU processes" in log, log[-2000:]
+    m = int(said.group(1))
+    assert m <= n <= m + 1 < most            # the round in flight (2 ranks) is kept
+    settler, D = Settler(run.costs(), SettleRule(bits=DEFAULT_BITS)), run.D()
+    first = next(k for k in range(1, n + 1) if settler.observe(D[:k]))
+    assert first == m
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "completed"

@@ -1,0 +1,96 @@
+"""Real loss of early-stopped allocations (issue 17; GPU): what stopping costs in
+perplexity on held-out text, not only in predicted loss.
+
+Input: bench/results/early_stop_stops.json, written by bench/early_stop.py: for each
+real SPQE run and each (K, tol) setting of the settle rule, every re-ordering's
+stopped allocations at 2.5/3.0/3.5 bits, and the full run's own allocations. Each run's
+model is loaded once (core.compare's loader: the run's dtype, the real backend's
+modules), every distinct allocation is evaluated by swapping module references on the
+evaluation tokens that eval and compare use (disjoint from the calibration text), in
+lexicographic order so consecutive evaluations share a prefix. Reported per setting and
+budget: the perplexity ratio stopped / full run (mean, worst, share worse by more than
+1%), and the mean samples to stop. Writes one JSON object.
+
+    python bench/early_stop_real.py --device cuda --out bench/results/early_stop_real.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from core.compare import _load  # noqa: E402
+from core.data import eval_tokens  # noqa: E402
+from core.runs import RunDir, write_atomic  # noqa: E402
+from core.switching import LayerSwitch, PrefixEvaluator  # noqa: E402
+
+
+def measure(path: str, entry: dict, bits: list[float], device: str, log) -> dict:
+    run = RunDir.open(str(ROOT / path) if not Path(path).is_absolute() else path)
+    config = run.config
+    loaded, backend, settings = _load(run, device, None, None, None, None, log)
+    tokens = eval_tokens(loaded.tokenizer, settings, config.calib_text, log)
+    real = LayerSwitch(loaded, backend, real=True, keep_original=False,
+                       levels=[config.levels] * len(loaded.layers))
+    evaluator = PrefixEvaluator(loaded, tokens, max(1, config.micro_batch))
+    wanted = {tuple(a) for a in entry["full"]}
+    for setting in entry["settings"]:
+        for stop in setting["stops"]:
+            wanted |= {tuple(a) for a in stop["allocations"]}
+    nll = {}
+    t = time.perf_counter()
+    with torch.inference_mode():
+        for bits_per_layer in sorted(wanted):
+            first = real.apply(bits_per_layer)
+            nll[bits_per_layer] = evaluator.evaluate(0 if first is None else first)
+    log(f"{path}: {len(wanted)} allocations in {time.perf_counter() - t:.1f}s")
+    full = [nll[tuple(a)] for a in entry["full"]]
+    rows = []
+    for setting in entry["settings"]:
+        stops = setting["stops"]
+        per_budget = []
+        for j, b in enumerate(bits):
+            ratio = np.array([math.exp(nll[tuple(s["allocations"][j])] - full[j]) for s in stops])
+            per_budget.append({"bits": b, "ppl_ratio_mean": float(ratio.mean()),
+                               "ppl_ratio_max": float(ratio.max()),
+                               "ppl_ratio_min": float(ratio.min()),
+                               "worse_by_1pct_share": float((ratio > 1.01).mean())})
+        rows.append({"K": setting["K"], "tol": setting["tol"],
+                     "stop_mean": float(np.mean([s["m"] for s in stops])), "budgets": per_budget})
+    return {"samples": len(run.D()), "full_ppl": [math.exp(x) for x in full],
+            "eval_tokens": int(evaluator.predicted), "allocations_evaluated": len(wanted),
+            "settings": rows}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--stops", default=str(ROOT / "bench/results/early_stop_stops.json"))
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--out", default=str(ROOT / "bench/results/early_stop_real.json"))
+    args = p.parse_args()
+    stops = json.loads(Path(args.stops).read_text())
+    t0 = time.perf_counter()
+    report = {"what": __doc__.split("\n\n")[1].replace("\n", " "), "bits": stops["bits"],
+              "orderings": stops["orderings"],
+              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.machine(),
+              "command": " ".join(["bench/early_stop_real.py"] + sys.argv[1:]), "runs": {}}
+    for path, entry in stops["runs"].items():
+        report["runs"][path] = measure(path, entry, stops["bits"], args.device,
+                                       lambda msg, level="info": print(msg, flush=True))
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    write_atomic(Path(args.out), json.dumps(report, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
