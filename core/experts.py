@@ -20,6 +20,7 @@ import contextlib
 import importlib.metadata
 import io
 import logging
+import re
 import sys
 
 from torch import nn
@@ -27,6 +28,8 @@ from torch import nn
 from core.errors import UserError
 
 DISTRIBUTION = "defuser"
+# A per-expert linear as `unfuse` names it: model.layers.3.mlp.experts.7.up_proj
+_EXPERT = re.compile(r"\.experts\.(\d+)\.([^.]+)$")
 
 
 def fused_parameters(layers) -> list[str]:
@@ -78,6 +81,13 @@ def refusal(model: nn.Module, fused: list[str]) -> UserError:
         f"nn.Linear modules, does not handle model type {kind!r}: impq-tui quantizes nn.Linear "
         "projections only. Dense models, and MoE families such as Qwen2/3-MoE, Mixtral and "
         "OLMoE, work.")
+
+
+def expert_of(name: str) -> int | None:
+    """The expert a linear is (`unfuse`'s ...experts.<e>.<projection>), None for a dense
+    linear."""
+    found = _EXPERT.search(name)
+    return None if found is None else int(found[1])
 
 
 def is_router(model: nn.Module, name: str) -> bool:

@@ -1,12 +1,14 @@
 """Any decoder-only causal LM, by structure (core.models): tiny random-config models of the
 families transformers 5 ships, end to end (run, solve, eval, export with quanto and HQQ;
-GPTQ on Gemma 3), the gguf export's refusal of the checkpoints impq-tui does not convert,
-and clear refusals, decided from the config before any weight is read.
+GPTQ on Gemma 3), the gguf export's check that it converts a checkpoint of each family (and
+its refusal of one llama.cpp would run differently), and clear refusals, decided from the
+config before any weight is read.
 
 Which (family, backend) pairs are tested where: quanto and HQQ here (and
 tests/test_moe.py for Qwen3-MoE, Mixtral); GPTQ here (Gemma 3), tests/test_gptq_spqe.py
 (Llama), tests/test_moe.py (Qwen3-MoE); gguf on checkpoints in tests/test_gguf_convert.py
-(Llama, Qwen2/3, Qwen3-MoE converted; the whole export on Llama), on GGUF inputs in
+(Llama, Qwen2/3, Qwen3-MoE converted; the whole export on Llama) and
+tests/test_gguf_convert_families.py (the other families; the whole export on Phi-3), on GGUF inputs in
 tests/test_gguf.py (Llama) and tests/test_gguf_inputs.py (Gemma 3, Phi-3)."""
 from __future__ import annotations
 
@@ -118,20 +120,27 @@ def test_a_family_runs_end_to_end_with_gptq(family, tiny_tokenizer, tmp_path):
     assert [layer["bytes"] for layer in record["layers"]] == [run.costs().m_hi[0], run.costs().m_lo[1]]
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "phi3", "olmo2", "granite",
-                                    "starcoder2", "gpt_neox", "stablelm"])
-def test_the_gguf_export_of_a_checkpoint_it_does_not_convert_names_llama_cpps_converter(
-        family, tiny_tokenizer, tmp_path):
-    """impq-tui converts Llama, Mistral, Qwen2/3 and Qwen3-MoE checkpoints to GGUF itself
-    (core.export.gguf_convert); for the others the gguf export says to convert with
-    llama.cpp's converter (whose output, beside the folder, it then takes), before any
-    weight is loaded."""
+# What the gguf export converts beyond the tiny configs' defaults: Gemma's attention scale
+# as llama.cpp computes it, Gemma 2's soft caps and window with its tied head.
+GGUF_READY = {"gemma2": {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 16,
+                         "tie_word_embeddings": True},
+              "gemma3_text": {"head_dim": 16, "query_pre_attn_scalar": 16}}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_gguf_export_converts_a_checkpoint_of_each_family(family, tiny_tokenizer, tmp_path):
+    """Every family here converts to GGUF (core.export.gguf_convert; llama.cpp's losses are
+    checked in tests/test_gguf_convert_families.py): the check before a gguf run passes from
+    the config and says where the conversion will be written, without writing it."""
     from core.export.gguf import gguf_input
 
-    folder = save_family(tmp_path / family, tiny_tokenizer, family)
-    with pytest.raises(UserError, match=f"is a {family}") as info:
-        gguf_input(RunConfig(model=str(folder), backend="gguf"), convert=False)
-    assert f"convert_hf_to_gguf.py {folder} --outtype f32 --outfile {folder}.gguf" in str(info.value)
+    # llama.cpp looks up Phi-3's special tokens in a model whose name says phi3 (the byte-level
+    # tiny tokenizer has none; the converter refuses that: tests/test_gguf_convert.py)
+    folder = save_family(tmp_path / family.replace("phi3", "phi"), tiny_tokenizer, family,
+                         **GGUF_READY.get(family, {}))
+    target = gguf_input(RunConfig(model=str(folder), backend="gguf"), convert=False)
+    assert target.suffix == ".gguf" and not target.exists()
+    assert not list(folder.glob("*.gguf"))
 
 
 def _config_only(path, model_type: str, **extra):
@@ -177,20 +186,21 @@ def test_the_backends_rules_are_checked_before_loading(tiny_tokenizer, tmp_path)
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="needs the gguf extra")
 def test_a_gguf_run_on_a_checkpoint_the_export_cannot_convert_is_refused_before_loading(
         tiny_tokenizer, tmp_path):
-    """A gguf run is measured for a GGUF export: on a Gemma 3 checkpoint (which impq-tui does
-    not convert) the run is refused from the config, with llama.cpp's converter command,
-    instead of after hours of SPQE; once the user's conversion lies beside the folder, the
-    same check passes. A convertible Llama checkpoint passes as it is."""
+    """A gguf run is measured for a GGUF export: on a Gemma 2 checkpoint with an output head of
+    its own (which llama.cpp's gemma2 does not have) the run is refused from the config, with
+    llama.cpp's converter command, instead of after hours of SPQE; once the user's conversion
+    lies beside the folder, the same check passes. A convertible Llama checkpoint passes as it is."""
     from core.backends import get_backend
     from core.engine import check_before_loading
 
-    folder = save_family(tmp_path / "gemma3", tiny_tokenizer, "gemma3_text")
+    folder = save_family(tmp_path / "gemma2", tiny_tokenizer, "gemma2", **{
+        **GGUF_READY["gemma2"], "tie_word_embeddings": False})
     config = RunConfig(model=str(folder), backend="gguf", group_size=32, device="cpu")
     backend = get_backend("gguf", 32)
     with pytest.raises(UserError, match="convert_hf_to_gguf.py") as info:
         check_before_loading(config, backend)
-    assert "gemma3" in str(info.value)
-    (tmp_path / "gemma3.gguf").write_bytes(b"GGUF")     # where the converter's output goes
+    assert "gemma2" in str(info.value) and "output head of its own" in str(info.value)
+    (tmp_path / "gemma2.gguf").write_bytes(b"GGUF")     # where the converter's output goes
     check_before_loading(config, backend)
     llama = save_family(tmp_path / "llama", tiny_tokenizer, "llama")
     check_before_loading(RunConfig(model=str(llama), backend="gguf", group_size=32), backend)

@@ -2,9 +2,11 @@
 gguf-py), checked by llama.cpp itself (llama-cpp-python, in a fresh process): tiny random
 Llama, Qwen2, Qwen3 and Qwen3-MoE checkpoints give llama.cpp the next-token losses
 transformers computes on the same tokens, llama.cpp tokenizes text as the Hugging Face
-tokenizer does (the pre-tokenizer type chosen from the tokenizer), the Q/K reordering is
-the inverse of transformers' own GGUF loader, refusals say what to do, and a whole
-`export --backend gguf` of a checkpoint run converts, quantizes and verifies."""
+tokenizer does (byte-level BPE: the pre-tokenizer type chosen from the tokenizer;
+SentencePiece BPE from tokenizer.model or tokenizer.json: llama.cpp's "llama" tokenizer
+with scores it merges by), the Q/K reordering is the inverse of transformers' own GGUF
+loader, refusals say what to do, and a whole `export --backend gguf` of a checkpoint run
+converts, quantizes and verifies. The other families: tests/test_gguf_convert_families.py."""
 from __future__ import annotations
 
 import importlib.util
@@ -96,7 +98,7 @@ def tokenizer_with(pre: str):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from core.export.gguf_convert import _LLAMA3, _QWEN2
+    from core.export.gguf_vocab import _LLAMA3, _QWEN2
 
     tok = Tokenizer(models.BPE(ignore_merges=pre == "llama-bpe"))     # as Llama 3's
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pre == "gpt-2")
@@ -166,7 +168,7 @@ def test_converted_checkpoints_give_llama_cpp_the_transformers_losses(tiny_token
         want[path] = transformers_nll(folder, rows)
         jobs.append((path, rows.tolist(), TEXT))
     # the negative control: the Llama without llama.cpp's Q/K order
-    monkeypatch.setitem(gguf_convert.FAMILIES, "llama", ("LLAMA", False))
+    monkeypatch.setitem(gguf_convert.FAMILIES, "llama", gguf_convert.Family("LLAMA"))
     unordered = convert(tmp_path / "llama", tmp_path / "llama-unordered.gguf")
     jobs.append((unordered, rows.tolist(), TEXT))
     got = llama_cpp(jobs, tmp_path)
@@ -216,6 +218,127 @@ def test_llama_cpp_tokenizes_as_the_family_tokenizer(pre, tmp_path):
     got = llama_cpp([(path, [], TEXT)], tmp_path)[path]
     assert got["plain"] == tokenizer(TEXT, add_special_tokens=False)["input_ids"]
     assert got["added"] == tokenizer(TEXT)["input_ids"]            # no BOS added by either
+
+
+# ------------------------------------------------------------------ SentencePiece vocabularies
+
+SPM_STYLES = {   # style: (sentencepiece ids and pieces, a space prefixed, user-defined token)
+    "llama": ({"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": -1}, True, "<sep>"),
+    "gemma": ({"pad_id": 0, "eos_id": 1, "bos_id": 2, "unk_id": 3, "pad_piece": "<pad>",
+               "eos_piece": "<eos>", "bos_piece": "<bos>"}, False, "<start_of_turn>"),
+}
+
+
+def spm_checkpoint(path: Path, style: str, family: str = "llama", special: tuple[str, ...] = (), **changes):
+    """A tiny checkpoint whose tokenizer is a SentencePiece BPE trained on the embedded text
+    (byte fallback, no normalization, digits split: as Llama 2's and Gemma's), given as:
+    "llama" and "gemma" tokenizer.model (Llama's ids and space prefix; Gemma's ids, none),
+    "llama-json" the tokenizer.json transformers writes for it alone (a Metaspace), and
+    "llama2-json" that file with Llama 2's own normalizer (Prepend and Replace) read as a
+    plain tokenizers tokenizer (`special`: control tokens added after its pieces). The
+    checkpoint's family decides how transformers builds a tokenizer.model: Llama's class
+    (a Metaspace), Gemma's, or its generic build (Mistral, Phi-3...: Replace, Metaspace,
+    user-defined pieces split off). (the folder, the tokenizer transformers loads from it)"""
+    import io
+    import shutil
+
+    import sentencepiece
+    from pydoc_data.topics import topics
+    from transformers import AutoTokenizer
+
+    ids, prefix, user = SPM_STYLES["gemma" if style == "gemma" else "llama"]
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter([topics[k] for k in sorted(topics)]), model_writer=model,
+        vocab_size=512, model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, split_digits=True, add_dummy_prefix=prefix,
+        allow_whitespace_only_pieces=True, user_defined_symbols=[user], max_sentence_length=100000,
+        minloglevel=2, **ids)
+    source = path.parent / f"{path.name}-tokenizer"
+    source.mkdir(parents=True)
+    (source / "tokenizer.model").write_bytes(model.getvalue())
+    names = ({"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"} if style == "gemma"
+             else {"bos_token": "<s>", "eos_token": "</s>"})
+    (source / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "GemmaTokenizer" if style == "gemma" else "LlamaTokenizer",
+         "unk_token": "<unk>", "add_bos_token": True, **names}))
+    if style.endswith("-json"):
+        spec = json.loads(AutoTokenizer.from_pretrained(source).backend_tokenizer.to_str())
+        (source / "tokenizer.model").unlink()
+        if style == "llama2-json":
+            spec["normalizer"] = {"type": "Sequence", "normalizers": [
+                {"type": "Prepend", "prepend": "▁"},
+                {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
+            spec["pre_tokenizer"] = None
+            config = json.loads((source / "tokenizer_config.json").read_text())
+            config["tokenizer_class"] = "PreTrainedTokenizerFast"
+            (source / "tokenizer_config.json").write_text(json.dumps(config))
+        (source / "tokenizer.json").write_text(json.dumps(spec))
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if special:
+        assert style.endswith("-json"), "added tokens are kept in a tokenizer.json"
+        tokenizer.add_special_tokens({"additional_special_tokens": list(special)})
+    save_checkpoint(path, tokenizer, family, **changes)
+    if not style.endswith("-json"):       # the tokenizer.model alone
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (path / name).unlink(missing_ok=True)
+        for file in source.iterdir():
+            shutil.copy(file, path)
+    return path, AutoTokenizer.from_pretrained(path)
+
+
+@needs_llama_cpp
+def test_llama_cpp_tokenizes_as_sentencepiece_tokenizers(tmp_path, monkeypatch):
+    """SentencePiece BPE vocabularies (tokenizer.model, or a tokenizer.json BPE with byte
+    fallback; as Llama's class, Gemma's and transformers' generic build for Mistral read
+    them) become llama.cpp's "llama" tokenizer: llama.cpp splits text (spaces, digits,
+    accents, CJK and a tab through byte fallback; Gemma's user-defined token) into the ids
+    the Hugging Face tokenizer gives, adds BOS as it does, and the tiny models run at the
+    transformers losses. From a tokenizer.json alone the scores come from its merges: with
+    llama.cpp's converter's -1000 for every token the split differs."""
+    import gguf
+
+    from core.export import gguf_vocab
+
+    jobs, want, tokenizers = [], {}, {}
+    for style, family in (("llama", "llama"), ("gemma", "llama"), ("llama-json", "llama"),
+                          ("llama2-json", "llama"), ("mistral", "mistral")):
+        folder, tokenizer = spm_checkpoint(tmp_path / style, "llama" if style == "mistral" else style,
+                                           family, layers=1, initializer_range=0.2)
+        path = convert(folder, tmp_path / f"{style}.gguf")
+        rows = rows_for(tokenizer)
+        want[path], tokenizers[path] = transformers_nll(folder, rows), tokenizer
+        text = TEXT + ("<start_of_turn>user\n" if style == "gemma" else "")
+        jobs.append((path, rows.tolist(), text))
+        field = lambda key, reader=gguf.GGUFReader(str(path)): reader.get_field(key).contents()  # noqa: E731
+        assert field("tokenizer.ggml.model") == "llama" and field("tokenizer.ggml.pre") == "default"
+        assert field("tokenizer.ggml.add_space_prefix") is (style != "gemma")
+        assert field("tokenizer.ggml.add_bos_token") is True
+        assert field("tokenizer.ggml.bos_token_id") == tokenizer.bos_token_id
+        tokens, types, scores = (field(f"tokenizer.ggml.{k}") for k in ("tokens", "token_type", "scores"))
+        assert len(tokens) == len(tokenizer)
+        assert types[tokenizer.convert_tokens_to_ids("<0x41>")] == gguf.TokenType.BYTE
+        assert types[tokenizer.unk_token_id] == gguf.TokenType.UNKNOWN
+        assert types[tokenizer.bos_token_id] == gguf.TokenType.CONTROL
+        user = SPM_STYLES["gemma" if style == "gemma" else "llama"][2]
+        assert types[tokenizer.convert_tokens_to_ids(user)] == gguf.TokenType.USER_DEFINED
+        the = tokenizer.convert_tokens_to_ids("▁the")
+        assert types[the] == gguf.TokenType.NORMAL and scores[the] > scores[tokenizer.convert_tokens_to_ids("▁they")]
+    # llama.cpp's converter's scores for a tokenizer.json (gguf-py's LlamaHfVocab): all -1000
+    monkeypatch.setattr(gguf_vocab, "_scores",
+                        lambda tokenizer, spec, folder: dict.fromkeys(tokenizer.get_vocab().values(), -1000.0))
+    flat = convert(tmp_path / "llama-json", tmp_path / "flat.gguf")
+    got = llama_cpp(jobs + [(flat, [], TEXT)], tmp_path)
+    gaps = {}
+    for path, text in ((p, t) for p, _, t in jobs):
+        tokenizer = tokenizers[path]
+        assert got[path]["plain"] == tokenizer(text, add_special_tokens=False)["input_ids"], path.stem
+        assert got[path]["added"] == tokenizer(text)["input_ids"], path.stem
+        llama, nll = np.asarray(got[path]["nll"]), want[path]
+        gaps[path.stem] = float(np.abs(llama - nll).max())
+        assert abs(llama.mean() - nll.mean()) < 1e-4 * nll.mean(), (path.stem, llama.mean(), nll.mean())
+    assert max(gaps.values()) < 0.02, gaps
+    assert got[flat]["plain"] != tokenizers[tmp_path / "llama-json.gguf"](TEXT, add_special_tokens=False)["input_ids"]
 
 
 def test_q_and_k_rows_are_what_transformers_gguf_loader_undoes(tiny_tokenizer, tmp_path):
@@ -285,8 +408,53 @@ def test_the_conversion_is_cached_by_the_checkpoints_fingerprint(tiny_tokenizer,
 
 # ------------------------------------------------------------------ refusals
 
-def test_what_cannot_be_converted_is_refused_with_llama_cpps_converter_named(tiny_tokenizer, tmp_path):
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+def config_only(path: Path, model_type: str, **changes) -> Path:
+    """A checkpoint folder with a config.json and nothing else: a refusal from it was decided
+    before any tokenizer file or weight was read."""
+    from core.models import tiny_config
+
+    config = tiny_config(model_type, layers=2)
+    for key, value in changes.items():
+        setattr(config, key, value)
+    path.mkdir()
+    config.save_pretrained(path)
+    return path
+
+
+LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+            "short_factor": [1.0] * 6, "long_factor": [2.0] * 6, "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize("model_type, changes, words", [
+    ("mixtral", {}, "is a mixtral"),
+    ("llama", {"hidden_act": "gelu"}, "activation 'gelu'"),
+    ("llama", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, "'dynamic'"),
+    ("qwen2", {"use_sliding_window": True}, "use_sliding_window"),
+    ("phi3", {"max_position_embeddings": 256, "rope_parameters": LONGROPE}, "'longrope'"),
+    ("gemma2", {}, "tie_word_embeddings false"),
+    ("gemma2", {"tie_word_embeddings": True, "head_dim": 16}, "query_pre_attn_scalar 256"),
+    ("gemma2", {"tie_word_embeddings": True, "final_logit_softcapping": None}, "soft-capping"),
+    ("gemma2", {"tie_word_embeddings": True, "sliding_window": None}, "no sliding window"),
+    ("gemma3_text", {"attn_logit_softcapping": 50.0}, "soft-caps attention"),
+    ("gemma3_text", {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                         "sliding_attention": {"rope_type": "linear", "factor": 2.0,
+                                                               "rope_theta": 1e4}}},
+     "scales the rope of its sliding layers"),
+    ("stablelm", {"qk_layernorm": True}, "qk_layernorm"),
+])
+def test_families_llama_cpp_would_compute_otherwise_are_refused_from_the_config(model_type, changes, words,
+                                                                                tmp_path):
+    """Families impq-tui does not convert, and settings with which llama.cpp's architecture
+    would compute something else than transformers: refused from config.json alone, with
+    llama.cpp's converter as the way to go."""
+    folder = config_only(tmp_path / model_type, model_type, **changes)
+    with pytest.raises(UserError, match=words) as info:
+        check_convertible(folder)
+    assert f"convert_hf_to_gguf.py {folder} --outtype f32 --outfile {folder}.gguf" in str(info.value)
+
+
+def test_tokenizers_llama_cpp_would_split_otherwise_are_refused(tiny_tokenizer, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     def refused(folder: Path, match: str):
@@ -294,26 +462,36 @@ def test_what_cannot_be_converted_is_refused_with_llama_cpps_converter_named(tin
             check_convertible(folder)
         assert "convert_hf_to_gguf.py" in str(info.value) and f"{folder}.gguf" in str(info.value)
 
-    # a SentencePiece-style tokenizer.json (Llama 2, Mistral 7B: BPE with byte fallback)
-    spm = Tokenizer(models.BPE(vocab={"<unk>": 0, "▁a": 1}, merges=[], byte_fallback=True, unk_token="<unk>"))
-    spm.normalizer = normalizers.Replace(" ", "▁")
-    spm.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback()])
-    folder = save_checkpoint(tmp_path / "spm", PreTrainedTokenizerFast(tokenizer_object=spm), "llama", layers=1,
-                             vocab_size=8)
-    refused(folder, "byte fallback")
-    (folder / "tokenizer.json").unlink()
-    (folder / "tokenizer.model").write_bytes(b"\x00")
-    refused(folder, "SentencePiece model")
+    # a SentencePiece-style tokenizer normalizing beyond spaces (NFKC): llama.cpp does not
+    folder, _ = spm_checkpoint(tmp_path / "nfkc", "llama2-json", layers=1)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["normalizer"]["normalizers"].insert(0, {"type": "NFKC"})
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    refused(folder, "normalization")
+    # a tokenizer.model that is not the tokenizer transformers loads (from tokenizer.json)
+    folder, _ = spm_checkpoint(tmp_path / "mixed", "llama-json", layers=1)
+    other, _ = spm_checkpoint(tmp_path / "gemma", "gemma", layers=1)
+    (folder / "tokenizer.model").write_bytes((other / "tokenizer.model").read_bytes())
+    with pytest.raises(UserError, match="disagree on token 4"):
+        check_convertible(folder)
+    # a Unigram model (T5's kind): llama.cpp's llama tokenizer merges pairs, it does not
+    unigram = Tokenizer(models.Unigram([("<unk>", 0.0)] + [(c, -1.0) for c in "abcdefgh▁"], unk_id=0))
+    unigram.pre_tokenizer = pre_tokenizers.Metaspace()
+    folder = save_checkpoint(tmp_path / "unigram", PreTrainedTokenizerFast(tokenizer_object=unigram,
+                                                                          unk_token="<unk>"), "llama", layers=1)
+    refused(folder, "a Unigram model")
     # a byte-level BPE whose pre-tokenizer llama.cpp has no type for
     odd = Tokenizer.from_str(tiny_tokenizer.backend_tokenizer.to_str())
     odd.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Punctuation(), pre_tokenizers.ByteLevel()])
     folder = save_checkpoint(tmp_path / "odd", PreTrainedTokenizerFast(tokenizer_object=odd), "llama", layers=1)
     refused(folder, "pre-tokenizer")
-    # families and rope scalings it does not convert
-    refused(save_checkpoint(tmp_path / "phi3", tiny_tokenizer, "phi3", layers=1), "phi3")
-    dynamic = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
-    refused(save_checkpoint(tmp_path / "dyn", tiny_tokenizer, "llama", layers=1, rope_parameters=dynamic),
-            "'dynamic'")
+    # no tokenizer at all
+    (folder / "tokenizer.json").unlink()
+    refused(folder, "no tokenizer")
+    # a model named like Phi-3 whose vocabulary lacks the tokens llama.cpp then looks up
+    folder = save_checkpoint(tmp_path / "phi3-mini", tiny_tokenizer, "phi3", layers=1)
+    with pytest.raises(UserError, match=r"Phi-3's tokens \['</s>', '<unk>', '<s>', '<\|endoftext\|>'\]"):
+        check_convertible(folder)
 
 
 # ------------------------------------------------------------------ the whole export

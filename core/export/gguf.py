@@ -43,6 +43,7 @@ from core import events, imatrix
 from core.backends import backend_for
 from core.backends.gguf import INSTALL_HINT, GgufBackend, ggml
 from core.errors import UserError
+from core.experts import expert_of
 from core.export.base import Exporter, Written, check_all_written
 from core.export.card import per_layer_table
 from core.models import EMBEDDED
@@ -105,20 +106,12 @@ def gguf_input(config, convert: bool = True, progress=None) -> Path:
     return gguf_convert.converted(path, dtype, progress)
 
 
-# A per-expert linear (core.experts): model.layers.3.mlp.experts.7.up_proj
-_EXPERT = re.compile(r"\.experts\.(\d+)\.([^.]+)$")
-
-
-def expert_of(name: str) -> int | None:
-    """The expert a linear is (its slice of the stacked tensor), None for a dense linear."""
-    found = _EXPERT.search(name)
-    return None if found is None else int(found[1])
-
-
 def tensor_names(path: Path, linear_names: list[list[str]]) -> dict[str, str]:
     """Each decoder linear's tensor name in the GGUF file (blk.N.attn_q.weight; an
-    expert's: its layer's stacked blk.N.ffn_up_exps.weight), by gguf-py's name map for the
-    file's architecture; checked against the file."""
+    expert's: its layer's stacked blk.N.ffn_up_exps.weight; a fused linear's, Phi-3's
+    qkv_proj: blk.N.attn_qkv.weight), by gguf-py's name map for the file's architecture;
+    checked against the file: each linear one tensor (an expert one slice), each tensor
+    (slice) one linear."""
     import gguf
 
     reader = gguf.GGUFReader(str(path))
@@ -130,11 +123,12 @@ def tensor_names(path: Path, linear_names: list[list[str]]) -> dict[str, str]:
     blocks = int(_field(reader, f"{arch_name}.block_count"))
     name_map = gguf.get_tensor_name_map(arches[arch_name], blocks)
     in_file = {t.name: t for t in reader.tensors}
-    names = {}
+    names, taken = {}, {}
     for name in (n for layer in linear_names for n in layer):
         expert = expert_of(name)
         # gguf-py names the stack: model.layers.3.mlp.experts.up_proj
-        source = name if expert is None else _EXPERT.sub(r".experts.\2", name)
+        head, _, projection = name.rpartition(".")
+        source = name if expert is None else f"{head.rpartition('.')[0]}.{projection}"
         mapped = name_map.get_name(source)
         tensor = in_file.get(f"{mapped}.weight") if mapped is not None else None
         stacked = tensor is not None and len(tensor.shape) == 3     # ggml order: in, out, experts
@@ -144,6 +138,9 @@ def tensor_names(path: Path, linear_names: list[list[str]]) -> dict[str, str]:
                             f".weight{'' if expert is None else f', expert {expert}'}); the GGUF "
                             "does not hold the model the run measured.")
         names[name] = f"{mapped}.weight"
+        if (other := taken.setdefault((names[name], expert), name)) != name:
+            raise UserError(f"the linears {other} and {name} both map to {names[name]} in {path} "
+                            "(gguf-py's name map); the export cannot give each its own type.")
     return names
 
 

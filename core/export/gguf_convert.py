@@ -5,27 +5,46 @@ re-quantizes when a run was made on a checkpoint rather than a .gguf.
     check_convertible(path)  the refusals, without writing anything (seconds)
     convert(path, target)    the conversion itself
 
-What llama.cpp's convert_hf_to_gguf.py does for these families, with gguf-py's name map,
-metadata keys, special-token reader (SpecialVocab) and writer:
+What llama.cpp's convert_hf_to_gguf.py does for these families, with gguf-py's name maps
+(tensor names, and which tensors each llama.cpp architecture has), metadata keys,
+special-token reader (SpecialVocab) and writer; the tokenizer is core.export.gguf_vocab's.
 
-- Families: Llama and Mistral (llama.cpp's "llama" architecture), Qwen2, Qwen3, and
-  Qwen3-MoE (experts stacked per layer into llama.cpp's [experts, out, in] tensors).
-- Q and K: llama.cpp's "llama" architecture rotates interleaved pairs where Hugging
-  Face's Llama rotates halves, so q_proj and k_proj rows (and biases) are reordered per
-  head: the inverse of transformers' GGUF loader (`LlamaTensorProcessor`, which undoes
-  it on load). Qwen2/3 keep Hugging Face's order (llama.cpp's NEOX rope), as there.
+- Families (FAMILIES: model_type -> llama.cpp architecture): Llama and Mistral ("llama"),
+  Qwen2, Qwen3, Qwen3-MoE (experts stacked per layer into llama.cpp's [experts, out, in]
+  tensors), Gemma 2, Gemma 3 (gemma3_text), Phi-3 (and Phi-4-mini), OLMo 2, Granite,
+  StableLM, StarCoder2, GPT-NeoX. Each is checked by llama.cpp itself: the converted tiny
+  checkpoint runs at the next-token losses transformers computes.
+- Q and K: llama.cpp's "llama" and "granite" architectures rotate interleaved pairs where
+  Hugging Face rotates halves, so q_proj and k_proj rows (and biases) are reordered per
+  head: the inverse of transformers' GGUF loader (`LlamaTensorProcessor`, which undoes it
+  on load). The others keep Hugging Face's order (llama.cpp's NEOX rope), as there.
+- What a family needs beyond that: Gemma's RMSNorm weights are applied as 1 + w, so they
+  are stored plus one (F32); Gemma 2's soft caps and window, Gemma 3's window, final cap
+  and sliding layers' rope base, Gemma's layer types where they are not llama.cpp's
+  default pattern (Gemma 2 every other layer sliding, Gemma 3 five in six), Phi-3's
+  window (llama.cpp's phi3 reads it and does not apply it yet; like Mistral's and
+  StarCoder2's window, which are not written, it matters only past the window),
+  Granite's four multipliers (attention scale, embedding, residual and logit scales),
+  GPT-NeoX's and StableLM's parallel residual, the rotated part of each head (Phi-4-mini,
+  StableLM, GPT-NeoX rotate a part) as header values. Fused linears stay fused, as
+  llama.cpp's tensors are: Phi-3's qkv_proj and gate_up_proj (attn_qkv, ffn_up),
+  GPT-NeoX's query_key_value (attn_qkv, its rows reordered from per-head q, k, v to all
+  q, then k, then v). Gemma's embedding scale, GELU and SWA pattern are llama.cpp's own.
+- Refused, with llama.cpp's converter as the way to go, where llama.cpp's architecture
+  would compute something else: other families; an activation it does not compute (it
+  computes GELU as the tanh form, which Pythia's exact GELU is taken for, as llama.cpp's
+  converter does); Gemma's query_pre_attn_scalar other than llama.cpp's attention scale
+  (head_dim, hidden/heads at 27B's layer count), a Gemma 2 head of its own or without
+  soft caps or window, Gemma 3 attention soft caps or a scaled rope on its sliding
+  layers; StableLM's per-head q/k norms; Qwen2's sliding window, Qwen3-MoE with dense
+  layers or unnormalized routing; rope scalings other than linear, yarn and Llama's
+  llama3 (LongRoPE among them); `.bin`-only checkpoints; tensors without a name in the
+  llama.cpp architecture.
 - Metadata from the config: context length, embedding and feed-forward lengths, heads,
-  KV heads, key/value length, rope base, norm epsilon, vocabulary size, experts; rope
-  scaling "linear", "yarn" and Llama 3's "llama3" (a rope_freqs tensor of per-frequency
-  factors, computed by transformers' own rope functions). Other scalings are refused.
-- Tokenizer: byte-level BPE (tokenizer.json) only, `tokenizer.ggml.model` "gpt2": tokens
-  by id (added tokens: special ones control, others user-defined; ids the vocabulary
-  leaves free [PAD<id>], unused), merges, special ids, add_bos/add_eos as the Hugging
-  Face tokenizer actually adds them, chat template. `tokenizer.ggml.pre` is read from
-  the tokenizer's pre-tokenizer: the regex it splits with is the one llama.cpp's pre type
-  applies (llama-bpe, qwen2, tekken, smollm, gpt-2). SentencePiece tokenizers and
-  pre-tokenizers llama.cpp has no type for are refused, with llama.cpp's converter as the
-  way to go.
+  KV heads, key/value length, rotated dimensions, rope base, norm epsilon (RMS or
+  LayerNorm), vocabulary size, experts; rope scaling "linear", "yarn" and Llama 3's
+  "llama3" (a rope_freqs tensor of per-frequency factors, computed by transformers' own
+  rope functions).
 - Values: 2-D tensors keep the values the run quantized: in the run's dtype when it is
   16-bit, else in the checkpoint's own (BF16 stays BF16, F32 stays F32); 1-D tensors
   (norms, biases), the router and rope_freqs in F32, as llama.cpp's converter stores them.
@@ -46,29 +65,49 @@ import numpy as np
 import torch
 
 from core.errors import UserError
+from core.export import gguf_vocab
 
 # Bump when the conversion writes anything differently: the cached files get a new key.
-FORMAT = 1
+FORMAT = 2
 CACHE_SUBDIR = ("gguf", "converted")
+_GELU_TANH = ("gelu_pytorch_tanh", "gelu_new")
 
-# model_type -> (gguf-py architecture name, Q/K reordered for llama.cpp's rope)
-FAMILIES = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("QWEN2", False),
-            "qwen3": ("QWEN3", False), "qwen3_moe": ("QWEN3MOE", False)}
 
-# The pre-tokenizer regexes of the tokenizer.json files llama.cpp's pre types stand for
-# (the regex each type applies is in llama.cpp's src/llama-vocab.cpp).
-_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+"
-           r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
-          r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_TEKKEN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|"
-           r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}|"
-           r" ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-SPLIT_PRE = {_LLAMA3: "llama-bpe", _QWEN2: "qwen2", _TEKKEN: "tekken"}
+@dataclass(frozen=True)
+class Family:
+    """What llama.cpp's architecture for a model_type needs written differently."""
+    arch: str                               # gguf-py's MODEL_ARCH name
+    rope_order: bool = False                # q/k rows reordered: llama.cpp rotates interleaved pairs
+    norm: str = "rms"                       # "rms" or "layer" (LayerNorm), for the epsilon's key
+    activations: tuple[str, ...] = ("silu",)    # the hidden_act llama.cpp's graph computes
+    plus_one: bool = False                  # RMSNorm weights applied as 1 + w (Gemma): stored so
+
+
+FAMILIES = {
+    "llama": Family("LLAMA", rope_order=True), "mistral": Family("LLAMA", rope_order=True),
+    "qwen2": Family("QWEN2"), "qwen3": Family("QWEN3"), "qwen3_moe": Family("QWEN3MOE"),
+    "gemma2": Family("GEMMA2", activations=_GELU_TANH, plus_one=True),
+    "gemma3_text": Family("GEMMA3", activations=_GELU_TANH, plus_one=True),
+    "phi3": Family("PHI3"),
+    "olmo2": Family("OLMO2"),
+    "granite": Family("GRANITE", rope_order=True),
+    "stablelm": Family("STABLELM", norm="layer"),
+    "starcoder2": Family("STARCODER2", norm="layer", activations=_GELU_TANH),
+    # Pythia's exact (erf) GELU: llama.cpp computes its tanh form, as for every GPT-NeoX
+    "gpt_neox": Family("GPTNEOX", norm="layer", activations=("gelu",) + _GELU_TANH),
+}
+NAMES = ("Llama, Mistral, Qwen2, Qwen3, Qwen3-MoE, Gemma 2, Gemma 3, Phi-3, OLMo 2, Granite, "
+         "StableLM, StarCoder2 and GPT-NeoX")
+_GEMMA = ("GEMMA2", "GEMMA3")
+# llama.cpp's Gemma attention scale: 1/sqrt(head_dim), 1/sqrt(hidden/heads) at the layer
+# count of the 27B model (query_pre_attn_scalar is not read)
+_GEMMA_27B_LAYERS = {"GEMMA2": 46, "GEMMA3": 62}
 
 _EXPERT = re.compile(r"^(model\.layers\.(\d+)\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
 _FUSED_EXPERTS = re.compile(r"^(model\.layers\.(\d+)\.mlp\.experts)\.(gate_up_proj|down_proj)(\.weight)?$")
-_SKIPPED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+# buffers some checkpoints carry (GPT-NeoX's causal mask), not weights
+_SKIPPED = re.compile(r"(^|\.)rotary_emb\.inv_freq$|\.attention\.(masked_)?bias$")
+_NEOX_QKV = re.compile(r"\.attention\.query_key_value\.(weight|bias)$")
 
 
 def _hint(folder: Path) -> str:
@@ -103,25 +142,78 @@ def _hf_config(folder: Path):
         raise UserError(f"cannot read the config of {folder}: {exc}") from None
 
 
-def _family(config, folder: Path) -> tuple[str, bool]:
+def _family(config, folder: Path) -> Family:
+    """The checkpoint's family, or why llama.cpp's architecture for it would compute
+    something else than transformers does."""
     model_type = getattr(config, "model_type", "")
     if model_type not in FAMILIES:
-        raise UserError(
-            f"impq-tui converts Llama, Mistral, Qwen2, Qwen3 and Qwen3-MoE checkpoints to GGUF, "
-            f"and {folder} is a {model_type or 'model of unknown type'}. {_hint(folder)}")
+        raise UserError(f"impq-tui converts {NAMES} checkpoints to GGUF, and {folder} is a "
+                        f"{model_type or 'model of unknown type'}. {_hint(folder)}")
+    family = FAMILIES[model_type]
+
+    def refuse(why: str):
+        raise UserError(f"{folder} {why} {_hint(folder)}")
+
+    act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
+    if act not in family.activations:
+        refuse(f"uses the activation {act!r}, and llama.cpp's {family.arch.lower()} computes "
+               f"{family.activations[-1]!r}.")
     if model_type == "qwen3_moe":
         sparse_step = getattr(config, "decoder_sparse_step", 1)
         if getattr(config, "mlp_only_layers", None) or sparse_step != 1:
-            raise UserError(f"{folder} mixes dense and expert layers (`mlp_only_layers`, "
-                            f"`decoder_sparse_step`), which llama.cpp's qwen3moe does not. {_hint(folder)}")
+            refuse("mixes dense and expert layers (`mlp_only_layers`, `decoder_sparse_step`), "
+                   "which llama.cpp's qwen3moe does not.")
         if not getattr(config, "norm_topk_prob", True):
-            raise UserError(f"{folder} does not normalize its routing weights (norm_topk_prob "
-                            "false); llama.cpp's qwen3moe always does. " + _hint(folder))
+            refuse("does not normalize its routing weights (norm_topk_prob false); llama.cpp's "
+                   "qwen3moe always does.")
     if model_type == "qwen2" and getattr(config, "use_sliding_window", False):
-        raise UserError(f"{folder} uses sliding-window attention (use_sliding_window), which "
-                        f"llama.cpp's qwen2 does not. {_hint(folder)}")
-    arch, permute = FAMILIES[model_type]
-    return arch, permute
+        refuse("uses sliding-window attention (use_sliding_window), which llama.cpp's qwen2 does not.")
+    if family.arch in _GEMMA:
+        _check_gemma(config, family, refuse)
+    if model_type == "stablelm" and getattr(config, "qk_layernorm", False):
+        refuse("normalizes queries and keys per head (qk_layernorm), which impq-tui does not "
+               "convert.")
+    return family
+
+
+def _check_gemma(config, family: Family, refuse: Callable[[str], None]) -> None:
+    """Gemma 2 and 3 as llama.cpp runs them: its attention scale, Gemma 2's tied head, soft
+    caps and window, Gemma 3 without attention soft caps and with unscaled sliding layers."""
+    heads, layers = config.num_attention_heads, config.num_hidden_layers
+    dim = config.hidden_size // heads if layers == _GEMMA_27B_LAYERS[family.arch] else _head_dim(config)
+    if float(config.query_pre_attn_scalar) != float(dim):
+        refuse(f"scales attention by query_pre_attn_scalar {config.query_pre_attn_scalar}, and "
+               f"llama.cpp's {family.arch.lower()} by {dim} for this shape.")
+    if family.arch == "GEMMA2":
+        if not getattr(config, "tie_word_embeddings", True):
+            refuse("has an output head of its own (tie_word_embeddings false); llama.cpp's gemma2 "
+                   "uses the token embeddings.")
+        if config.attn_logit_softcapping is None or config.final_logit_softcapping is None:
+            refuse("has no attention or final logit soft-capping, which llama.cpp's gemma2 applies.")
+        if not config.sliding_window:
+            refuse("has no sliding window, which llama.cpp's gemma2 applies.")
+        return
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        refuse("soft-caps attention logits, which llama.cpp's gemma3 does not.")
+    if _local_rope(config).get("rope_type", "default") != "default":
+        refuse(f"scales the rope of its sliding layers ({_local_rope(config)}), which llama.cpp's "
+               "gemma3 does not.")
+
+
+def _local_rope(config) -> dict:
+    """Gemma 3's rope for its sliding layers."""
+    return dict((getattr(config, "rope_parameters", None) or {}).get("sliding_attention") or {})
+
+
+def _sliding_layers(config, family: Family) -> list[bool] | None:
+    """Gemma's sliding layers where they are not llama.cpp's default pattern (Gemma 2 every
+    other layer, Gemma 3 five in six), which llama.cpp then reads per layer."""
+    period = 2 if family.arch == "GEMMA2" else 6
+    layers = config.num_hidden_layers
+    default = [(i + 1) % period != 0 for i in range(layers)]
+    types = getattr(config, "layer_types", None)
+    sliding = default if types is None else [t == "sliding_attention" for t in types]
+    return None if sliding == default else sliding
 
 
 def _rope(config) -> dict:
@@ -136,18 +228,44 @@ def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def _rope_dims(config) -> int:
+    """Dimensions of each head rotated (Phi-4-mini, StableLM, GPT-NeoX rotate a part)."""
+    factor = _rope(config).get("partial_rotary_factor",
+                               getattr(config, "partial_rotary_factor", getattr(config, "rotary_pct", 1.0)))
+    return int(_head_dim(config) * float(factor))
+
+
+def _kv_heads(config) -> int:
+    if config.model_type == "gpt_neox":         # no grouped-query attention (its config may say)
+        return config.num_attention_heads
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+def _eps(config) -> float:
+    for key in ("rms_norm_eps", "layer_norm_eps", "norm_epsilon", "layer_norm_epsilon"):
+        if getattr(config, key, None) is not None:
+            return float(getattr(config, key))
+    raise UserError(f"the config of a {config.model_type} gives no norm epsilon.")
+
+
 def check_convertible(folder: Path) -> None:
     """Everything that would refuse the conversion, read from the config and the tokenizer
     files (seconds; nothing written)."""
+    _checked(folder)
+
+
+def _checked(folder: Path):
+    """(config, family, vocabulary), or the refusal."""
     config = _hf_config(folder)
-    arch, _ = _family(config, folder)
+    family = _family(config, folder)
     rope_type = _rope(config).get("rope_type", "default")
     if rope_type not in ("default", "linear", "yarn", "llama3") or (
-            rope_type == "llama3" and arch != "LLAMA"):
+            rope_type == "llama3" and family.arch != "LLAMA"):
         raise UserError(f"{folder} scales its rope by {rope_type!r}; impq-tui converts the "
-                        f"scalings linear, yarn and llama3 only. {_hint(folder)}")
-    _tokenizer(folder)
+                        f"scalings linear, yarn and llama3 (Llama) only. {_hint(folder)}")
+    vocab = gguf_vocab.read(folder, _hint)
     _weight_files(folder)
+    return config, family, vocab
 
 
 def _weight_files(folder: Path) -> dict[str, Path]:
@@ -171,110 +289,6 @@ def _weight_files(folder: Path) -> dict[str, Path]:
                     f"impq-tui converts safetensors checkpoints only. {_hint(folder)}")
 
 
-# ------------------------------------------------------------------ the tokenizer
-
-def _tokenizer(folder: Path):
-    """(the tokenizer transformers loads for the checkpoint, llama.cpp's pre-tokenizer type
-    for it), or a refusal naming what the tokenizer is. The loaded tokenizer is what the
-    run tokenized with: transformers rebuilds some families' (Qwen2's class splits with
-    Qwen2's regex and NFC whatever tokenizer.json says), so that one is read, not the file."""
-    from transformers import AutoTokenizer
-
-    if not (folder / "tokenizer.json").is_file():
-        what = ("a SentencePiece model (tokenizer.model)" if (folder / "tokenizer.model").is_file()
-                else "not given as a tokenizer.json")
-        raise UserError(f"impq-tui converts byte-level BPE tokenizers (tokenizer.json) to GGUF, "
-                        f"and the tokenizer of {folder} is {what}. {_hint(folder)}")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        spec = json.loads(tokenizer.backend_tokenizer.to_str())
-        model, decoder = spec["model"], spec.get("decoder") or {}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise UserError(f"cannot read the tokenizer of {folder} as a byte-level BPE tokenizer "
-                        f"({type(exc).__name__}: {str(exc)[:200]}). {_hint(folder)}") from None
-    what = f"the tokenizer transformers loads for {folder} ({type(tokenizer).__name__})"
-    if model.get("type") != "BPE" or model.get("byte_fallback") or decoder.get("type") != "ByteLevel":
-        kind = ("a BPE model with byte fallback (SentencePiece-style)" if model.get("byte_fallback")
-                else f"a {model.get('type')} model with a {decoder.get('type')} decoder")
-        raise UserError(f"impq-tui converts byte-level BPE tokenizers to GGUF, and {what} is "
-                        f"{kind}. {_hint(folder)}")
-    normalizer = (spec.get("normalizer") or {}).get("type")
-    steps = _steps(spec.get("pre_tokenizer") or {})
-    pre = None
-    if normalizer in (None, "NFC"):
-        if steps == [("ByteLevel", True, False)]:
-            pre = "gpt-2"
-        elif steps == [("Digits", True), ("ByteLevel", True, False)]:
-            pre = "smollm"
-        elif len(steps) == 2 and steps[0][0] == "Split" and steps[1] == ("ByteLevel", False, False):
-            pre = SPLIT_PRE.get(steps[0][1]) if steps[0][2:] == ("Isolated", False) else None
-    if pre is None:
-        raise UserError(f"the pre-tokenizer of {what} "
-                        f"({json.dumps(spec.get('pre_tokenizer'))[:200]}"
-                        f"{f', normalizer {normalizer}' if normalizer else ''}) is not one impq-tui "
-                        f"knows llama.cpp's type for. {_hint(folder)}")
-    return tokenizer, pre
-
-
-def _steps(pre: dict) -> list[tuple]:
-    if pre.get("type") == "Sequence":
-        return [s for p in pre.get("pretokenizers", []) for s in _steps(p)]
-    if pre.get("type") == "ByteLevel":
-        return [("ByteLevel", bool(pre.get("use_regex", True)), bool(pre.get("add_prefix_space")))]
-    if pre.get("type") == "Digits":
-        return [("Digits", bool(pre.get("individual_digits")))]
-    if pre.get("type") == "Split":
-        pattern = pre.get("pattern") or {}
-        return [("Split", pattern.get("Regex", pattern.get("String")), pre.get("behavior"),
-                 bool(pre.get("invert")))]
-    return [(pre.get("type"),)]
-
-
-def _looks_special(text: str) -> bool:
-    """Added tokens some tokenizers do not flag special although they are (<|im_start|>)."""
-    return (text.startswith("<|") and text.endswith("|>")) or text in ("<pad>", "<mask>")
-
-
-def _write_tokenizer(writer, folder: Path, n_vocab: int) -> None:
-    import gguf
-
-    tokenizer, pre = _tokenizer(folder)
-    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
-    added = tokenizer.added_tokens_decoder
-    # Added tokens past the model's embedding (transformers' Qwen2 class adds
-    # <|endoftext|> to any vocabulary) can never reach the model: not in the file.
-    beyond = sorted(i for i in by_id if i >= n_vocab)
-    if any(i not in added for i in beyond):
-        raise UserError(f"the tokenizer of {folder} has ids up to {beyond[-1]}, beyond the model's "
-                        f"vocab_size {n_vocab}.")
-    tokens, types = [], []
-    for i in range(n_vocab):
-        if i not in by_id:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-            continue
-        tokens.append(by_id[i])
-        if i in added:
-            special = added[i].special or _looks_special(by_id[i])
-            types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
-        else:
-            types.append(gguf.TokenType.NORMAL)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=n_vocab)
-    # Whether BOS/EOS are added: as the Hugging Face tokenizer does it, not as its files
-    # would be parsed (llama.cpp's default for a pre type is otherwise taken).
-    ids = tokenizer("a")["input_ids"]
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    special.add_special_token["bos"] = bool(bos is not None and ids and ids[0] == bos)
-    special.add_special_token["eos"] = bool(eos is not None and ids and ids[-1] == eos and len(ids) > 1)
-    if not special.chat_template and getattr(tokenizer, "chat_template", None):
-        special.chat_template = tokenizer.chat_template
-    special.add_to_gguf(writer, quiet=True)
-
-
 # ------------------------------------------------------------------ the tensors
 
 def _to_ggml_rope_order(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -285,7 +299,13 @@ def _to_ggml_rope_order(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, half, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _plan(folder: Path, config, arch_name: str, permute: bool, dtype: str | None) -> list[_Tensor]:
+def _to_ggml_qkv_order(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """GPT-NeoX's fused query_key_value rows (weight or bias) in llama.cpp's order: Hugging
+    Face keeps each head's q, k, v together, llama.cpp all heads' q, then k, then v."""
+    return w.reshape(n_head, 3, w.shape[0] // n_head // 3, *w.shape[1:]).transpose(0, 1).reshape(w.shape)
+
+
+def _plan(folder: Path, config, family: Family, dtype: str | None) -> list[_Tensor]:
     import gguf
     from safetensors import safe_open
 
@@ -304,10 +324,10 @@ def _plan(folder: Path, config, arch_name: str, permute: bool, dtype: str | None
         piece = opened(files[name]).get_slice(name)
         return tuple(piece.get_shape()), piece.get_dtype()
 
-    arch = gguf.MODEL_ARCH[arch_name]
+    arch = gguf.MODEL_ARCH[family.arch]
     layers = config.num_hidden_layers
     names = gguf.get_tensor_name_map(arch, layers)
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    heads, kv_heads = config.num_attention_heads, _kv_heads(config)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     wide = {"bfloat16": "BF16", "float16": "F16"}.get(dtype or "")
 
@@ -338,15 +358,19 @@ def _plan(folder: Path, config, arch_name: str, permute: bool, dtype: str | None
                                     lambda n=name, p=part, h=half: loader(n)()[:, p * h:(p + 1) * h]))
             continue
         found = names.get_type_and_name(name, try_suffixes=(".weight", ".bias"))
-        if found is None:
+        if found is None or found[0] not in gguf.MODEL_TENSORS[arch]:
             raise UserError(f"the tensor {name} of {folder} has no name in llama.cpp's "
                             f"{gguf.MODEL_ARCH_NAMES[arch]} architecture (gguf-py "
                             f"{_version('gguf')}). {_hint(folder)}")
         target = found[1]               # with the suffix it matched (.weight or .bias)
         make = loader(name)
-        if permute and re.search(r"\.(q|k)_proj\.(weight|bias)$", name):
+        if family.rope_order and re.search(r"\.(q|k)_proj\.(weight|bias)$", name):
             n = heads if ".q_proj." in name else kv_heads
             make = lambda make=make, n=n: _to_ggml_rope_order(make(), n)
+        elif _NEOX_QKV.search(name):
+            make = lambda make=make: _to_ggml_qkv_order(make(), heads)
+        elif family.plus_one and name.endswith("norm.weight"):
+            make = lambda make=make: make().float() + 1
         plan.append(_Tensor(target, shape, kind(shape, source, target), make))
     for (prefix, layer, which), by_expert in sorted(experts.items()):
         order = [by_expert[e] for e in sorted(by_expert)]
@@ -387,7 +411,7 @@ def _version(dist: str) -> str:
 
 # ------------------------------------------------------------------ the file
 
-def _metadata(writer, config, arch_name: str, folder: Path) -> None:
+def _metadata(writer, config, family: Family, folder: Path) -> None:
     import gguf
 
     head_dim = _head_dim(config)
@@ -397,11 +421,10 @@ def _metadata(writer, config, arch_name: str, folder: Path) -> None:
     writer.add_embedding_length(config.hidden_size)
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_head_count_kv(_kv_heads(config))
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
-    if arch_name == "LLAMA":
-        writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_dimension_count(_rope_dims(config))
     rope = _rope(config)
     writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
     kind, factor = rope.get("rope_type", "default"), rope.get("factor")
@@ -419,12 +442,44 @@ def _metadata(writer, config, arch_name: str, folder: Path) -> None:
             writer.add_rope_scaling_yarn_beta_fast(float(rope["beta_fast"]))
         if rope.get("beta_slow") is not None:
             writer.add_rope_scaling_yarn_beta_slow(float(rope["beta_slow"]))
-    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    if family.norm == "rms":
+        writer.add_layer_norm_rms_eps(_eps(config))
+    else:
+        writer.add_layer_norm_eps(_eps(config))
     writer.add_vocab_size(config.vocab_size)
-    if arch_name == "QWEN3MOE":
+    _family_metadata(writer, config, family)
+
+
+def _family_metadata(writer, config, family: Family) -> None:
+    """What a family's llama.cpp architecture reads beyond the common keys."""
+    arch = family.arch
+    if arch == "QWEN3MOE":
         writer.add_expert_count(config.num_experts)
         writer.add_expert_used_count(config.num_experts_per_tok)
         writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+    elif arch == "GEMMA2":
+        writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping))
+        writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
+        writer.add_sliding_window(int(config.sliding_window))
+    elif arch == "GEMMA3":
+        if config.final_logit_softcapping:
+            writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
+        if config.sliding_window:
+            writer.add_sliding_window(int(config.sliding_window))
+        writer.add_rope_freq_base_swa(float(_local_rope(config).get("rope_theta", 10000.0)))
+    elif arch == "PHI3":      # as llama.cpp's converter: a window of 0 for none
+        writer.add_sliding_window(int(config.sliding_window or 0))
+        writer.add_rope_scaling_orig_ctx_len(int(getattr(config, "original_max_position_embeddings", None)
+                                                 or config.max_position_embeddings))
+    elif arch == "GRANITE":   # Granite's multipliers, which llama.cpp's granite reads
+        writer.add_attention_scale(float(config.attention_multiplier))
+        writer.add_embedding_scale(float(config.embedding_multiplier))
+        writer.add_residual_scale(float(config.residual_multiplier))
+        writer.add_logit_scale(float(config.logits_scaling))
+    elif arch in ("GPTNEOX", "STABLELM"):
+        writer.add_parallel_residual(bool(getattr(config, "use_parallel_residual", True)))
+    if arch in _GEMMA and (sliding := _sliding_layers(config, family)):
+        writer.add_sliding_window_pattern(sliding)
 
 
 def convert(folder: Path, target: Path, dtype: str | None = None,
@@ -436,10 +491,8 @@ def convert(folder: Path, target: Path, dtype: str | None = None,
     import gguf
 
     folder = Path(folder)
-    check_convertible(folder)
-    config = _hf_config(folder)
-    arch_name, permute = _family(config, folder)
-    plan = _plan(folder, config, arch_name, permute, dtype)
+    config, family, vocab = _checked(folder)
+    plan = _plan(folder, config, family, dtype)
     kinds = [t.kind for t in plan if len(t.shape) >= 2]
     file_type = {"BF16": gguf.LlamaFileType.MOSTLY_BF16, "F16": gguf.LlamaFileType.MOSTLY_F16}.get(
         max(set(kinds), key=kinds.count), gguf.LlamaFileType.ALL_F32)
@@ -448,11 +501,11 @@ def convert(folder: Path, target: Path, dtype: str | None = None,
     os.close(fd)
     writer = None
     try:
-        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch_name]])
-        _metadata(writer, config, arch_name, folder)
+        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[family.arch]])
+        _metadata(writer, config, family, folder)
         writer.add_file_type(file_type)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        _write_tokenizer(writer, folder, config.vocab_size)
+        gguf_vocab.write(writer, vocab, folder, config.vocab_size)
         raw = {"F32": gguf.GGMLQuantizationType.F32, "F16": gguf.GGMLQuantizationType.F16,
                "BF16": gguf.GGMLQuantizationType.BF16}
         size = {"F32": 4, "F16": 2, "BF16": 2}
