@@ -1,6 +1,6 @@
 """Hugging Face checkpoints converted to GGUF by impq-tui (core.export.gguf_convert, with
 gguf-py), checked by llama.cpp itself (llama-cpp-python, in a fresh process): tiny random
-Llama, Qwen2, Qwen3 and Qwen3-MoE checkpoints give llama.cpp the next-token losses
+Llama, Qwen2, Qwen3, Qwen3-MoE and Mixtral checkpoints give llama.cpp the next-token losses
 transformers computes on the same tokens, llama.cpp tokenizes text as the Hugging Face
 tokenizer does (byte-level BPE: the pre-tokenizer type chosen from the tokenizer;
 SentencePiece BPE from tokenizer.model or tokenizer.json: llama.cpp's "llama" tokenizer
@@ -118,17 +118,24 @@ def tokenizer_with(pre: str):
 
 def save_checkpoint(path: Path, tokenizer, model_type: str, *, layers: int = 2, seed: int = 0,
                     shape: dict | None = None, **config_changes) -> Path:
-    """A tiny random checkpoint (`shape`: tiny_config's widths), its tokenizer beside it."""
-    from core.models import from_config, tiny_config
+    """A tiny random checkpoint as transformers saves one (`shape`: tiny_config's widths;
+    MoE families: four experts, two per token), its tokenizer beside it. Saved from the
+    fused model: Mixtral's experts then go to the hub layout (block_sparse_moe.experts.E.w1,
+    w2, w3), Qwen3-MoE's to per-expert gate_proj, up_proj, down_proj."""
+    from transformers import AutoModelForCausalLM
+
+    from core.models import tiny_config
 
     config = tiny_config(model_type, layers=layers, vocab=len(tokenizer), **(shape or {}))
     if model_type == "qwen3_moe":
         config.num_experts, config.num_experts_per_tok = 4, 2
         config.moe_intermediate_size, config.norm_topk_prob = 32, True
+    if model_type == "mixtral":
+        config.num_local_experts, config.num_experts_per_tok = 4, 2
     for key, value in config_changes.items():
         setattr(config, key, value)
-    loaded = from_config(config, torch.device("cpu"), torch.float32, seed=seed)
-    loaded.model.save_pretrained(path)
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
@@ -143,10 +150,12 @@ def rows_for(tokenizer, n: int = 2, T: int = 48) -> torch.Tensor:
 @needs_llama_cpp
 def test_converted_checkpoints_give_llama_cpp_the_transformers_losses(tiny_tokenizer, tmp_path, monkeypatch):
     """F32 conversions of tiny Llama (Q/K reordered; Llama 3 rope scaling), Qwen2 (biases;
-    YaRN), Qwen3 (q/k norms, head_dim of its own) and Qwen3-MoE (experts stacked): llama.cpp's
-    per-token losses on 2 x 48 tokens are transformers'. Weights drawn 10x wider than the
+    YaRN), Qwen3 (q/k norms, head_dim of its own), Qwen3-MoE (experts stacked) and Mixtral
+    (Q/K reordered, experts stacked from the hub layout's w1, w2, w3): llama.cpp's per-token
+    losses on 2 x 48 tokens are transformers'. Weights drawn 10x wider than the
     default (initializer_range 0.2) so that the models are far from uniform: a Llama written
-    without the Q/K reordering is off by nats, and each rope scaling moves the loss."""
+    without the Q/K reordering and a Mixtral with w1 and w3 taken the other way round (gate
+    for up) are off by nats, and each rope scaling moves the loss."""
     import gguf
     from transformers import AutoTokenizer
 
@@ -159,7 +168,7 @@ def test_converted_checkpoints_give_llama_cpp_the_transformers_losses(tiny_token
     yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16}
     cases = {"llama": ("llama", {}), "llama3-rope": ("llama", {"rope_parameters": llama3(8.0)}),
              "qwen2": ("qwen2", {}), "qwen2-yarn": ("qwen2", {"rope_parameters": yarn}),
-             "qwen3": ("qwen3", {}), "qwen3_moe": ("qwen3_moe", {})}
+             "qwen3": ("qwen3", {}), "qwen3_moe": ("qwen3_moe", {}), "mixtral": ("mixtral", {})}
     jobs, want = [], {}
     rows = rows_for(tiny_tokenizer)
     for case, (family, changes) in cases.items():
@@ -167,10 +176,12 @@ def test_converted_checkpoints_give_llama_cpp_the_transformers_losses(tiny_token
         path = convert(folder, tmp_path / f"{case}.gguf")
         want[path] = transformers_nll(folder, rows)
         jobs.append((path, rows.tolist(), TEXT))
-    # the negative control: the Llama without llama.cpp's Q/K order
+    # the negative controls: the Llama without llama.cpp's Q/K order, Mixtral's gate and up swapped
     monkeypatch.setitem(gguf_convert.FAMILIES, "llama", gguf_convert.Family("LLAMA"))
     unordered = convert(tmp_path / "llama", tmp_path / "llama-unordered.gguf")
-    jobs.append((unordered, rows.tolist(), TEXT))
+    monkeypatch.setattr(gguf_convert, "_MIXTRAL_PROJECTIONS", {"w1": "up", "w2": "down", "w3": "gate"})
+    swapped = convert(tmp_path / "mixtral", tmp_path / "mixtral-swapped.gguf")
+    jobs += [(unordered, rows.tolist(), TEXT), (swapped, rows.tolist(), TEXT)]
     got = llama_cpp(jobs, tmp_path)
     gaps = {}
     for path, nll in want.items():
@@ -184,12 +195,22 @@ def test_converted_checkpoints_give_llama_cpp_the_transformers_losses(tiny_token
         assert got[path]["plain"] == hf(TEXT, add_special_tokens=False)["input_ids"], path.stem
     assert max(gaps.values()) < 0.02, gaps
     assert np.abs(np.asarray(got[unordered]["nll"]) - want[tmp_path / "llama.gguf"]).max() > 1.0
+    assert np.abs(np.asarray(got[swapped]["nll"]) - want[tmp_path / "mixtral.gguf"]).max() > 1.0
     for scaled, plain in (("llama3-rope", "llama"), ("qwen2-yarn", "qwen2")):     # the scalings matter
         assert abs(want[tmp_path / f"{scaled}.gguf"].mean() - want[tmp_path / f"{plain}.gguf"].mean()) > 0.01
     reader = gguf.GGUFReader(str(tmp_path / "llama3-rope.gguf"))
     assert "rope_freqs.weight" in {t.name for t in reader.tensors}
     moe = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "qwen3_moe.gguf")).tensors}
     assert list(moe["blk.0.ffn_gate_exps.weight"].shape) == [64, 32, 4]     # ggml order: in, out, experts
+    reader = gguf.GGUFReader(str(tmp_path / "mixtral.gguf"))
+    mixtral = {t.name: t for t in reader.tensors}
+    for stack in ("ffn_gate_exps", "ffn_up_exps"):
+        assert list(mixtral[f"blk.0.{stack}.weight"].shape) == [64, 128, 4]
+    assert list(mixtral["blk.0.ffn_down_exps.weight"].shape) == [128, 64, 4]
+    assert mixtral["blk.0.ffn_gate_inp.weight"].tensor_type.name == "F32"     # the router
+    assert reader.get_field("general.architecture").contents() == "llama"
+    assert reader.get_field("llama.expert_count").contents() == 4
+    assert reader.get_field("llama.expert_used_count").contents() == 2
 
 
 @needs_llama_cpp
@@ -426,7 +447,7 @@ LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_fact
 
 
 @pytest.mark.parametrize("model_type, changes, words", [
-    ("mixtral", {}, "is a mixtral"),
+    ("qwen2_moe", {}, "is a qwen2_moe"),
     ("llama", {"hidden_act": "gelu"}, "activation 'gelu'"),
     ("llama", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, "'dynamic'"),
     ("qwen2", {"use_sliding_window": True}, "use_sliding_window"),

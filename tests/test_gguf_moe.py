@@ -1,11 +1,12 @@
 """Mixture-of-experts models through the gguf backend and export: a gguf run on a tiny
-Qwen3-MoE checkpoint (widths 256, so K-quants apply; each layer's four experts at the
-layer's precision) exported with `export --backend gguf`. The checkpoint is converted with
-its experts stacked (blk.N.ffn_gate_exps/ffn_up_exps/ffn_down_exps), one type override
-per stacked tensor; the run's byte costs are the sizes of the written tensors, every
-expert's slice of its stack holds the bytes the simulation quantized, the importance
-matrix keeps one row and one token count per expert (as llama-imatrix writes it), and
-llama.cpp runs the file at the simulated perplexity. The conversion and llama.cpp's
+Qwen3-MoE checkpoint and on a tiny Mixtral one (llama.cpp's llama architecture, its
+experts in the hub layout w1/w2/w3; widths 256, so K-quants apply; each layer's four
+experts at the layer's precision) exported with `export --backend gguf`. The checkpoint is
+converted with its experts stacked (blk.N.ffn_gate_exps/ffn_up_exps/ffn_down_exps), one
+type override per stacked tensor; the run's byte costs are the sizes of the written
+tensors, every expert's slice of its stack holds the bytes the simulation quantized, the
+importance matrix keeps one row and one token count per expert (as llama-imatrix writes
+it), and llama.cpp runs the file at the simulated perplexity. The conversion and llama.cpp's
 quantize report their tensors on the export's progress, and stop when the export is
 cancelled. An expert that no calibration token reaches gets count 0 in the importance
 matrix, taken as ones by the simulation and by llama.cpp alike."""
@@ -29,31 +30,47 @@ STACKS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 
 
 @pytest.fixture(scope="module")
-def moe_run(tiny_tokenizer, tmp_path_factory):
-    """(the run directory, the checkpoint): 2 layers, attention 256 wide (4 heads of 64),
-    four experts of 256, two chosen per token; one SPQE sample with the gguf backend."""
+def moe_runs(tiny_tokenizer, tmp_path_factory):
+    """model_type -> (the run directory, the checkpoint), made on first use: 2 layers,
+    attention 256 wide (4 heads of 64), four experts of 256 (Qwen3-MoE's
+    moe_intermediate_size, Mixtral's intermediate_size), two chosen per token; one SPQE
+    sample with the gguf backend."""
     from core.engine import run_spqe
     from core.runs import RunConfig, RunDir
 
-    base = tmp_path_factory.mktemp("gguf-moe")
-    checkpoint = save_checkpoint(base / "tiny-moe", tiny_tokenizer, "qwen3_moe",
-                                 shape={"hidden": WIDTH, "intermediate": WIDTH},
-                                 moe_intermediate_size=WIDTH)
-    config = RunConfig(model=str(checkpoint), backend="gguf", gguf_types="Q2_K,Q4_K", samples=1,
-                       windows=2, window_tokens=16, device="cpu")
-    run = RunDir.create(base / "run", config)
-    assert run_spqe(config, run) == "completed"
-    return run.path, checkpoint
+    runs = {}
+
+    def run_of(model_type: str):
+        if model_type not in runs:
+            base = tmp_path_factory.mktemp(f"gguf-{model_type}")
+            experts = {"moe_intermediate_size": WIDTH} if model_type == "qwen3_moe" else {}
+            checkpoint = save_checkpoint(base / "tiny-moe", tiny_tokenizer, model_type,
+                                         shape={"hidden": WIDTH, "intermediate": WIDTH}, **experts)
+            config = RunConfig(model=str(checkpoint), backend="gguf", gguf_types="Q2_K,Q4_K",
+                               samples=1, windows=2, window_tokens=16, device="cpu")
+            run = RunDir.create(base / "run", config)
+            assert run_spqe(config, run) == "completed"
+            runs[model_type] = run.path, checkpoint
+        return runs[model_type]
+    return run_of
 
 
-def test_a_moe_gguf_export_has_the_runs_bytes_and_runs_in_llama_cpp(moe_run, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def moe_run(moe_runs):
+    """The Qwen3-MoE run."""
+    return moe_runs("qwen3_moe")
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+def test_a_moe_gguf_export_has_the_runs_bytes_and_runs_in_llama_cpp(model_type, moe_runs, tmp_path,
+                                                                    monkeypatch):
     import gguf
 
     from core import imatrix
     from core.export import export_model
     from core.runs import RunDir
 
-    run_dir, _ = moe_run
+    run_dir, _ = moe_runs(model_type)
     monkeypatch.setenv("IMPQ_TUI_CACHE", str(tmp_path / "cache"))
     seen: list = []
     out = tmp_path / "export"

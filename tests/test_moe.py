@@ -148,15 +148,18 @@ def _config_only(path, config):
     return path
 
 
-def test_the_gguf_export_of_a_mixtral_checkpoint_names_llama_cpps_converter(tmp_path):
-    """impq-tui converts Qwen3-MoE checkpoints to GGUF itself, not Mixtral's: the gguf
-    export says to convert with llama.cpp's converter, from config.json alone."""
+def test_the_gguf_export_of_a_mixtral_checkpoint_passes_its_check_before_loading(tiny_tokenizer, tmp_path,
+                                                                                monkeypatch):
+    """impq-tui converts Mixtral checkpoints (the hub layout, w1/w2/w3 per expert) to GGUF
+    itself: the gguf export's check before loading passes and names the conversion in the
+    user cache, with nothing written (tests/test_gguf_moe.py runs the whole export)."""
     from core.export.gguf import gguf_input
 
-    folder = _config_only(tmp_path / "mixtral", moe_config("mixtral"))
-    with pytest.raises(UserError, match="is a mixtral") as info:
-        gguf_input(RunConfig(model=str(folder), backend="gguf"), convert=False)
-    assert f"convert_hf_to_gguf.py {folder} --outtype f32" in str(info.value)
+    monkeypatch.setenv("IMPQ_TUI_CACHE", str(tmp_path / "cache"))
+    folder = save_moe(tmp_path / "mixtral", tiny_tokenizer, "mixtral")
+    path = gguf_input(RunConfig(model=str(folder), backend="gguf"), convert=False)
+    assert path.parent == tmp_path / "cache" / "gguf" / "converted" and path.suffix == ".gguf"
+    assert not path.exists()
 
 
 def test_the_memory_estimate_counts_every_expert(tmp_path):

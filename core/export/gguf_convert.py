@@ -9,11 +9,15 @@ What llama.cpp's convert_hf_to_gguf.py does for these families, with gguf-py's n
 (tensor names, and which tensors each llama.cpp architecture has), metadata keys,
 special-token reader (SpecialVocab) and writer; the tokenizer is core.export.gguf_vocab's.
 
-- Families (FAMILIES: model_type -> llama.cpp architecture): Llama and Mistral ("llama"),
-  Qwen2, Qwen3, Qwen3-MoE (experts stacked per layer into llama.cpp's [experts, out, in]
-  tensors), Gemma 2, Gemma 3 (gemma3_text), Phi-3 (and Phi-4-mini), OLMo 2, Granite,
-  StableLM, StarCoder2, GPT-NeoX. Each is checked by llama.cpp itself: the converted tiny
-  checkpoint runs at the next-token losses transformers computes.
+- Families (FAMILIES: model_type -> llama.cpp architecture): Llama, Mistral and Mixtral
+  ("llama"), Qwen2, Qwen3, Qwen3-MoE, Gemma 2, Gemma 3 (gemma3_text), Phi-3 (and
+  Phi-4-mini), OLMo 2, Granite, StableLM, StarCoder2, GPT-NeoX. Each is checked by
+  llama.cpp itself: the converted tiny checkpoint runs at the next-token losses
+  transformers computes.
+- Experts (Qwen3-MoE, Mixtral) are stacked per layer into llama.cpp's [experts, out, in]
+  tensors (ffn_gate_exps, ffn_up_exps, ffn_down_exps), from per-expert tensors as
+  transformers saves them (Mixtral's hub layout: block_sparse_moe.experts.E.w1, w2, w3 are
+  gate, down and up, as llama.cpp's converter stacks them) or from fused ones.
 - Q and K: llama.cpp's "llama" and "granite" architectures rotate interleaved pairs where
   Hugging Face rotates halves, so q_proj and k_proj rows (and biases) are reordered per
   head: the inverse of transformers' GGUF loader (`LlamaTensorProcessor`, which undoes it
@@ -22,8 +26,8 @@ special-token reader (SpecialVocab) and writer; the tokenizer is core.export.ggu
   are stored plus one (F32); Gemma 2's soft caps and window, Gemma 3's window, final cap
   and sliding layers' rope base, Gemma's layer types where they are not llama.cpp's
   default pattern (Gemma 2 every other layer sliding, Gemma 3 five in six), Phi-3's
-  window (llama.cpp's phi3 reads it and does not apply it yet; like Mistral's and
-  StarCoder2's window, which are not written, it matters only past the window),
+  window (llama.cpp's phi3 reads it and does not apply it yet; like Mistral's, Mixtral's
+  and StarCoder2's window, which are not written, it matters only past the window),
   Granite's four multipliers (attention scale, embedding, residual and logit scales),
   GPT-NeoX's and StableLM's parallel residual, the rotated part of each head (Phi-4-mini,
   StableLM, GPT-NeoX rotate a part) as header values. Fused linears stay fused, as
@@ -81,11 +85,14 @@ class Family:
     norm: str = "rms"                       # "rms" or "layer" (LayerNorm), for the epsilon's key
     activations: tuple[str, ...] = ("silu",)    # the hidden_act llama.cpp's graph computes
     plus_one: bool = False                  # RMSNorm weights applied as 1 + w (Gemma): stored so
+    experts: str | None = None              # the config key of the expert count (MoE families)
 
 
 FAMILIES = {
     "llama": Family("LLAMA", rope_order=True), "mistral": Family("LLAMA", rope_order=True),
-    "qwen2": Family("QWEN2"), "qwen3": Family("QWEN3"), "qwen3_moe": Family("QWEN3MOE"),
+    "mixtral": Family("LLAMA", rope_order=True, experts="num_local_experts"),
+    "qwen2": Family("QWEN2"), "qwen3": Family("QWEN3"),
+    "qwen3_moe": Family("QWEN3MOE", experts="num_experts"),
     "gemma2": Family("GEMMA2", activations=_GELU_TANH, plus_one=True),
     "gemma3_text": Family("GEMMA3", activations=_GELU_TANH, plus_one=True),
     "phi3": Family("PHI3"),
@@ -96,14 +103,18 @@ FAMILIES = {
     # Pythia's exact (erf) GELU: llama.cpp computes its tanh form, as for every GPT-NeoX
     "gpt_neox": Family("GPTNEOX", norm="layer", activations=("gelu",) + _GELU_TANH),
 }
-NAMES = ("Llama, Mistral, Qwen2, Qwen3, Qwen3-MoE, Gemma 2, Gemma 3, Phi-3, OLMo 2, Granite, "
-         "StableLM, StarCoder2 and GPT-NeoX")
+NAMES = ("Llama, Mistral, Mixtral, Qwen2, Qwen3, Qwen3-MoE, Gemma 2, Gemma 3, Phi-3, OLMo 2, "
+         "Granite, StableLM, StarCoder2 and GPT-NeoX")
 _GEMMA = ("GEMMA2", "GEMMA3")
 # llama.cpp's Gemma attention scale: 1/sqrt(head_dim), 1/sqrt(hidden/heads) at the layer
 # count of the 27B model (query_pre_attn_scalar is not read)
 _GEMMA_27B_LAYERS = {"GEMMA2": 46, "GEMMA3": 62}
 
-_EXPERT = re.compile(r"^(model\.layers\.(\d+)\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+# one expert's projection (layer, expert, projection): mlp.experts.E.gate_proj, or in
+# Mixtral's hub layout block_sparse_moe.experts.E.w1 (_MIXTRAL_PROJECTIONS)
+_EXPERT = re.compile(r"^model\.layers\.(\d+)\.(?:mlp\.experts\.(\d+)\.(gate|up|down)_proj"
+                     r"|block_sparse_moe\.experts\.(\d+)\.(w[123]))\.weight$")
+_MIXTRAL_PROJECTIONS = {"w1": "gate", "w2": "down", "w3": "up"}
 _FUSED_EXPERTS = re.compile(r"^(model\.layers\.(\d+)\.mlp\.experts)\.(gate_up_proj|down_proj)(\.weight)?$")
 # buffers some checkpoints carry (GPT-NeoX's causal mask), not weights
 _SKIPPED = re.compile(r"(^|\.)rotary_emb\.inv_freq$|\.attention\.(masked_)?bias$")
@@ -337,12 +348,13 @@ def _plan(folder: Path, config, family: Family, dtype: str | None) -> list[_Tens
         return wide or {"BF16": "BF16", "F16": "F16"}.get(source, "F32")
 
     plan: list[_Tensor] = []
-    experts: dict[tuple[str, int, str], dict[int, str]] = {}
+    experts: dict[tuple[int, str], dict[int, str]] = {}     # (layer, projection): expert -> name
     for name in files:
         if _SKIPPED.search(name) or (tied and name == "lm_head.weight"):
             continue
         if m := _EXPERT.match(name):
-            experts.setdefault((m[1], int(m[2]), m[4]), {})[int(m[3])] = name
+            expert, which = (m[2], m[3]) if m[2] is not None else (m[4], _MIXTRAL_PROJECTIONS[m[5]])
+            experts.setdefault((int(m[1]), which), {})[int(expert)] = name
             continue
         shape, source = info(name)
         if m := _FUSED_EXPERTS.match(name):
@@ -372,13 +384,14 @@ def _plan(folder: Path, config, family: Family, dtype: str | None) -> list[_Tens
         elif family.plus_one and name.endswith("norm.weight"):
             make = lambda make=make: make().float() + 1
         plan.append(_Tensor(target, shape, kind(shape, source, target), make))
-    for (prefix, layer, which), by_expert in sorted(experts.items()):
+    for (layer, which), by_expert in sorted(experts.items()):
         order = [by_expert[e] for e in sorted(by_expert)]
-        if sorted(by_expert) != list(range(config.num_experts)):
+        count = getattr(config, family.experts) if family.experts else 0
+        if sorted(by_expert) != list(range(count)):
             raise UserError(f"{folder} holds experts {sorted(by_expert)} of layer {layer}'s "
-                            f"{which}_proj, not 0..{config.num_experts - 1}.")
+                            f"{which}_proj, not 0..{count - 1}.")
         shape, source = info(order[0])
-        target = names.get_name(f"{prefix}.{which}_proj")
+        target = names.get_name(f"model.layers.{layer}.mlp.experts.{which}_proj")  # the stack's name
         plan.append(_Tensor(f"{target}.weight", (len(order), *shape), kind((0, 0), source, target),
                             lambda order=order: torch.stack([loader(n)() for n in order])))
     rope = _rope(config)
@@ -453,9 +466,10 @@ def _metadata(writer, config, family: Family, folder: Path) -> None:
 def _family_metadata(writer, config, family: Family) -> None:
     """What a family's llama.cpp architecture reads beyond the common keys."""
     arch = family.arch
-    if arch == "QWEN3MOE":
-        writer.add_expert_count(config.num_experts)
+    if family.experts:
+        writer.add_expert_count(getattr(config, family.experts))
         writer.add_expert_used_count(config.num_experts_per_tok)
+    if arch == "QWEN3MOE":      # Mixtral's experts are intermediate_size wide, as llama.cpp's llama reads
         writer.add_expert_feed_forward_length(config.moe_intermediate_size)
     elif arch == "GEMMA2":
         writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping))
