@@ -16,7 +16,9 @@ per setting: samples-to-stop (mean, percentiles, how often the maximum was reach
 how often the stopped allocation differs from the full-run one at each budget, how many
 layers differ, and the predicted loss gap under the full-run model (Delta of the stopped
 allocation minus Delta of the full-run one, nats/token; >= 0 up to the solver's
-tolerance). Real (measured) loss gaps need the GPU: not done here.
+tolerance). The baseline a rule must beat: stopping every ordering after a fixed number
+of samples (FIXED_M), reported the same way. Real (measured) loss gaps need the GPU:
+bench/early_stop_real.py evaluates the stopped allocations this writes.
 
     .venv/bin/python bench/early_stop.py                    # writes bench/results/early_stop.json
     .venv/bin/python bench/early_stop.py --orderings 8 --out /tmp/es.json   # quick look
@@ -51,14 +53,17 @@ GRID_RSE = (math.inf, 1.0, 0.5, 0.3)
 GRID_MIN = (10, 20)
 GRID_TOL = (0.0, 0.005, 0.01, 0.02, 0.05)
 K_MAX = max(GRID_K)
-WHY = ("K decides nearly everything: no setting both stops well before the maximum and "
-       "matches the full-run allocation most of the time, because the IMPQ allocation of "
-       "SmolLM2-135M keeps swapping a layer or two near the cut up to ~100 samples. K=10 "
-       "stops at 84 (hqq) and 81 (quanto) of 100/96 samples on average, its stopped "
-       "allocations differ in 0-0.9 layers on average and cost on average at most 0.8% more "
-       "predicted loss than the full run's (worst ordering 7.2%, quanto at 3.5 bits); K=5 "
-       "stops at ~50 but costs on average up to 3.4% (worst 10%). rse binds only below 0.5 "
-       "(0.5 kept as a guard against fluke early stops), min_samples not at all past K=8 (20 "
+FIXED_M = (20, 30, 35, 40, 45, 50, 60, 75)   # the baseline: stop after a fixed number of samples
+WHY = ("Measured in predicted loss here and in real perplexity by bench/early_stop_real.py "
+       "(bench/results/early_stop_real.json). The IMPQ allocation of SmolLM2-135M keeps swapping "
+       "a layer or two near the cut up to ~100 samples, and each swap moves the real perplexity "
+       "a lot (these budgets are near collapse), so every way of stopping early costs real loss "
+       "in proportion to the samples it saves: K=10 stops at 79 (hqq) and 82 (quanto) of 100/96 "
+       "samples on average, at mean perplexity ratios to the full run of at most 1.09 (hqq, 3.5 "
+       "bits); K=5 at 52-54 costs up to 1.32; a tolerance on the predicted regret (tol 2-5%) "
+       "stops at 34-46 but costs 1.18-1.48 at 3.0-3.5 bits, no better than stopping after the "
+       "same fixed number of samples. So K=10 with tol 0 stays the default. rse binds only below "
+       "0.5 (0.5 kept as a guard against fluke early stops), min_samples not at all past K=8 (20 "
        "kept for very stable models).")
 FIRST_M = 1          # states from the first sample on, as the engine computes them
 
@@ -99,13 +104,8 @@ def summarize(path: str, trajs: list[list[dict]], bits) -> list[dict]:
     full = [solve_impq(D, costs, bits=b, model=full_model) for b in bits]
     M = len(D)
     rows, kept = [], []
-    for K, rse, mins, tol in itertools.product(GRID_K, GRID_RSE, GRID_MIN, GRID_TOL):
-        rule = SettleRule(bits=tuple(bits), K=K, rse=rse, min_samples=mins, tol=tol)
-        stops = [stop_of(t, rule) for t in trajs]
-        if rse == SettleRule.rse and mins == SettleRule.min_samples:
-            kept.append({"K": K, "tol": tol, "stops": [{"m": s["m"], "allocations": s["allocations"]}
-                                                       for s in stops]})
-        ms = np.array([s["m"] for s in stops])
+
+    def budgets(stops: list[dict]) -> list[dict]:
         per_budget = []
         for j, (b, ref) in enumerate(zip(bits, full)):
             layers = np.array([sum(x != y for x, y in zip(s["allocations"][j], ref.bits_per_layer))
@@ -119,6 +119,16 @@ def summarize(path: str, trajs: list[list[dict]], bits) -> list[dict]:
                 "predicted_gap_rel_mean": float(gaps.mean() / ref.predicted_delta_nll),
                 "predicted_gap_rel_max": float(gaps.max() / ref.predicted_delta_nll),
                 "full_predicted_delta": ref.predicted_delta_nll})
+        return per_budget
+
+    for K, rse, mins, tol in itertools.product(GRID_K, GRID_RSE, GRID_MIN, GRID_TOL):
+        rule = SettleRule(bits=tuple(bits), K=K, rse=rse, min_samples=mins, tol=tol)
+        stops = [stop_of(t, rule) for t in trajs]
+        if rse == SettleRule.rse and mins == SettleRule.min_samples:
+            kept.append({"K": K, "tol": tol, "stops": [{"m": s["m"], "allocations": s["allocations"]}
+                                                       for s in stops]})
+        ms = np.array([s["m"] for s in stops])
+        per_budget = budgets(stops)
         rows.append({
             "K": K, "rse": None if math.isinf(rse) else rse, "min_samples": mins, "tol": tol,
             "stop_mean": float(ms.mean()), "stop_p10": float(np.percentile(ms, 10)),
@@ -127,8 +137,13 @@ def summarize(path: str, trajs: list[list[dict]], bits) -> list[dict]:
             "any_differs_share": float(np.mean([any(s["allocations"][j] != list(r.bits_per_layer)
                                                     for j, r in enumerate(full)) for s in stops])),
             "budgets": per_budget})
+    fixed, fixed_kept = [], []
+    for m in (m for m in FIXED_M if m < M):
+        stops = [t[m - FIRST_M] for t in trajs]
+        fixed.append({"m": m, "budgets": budgets(stops)})
+        fixed_kept.append({"m": m, "stops": [{"m": m, "allocations": s["allocations"]} for s in stops]})
     full_allocations = [list(r.bits_per_layer) for r in full]
-    return rows, {"full": full_allocations, "settings": kept}
+    return rows, fixed, {"full": full_allocations, "settings": kept, "fixed": fixed_kept}
 
 
 def main() -> None:
@@ -153,12 +168,12 @@ def main() -> None:
             trajs = [f.result() for f in futures]
             M = len(RunDir.open(path).D())
             rses = np.array([[t["rse"] for t in tr] for tr in trajs])
-            rows, stops["runs"][path] = summarize(path, trajs, args.bits)
+            rows, fixed, stops["runs"][path] = summarize(path, trajs, args.bits)
             report["runs"][path] = {
                 "samples": M,
                 "rse_by_m": {str(m): float(np.median(rses[:, m - FIRST_M]))
                              for m in (5, 10, 20, 30, 50, 75, M) if FIRST_M <= m <= M},
-                "settings": rows}
+                "settings": rows, "fixed": fixed}
             print(f"{path}: {args.orderings} orderings in {time.perf_counter() - t0:.0f}s", flush=True)
     report["defaults"] = {**dataclasses.asdict(SettleRule()), "why": WHY}
     report["seconds"] = round(time.perf_counter() - t0, 1)

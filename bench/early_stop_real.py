@@ -9,7 +9,8 @@ modules), every distinct allocation is evaluated by swapping module references o
 evaluation tokens that eval and compare use (disjoint from the calibration text), in
 lexicographic order so consecutive evaluations share a prefix. Reported per setting and
 budget: the perplexity ratio stopped / full run (mean, worst, share worse by more than
-1%), and the mean samples to stop. Writes one JSON object.
+1%), and the mean samples to stop; the same for the baseline of a fixed number of samples.
+Writes one JSON object.
 
     python bench/early_stop_real.py --device cuda --out bench/results/early_stop_real.json
 """
@@ -35,16 +36,16 @@ from core.runs import RunDir, write_atomic  # noqa: E402
 from core.switching import LayerSwitch, PrefixEvaluator  # noqa: E402
 
 
-def measure(path: str, entry: dict, bits: list[float], device: str, log) -> dict:
+def measure(path: str, entry: dict, bits: list[float], device: str, windows, log) -> dict:
     run = RunDir.open(str(ROOT / path) if not Path(path).is_absolute() else path)
     config = run.config
-    loaded, backend, settings = _load(run, device, None, None, None, None, log)
+    loaded, backend, settings = _load(run, device, None, None, windows, None, log)
     tokens = eval_tokens(loaded.tokenizer, settings, config.calib_text, log)
     real = LayerSwitch(loaded, backend, real=True, keep_original=False,
                        levels=[config.levels] * len(loaded.layers))
     evaluator = PrefixEvaluator(loaded, tokens, max(1, config.micro_batch))
     wanted = {tuple(a) for a in entry["full"]}
-    for setting in entry["settings"]:
+    for setting in entry["settings"] + entry.get("fixed", []):
         for stop in setting["stops"]:
             wanted |= {tuple(a) for a in stop["allocations"]}
     nll = {}
@@ -55,9 +56,8 @@ def measure(path: str, entry: dict, bits: list[float], device: str, log) -> dict
             nll[bits_per_layer] = evaluator.evaluate(0 if first is None else first)
     log(f"{path}: {len(wanted)} allocations in {time.perf_counter() - t:.1f}s")
     full = [nll[tuple(a)] for a in entry["full"]]
-    rows = []
-    for setting in entry["settings"]:
-        stops = setting["stops"]
+
+    def budgets(stops: list[dict]) -> list[dict]:
         per_budget = []
         for j, b in enumerate(bits):
             ratio = np.array([math.exp(nll[tuple(s["allocations"][j])] - full[j]) for s in stops])
@@ -65,11 +65,16 @@ def measure(path: str, entry: dict, bits: list[float], device: str, log) -> dict
                                "ppl_ratio_max": float(ratio.max()),
                                "ppl_ratio_min": float(ratio.min()),
                                "worse_by_1pct_share": float((ratio > 1.01).mean())})
-        rows.append({"K": setting["K"], "tol": setting["tol"],
-                     "stop_mean": float(np.mean([s["m"] for s in stops])), "budgets": per_budget})
+        return per_budget
+
+    rows = [{"K": setting["K"], "tol": setting["tol"],
+             "stop_mean": float(np.mean([s["m"] for s in setting["stops"]])),
+             "budgets": budgets(setting["stops"])} for setting in entry["settings"]]
+    fixed = [{"m": setting["m"], "budgets": budgets(setting["stops"])}
+             for setting in entry.get("fixed", [])]
     return {"samples": len(run.D()), "full_ppl": [math.exp(x) for x in full],
             "eval_tokens": int(evaluator.predicted), "allocations_evaluated": len(wanted),
-            "settings": rows}
+            "settings": rows, "fixed": fixed}
 
 
 def main() -> None:
@@ -77,6 +82,8 @@ def main() -> None:
     p.add_argument("--stops", default=str(ROOT / "bench/results/early_stop_stops.json"))
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=str(ROOT / "bench/results/early_stop_real.json"))
+    p.add_argument("--windows", type=int, help="evaluation windows (default: eval's)")
+    p.add_argument("--runs", nargs="+", help="only these runs of the stops file")
     args = p.parse_args()
     stops = json.loads(Path(args.stops).read_text())
     t0 = time.perf_counter()
@@ -85,7 +92,9 @@ def main() -> None:
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.machine(),
               "command": " ".join(["bench/early_stop_real.py"] + sys.argv[1:]), "runs": {}}
     for path, entry in stops["runs"].items():
-        report["runs"][path] = measure(path, entry, stops["bits"], args.device,
+        if args.runs and path not in args.runs:
+            continue
+        report["runs"][path] = measure(path, entry, stops["bits"], args.device, args.windows,
                                        lambda msg, level="info": print(msg, flush=True))
     report["seconds"] = round(time.perf_counter() - t0, 1)
     write_atomic(Path(args.out), json.dumps(report, indent=1) + "\n")

@@ -161,13 +161,17 @@ def test_run_until_settled_stops_early_says_why_and_resume_continues(tiny_model_
     m = len(run.samples())
     assert rule.min_samples <= m < most
     log = (run_dir / "events.log").read_text()
-    said = re.search(r"settled after (\d+) samples: allocations at 2\.5/3\.0/3\.5 bits unchanged "
-                     rf"for {rule.K} samples", log)
+    change = "unchanged" if rule.tol <= 0 else rf"within {rule.tol:.1%} of the predicted loss"
+    said = re.search(r"settled after (\d+) samples: allocations at 2\.5/3\.0/3\.5 bits "
+                     rf"{change} for {rule.K} samples", log)
     assert said and int(said.group(1)) == m, log
     assert "completed (settled)" in log
     # the rule holds at m and did not at m - 1
     D, costs = run.D(), run.costs()
-    history = [state(D[:k], costs, DEFAULT_BITS) for k in range(1, m + 1)]
+    history = []
+    for k in range(1, m + 1):       # each state judges the allocations of the K before it
+        earlier = [h.allocations for h in reversed(history[-rule.K:])]
+        history.append(state(D[:k], costs, DEFAULT_BITS, previous=earlier))
     assert settled(history, rule) and not settled(history[:-1], rule)
 
     assert json.loads((run_dir / "status.json").read_text())["state"] == "completed"
