@@ -25,6 +25,7 @@ from core.evaluate import allocate, evaluate_allocation
 from core.export import export_model
 from core.models import from_config, load_model, tiny_config
 from core.runs import RunConfig, RunDir
+from test_gguf_convert import config_only
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2",
             "granite", "starcoder2", "gpt_neox", "stablelm"]
@@ -143,16 +144,6 @@ def test_the_gguf_export_converts_a_checkpoint_of_each_family(family, tiny_token
     assert not list(folder.glob("*.gguf"))
 
 
-def _config_only(path, model_type: str, **extra):
-    """A checkpoint folder with a config.json and no weights at all."""
-    config = tiny_config(model_type, layers=2)
-    for key, value in extra.items():
-        setattr(config, key, value)
-    path.mkdir()
-    config.save_pretrained(path)
-    return path
-
-
 @pytest.mark.parametrize("model_type, words", [
     # mixture of experts whose fused experts defuser cannot split (and a dense first layer:
     # every layer is looked at); Qwen3-MoE, Mixtral... work (tests/test_moe.py)
@@ -163,7 +154,7 @@ def _config_only(path, model_type: str, **extra):
 ])
 def test_unsupported_models_are_refused_from_their_config(model_type, words, tmp_path):
     """No weights exist in these folders: a refusal proves nothing was read."""
-    folder = _config_only(tmp_path / model_type, model_type)
+    folder = config_only(tmp_path / model_type, model_type)
     start = time.monotonic()
     with pytest.raises(UserError, match=words):
         load_model(str(folder), torch.device("cpu"))
@@ -176,7 +167,7 @@ def test_the_backends_rules_are_checked_before_loading(tiny_tokenizer, tmp_path)
     from core.backends import get_backend
     from core.engine import check_before_loading
 
-    folder = _config_only(tmp_path / "llama", "llama")
+    folder = config_only(tmp_path / "llama", "llama")
     config = RunConfig(model=str(folder), group_size=48, device="cpu")
     with pytest.raises(UserError, match="does not divide"):
         check_before_loading(config, get_backend("quanto", 48))

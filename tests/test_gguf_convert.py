@@ -520,21 +520,15 @@ def test_tokenizers_llama_cpp_would_split_otherwise_are_refused(tiny_tokenizer, 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@needs_llama_cpp
-def test_export_of_a_checkpoint_run_converts_quantizes_and_verifies(tiny_tokenizer, tmp_path, monkeypatch):
-    """A gguf run on a tiny Hugging Face Llama checkpoint (widths 256/512: K-quants apply),
-    exported with a Q3_K and a Q5_K layer: the checkpoint is converted into the user cache,
-    llama.cpp's quantize writes the simulated bytes, and llama.cpp runs the file at the
-    simulated perplexity (`verify`)."""
+def run_and_export(checkpoint: Path, tmp_path: Path, monkeypatch):
+    """A 1-sample gguf run (Q3_K / Q5_K) on `checkpoint`, converted into a user cache under
+    tmp_path, exported with layer 0 low and layer 1 high and verified by llama.cpp: the
+    export's result, its allocation.json and its folder."""
     import os
-
-    import gguf
 
     from core.export import export_model
     from core.runs import RunDir
 
-    checkpoint = save_checkpoint(tmp_path / "tiny-hf", tiny_tokenizer, "llama",
-                                 shape={"hidden": 256, "intermediate": 512})
     monkeypatch.setenv("IMPQ_TUI_CACHE", str(tmp_path / "cache"))
     run = tmp_path / "run"
     proc = subprocess.run(
@@ -547,7 +541,20 @@ def test_export_of_a_checkpoint_run_converts_quantizes_and_verifies(tiny_tokeniz
     out = tmp_path / "export"
     result = export_model(RunDir.open(run), [2, 4], "gguf", str(out), verify=True, eval_windows=2,
                           eval_window_tokens=32)
-    record = json.loads((out / "allocation.json").read_text())
+    return result, json.loads((out / "allocation.json").read_text()), out
+
+
+@needs_llama_cpp
+def test_export_of_a_checkpoint_run_converts_quantizes_and_verifies(tiny_tokenizer, tmp_path, monkeypatch):
+    """A gguf run on a tiny Hugging Face Llama checkpoint (widths 256/512: K-quants apply),
+    exported with a Q3_K and a Q5_K layer: the checkpoint is converted into the user cache,
+    llama.cpp's quantize writes the simulated bytes, and llama.cpp runs the file at the
+    simulated perplexity (`verify`)."""
+    import gguf
+
+    checkpoint = save_checkpoint(tmp_path / "tiny-hf", tiny_tokenizer, "llama",
+                                 shape={"hidden": 256, "intermediate": 512})
+    result, record, out = run_and_export(checkpoint, tmp_path, monkeypatch)
     source = Path(record["quantization"]["source"])
     assert source.parent == tmp_path / "cache" / "gguf" / "converted" and source.suffix == ".gguf"
     assert not list(checkpoint.glob("*.gguf"))               # the checkpoint folder stays as it was

@@ -8,10 +8,6 @@ is one tensor of the file for the export; and a gguf run on a Phi-3 checkpoint (
 qkv_proj and gate_up_proj) exports, quantizes and verifies."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +15,9 @@ import pytest
 import torch
 
 from core.errors import UserError
-from test_gguf_convert import (TEXT, convert, llama_cpp, needs_llama_cpp, rows_for, save_checkpoint,
-                               spm_checkpoint, transformers_nll)
+from test_gguf_convert import (TEXT, convert, llama_cpp, needs_llama_cpp, rows_for, run_and_export,
+                               save_checkpoint, spm_checkpoint, transformers_nll)
 
-ROOT = Path(__file__).resolve().parent.parent
 PHI_SPECIAL = ("<|endoftext|>", "<|end|>")     # Phi-3's; llama.cpp looks them up for a model named phi3
 GEMMA = {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 16, "tie_word_embeddings": True}
 GEMMA3_ROPE = {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
@@ -163,24 +158,9 @@ def test_export_of_a_phi3_checkpoint_run_keeps_its_fused_linears(tiny_tokenizer,
     """A gguf run on a tiny Phi-3 checkpoint (widths 256/512: K-quants apply), exported with a
     Q3_K and a Q5_K layer: qkv_proj and gate_up_proj quantized fused, as the run measured
     them, every tensor the simulation's bytes, llama.cpp at the simulated perplexity."""
-    from core.export import export_model
-    from core.runs import RunDir
-
     checkpoint_dir = save_checkpoint(tmp_path / "tiny-phi", tiny_tokenizer, "phi3",
                                      shape={"hidden": 256, "intermediate": 512})
-    monkeypatch.setenv("IMPQ_TUI_CACHE", str(tmp_path / "cache"))
-    run = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "impq_tui", "run", "--model", str(checkpoint_dir), "--backend", "gguf",
-         "--gguf-types", "Q3_K", "Q5_K", "--samples", "1", "--windows", "2", "--window-tokens", "16",
-         "--device", "cpu", "--quiet", "--run-dir", str(run)],
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}, cwd=ROOT,
-        capture_output=True, text=True, timeout=900, check=False)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = tmp_path / "export"
-    result = export_model(RunDir.open(run), [2, 4], "gguf", str(out), verify=True, eval_windows=2,
-                          eval_window_tokens=32)
-    record = json.loads((out / "allocation.json").read_text())
+    result, record, _ = run_and_export(checkpoint_dir, tmp_path, monkeypatch)
     types = record["quantization"]["types_by_tensor"]
     for layer, want in ((0, "Q3_K"), (1, "Q5_K")):
         assert types[f"blk.{layer}.attn_qkv.weight"] == types[f"blk.{layer}.ffn_up.weight"] == want
