@@ -259,6 +259,8 @@ def prepare(config: RunConfig, callback: events.Callback = events.ignore,
         callback(events.Log(f"{what} on {windows.shape[0]} x {windows.shape[1]} "
                             "calibration tokens"))
         backend.calibrate(loaded, windows, config.micro_batch)
+    if hasattr(backend, "first_use") and (note := backend.first_use(device)) is not None:
+        callback(events.Log(note))     # quanto's kernel build: minutes with nothing to show
     switch = LayerSwitch(loaded, backend, real=plan.packed, levels=[config.levels] * len(loaded.layers),
                          on_layer=on_layer, stream=range(min(plan.streamed, len(loaded.layers))))
     if switch.streamed is not None and not switch.streamed.pinned:

@@ -59,3 +59,24 @@ def test_a_lock_released_while_waiting_ends_the_wait(lock):
         assert not lock.exists()
     finally:
         holder.wait()
+
+
+def test_the_first_quanto_use_on_a_device_says_the_kernels_will_be_built(tmp_path, monkeypatch):
+    """Quanto builds a device's kernels when its build folder records no build for this torch
+    (quanto's own check): then the run says so before the silent minute and a half."""
+    import optimum.quanto.library.extensions as extensions
+    import torch
+
+    from core.backends.quanto import QuantoBackend
+
+    monkeypatch.setattr(extensions, "__file__", str(tmp_path / "__init__.py"))
+    backend = QuantoBackend()
+    assert build_lock.will_build("cuda")
+    assert "building optimum-quanto's CUDA kernels" in backend.first_use(torch.device("cuda"))
+    version = tmp_path / "cuda" / "build" / "pytorch_version.txt"
+    version.parent.mkdir(parents=True)
+    version.write_text("2.0.0\n")                 # built for another torch: built again
+    assert build_lock.will_build("cuda")
+    version.write_text(torch.__version__ + "\n")
+    assert not build_lock.will_build("cuda") and backend.first_use(torch.device("cuda")) is None
+    assert "C++ kernels" in backend.first_use(torch.device("cpu"))     # cpp/ has no build here

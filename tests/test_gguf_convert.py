@@ -442,8 +442,8 @@ def config_only(path: Path, model_type: str, **changes) -> Path:
     return path
 
 
-LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
-            "short_factor": [1.0] * 6, "long_factor": [2.0] * 6, "original_max_position_embeddings": 64}
+LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+            "original_max_position_embeddings": 64}
 
 
 @pytest.mark.parametrize("model_type, changes, words", [
@@ -451,7 +451,7 @@ LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_fact
     ("llama", {"hidden_act": "gelu"}, "activation 'gelu'"),
     ("llama", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, "'dynamic'"),
     ("qwen2", {"use_sliding_window": True}, "use_sliding_window"),
-    ("phi3", {"max_position_embeddings": 256, "rope_parameters": LONGROPE}, "'longrope'"),
+    ("llama", {"max_position_embeddings": 256, "rope_parameters": LONGROPE}, "'longrope'"),   # Phi-3's only
     ("gemma2", {}, "tie_word_embeddings false"),
     ("gemma2", {"tie_word_embeddings": True, "head_dim": 16}, "query_pre_attn_scalar 256"),
     ("gemma2", {"tie_word_embeddings": True, "final_logit_softcapping": None}, "soft-capping"),

@@ -1,11 +1,12 @@
 """The families impq-tui converts to GGUF beyond Llama and Qwen (core.export.gguf_convert),
 checked by llama.cpp itself as tests/test_gguf_convert.py checks those: tiny random Gemma 2,
-Gemma 3, Phi-3, OLMo 2, Granite, StableLM, StarCoder2 and GPT-NeoX checkpoints converted
-to F32 give llama.cpp (llama-cpp-python, in a fresh process) the next-token losses
-transformers computes on the same tokens; what each family needs written differently
-matters (written without it, llama.cpp is off); each decoder linear of the fused families
-is one tensor of the file for the export; and a gguf run on a Phi-3 checkpoint (fused
-qkv_proj and gate_up_proj) exports, quantizes and verifies."""
+Gemma 3, Phi-3 (plain and with LongRoPE, its short and its long factors), OLMo 2, Granite,
+StableLM, StarCoder2 and GPT-NeoX checkpoints converted to F32 give llama.cpp
+(llama-cpp-python, in a fresh process) the next-token losses transformers computes on the
+same tokens; what each family needs written differently matters (written without it,
+llama.cpp is off); each decoder linear of the fused families is one tensor of the file for
+the export; and a gguf run on a Phi-3 checkpoint (fused qkv_proj and gate_up_proj) exports,
+quantizes and verifies."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,6 +26,21 @@ GEMMA3_ROPE = {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
 LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
 GRANITE = {"embedding_multiplier": 6.0, "attention_multiplier": 0.03, "residual_multiplier": 0.3,
            "logits_scaling": 4.0}
+
+
+def longrope(pairs: int, original: int, **more) -> dict:
+    """Phi-3's LongRoPE (Phi-3-mini-128k, Phi-3.5-mini, Phi-4-mini) stretching `original`
+    positions four times, its long and short factors random in [1, 8] (far from 1), one per
+    rotated pair. transformers takes original_max_position_embeddings from the config's top
+    level: both say it."""
+    rng = np.random.default_rng(pairs + original)
+    return {"max_position_embeddings": 4 * original, "original_max_position_embeddings": original,
+            "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "partial_rotary_factor": 1.0,
+                                "original_max_position_embeddings": original,
+                                "long_factor": rng.uniform(1, 8, pairs).tolist(),
+                                "short_factor": rng.uniform(1, 8, pairs).tolist(), **more}}
+
+
 # case: (model_type, tokenizer: a SentencePiece style of spm_checkpoint or conftest's byte-level
 # BPE, changes to tiny_config)
 CASES = {
@@ -43,6 +59,11 @@ CASES = {
     # Phi-4-mini: 3/4 of each head rotated
     "phi4-mini": ("phi3", "bpe", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
                                                       "partial_rotary_factor": 0.75}}),
+    # LongRoPE, 48 tokens within the original 256: transformers' short factors, and llama.cpp's
+    # (its context of 48 is padded to 256, not longer); attention scaled for 1024/256
+    "phi3-longrope": ("phi3", "llama-json", {"special": PHI_SPECIAL, **longrope(8, 256)}),
+    # past the original 32: the long factors in both; 3/4 of each head rotated, an attention factor given
+    "phi4-mini-longrope": ("phi3", "bpe", longrope(6, 32, partial_rotary_factor=0.75, attention_factor=1.3)),
     "olmo2": ("olmo2", "bpe", {}),
     "granite": ("granite", "bpe", GRANITE),                       # its four multipliers
     "stablelm": ("stablelm", "bpe", {"use_qkv_bias": True}),       # a quarter rotated, LayerNorm
@@ -70,8 +91,14 @@ def test_each_family_gives_llama_cpp_the_transformers_losses(tiny_tokenizer, tmp
     (mean within 1e-4 relative), and llama.cpp tokenizes as the Hugging Face tokenizer.
     Negative controls, in the same llama.cpp process: Gemma 2's norms stored as they are,
     GPT-NeoX's query_key_value rows in Hugging Face's order, Granite written as a Llama
-    (no multipliers) are off by much more."""
+    (no multipliers), LongRoPE's long and short factors swapped are off by much more."""
     from core.export import gguf_convert
+
+    def swapped(config, rope=gguf_convert._rope):
+        params = rope(config)
+        if params.get("rope_type") == "longrope":
+            params["long_factor"], params["short_factor"] = params["short_factor"], params["long_factor"]
+        return params
 
     jobs, want, tokenizers = [], {}, {}
     for case in CASES:
@@ -86,7 +113,8 @@ def test_each_family_gives_llama_cpp_the_transformers_losses(tiny_tokenizer, tmp
             "GEMMA2", activations=gguf_convert._GELU_TANH))
         patch.setattr(gguf_convert, "_to_ggml_qkv_order", lambda w, n_head: w)
         patch.setitem(gguf_convert.FAMILIES, "granite", gguf_convert.Family("LLAMA", rope_order=True))
-        for case in ("gemma2", "gpt_neox", "granite"):
+        patch.setattr(gguf_convert, "_rope", swapped)
+        for case in ("gemma2", "gpt_neox", "granite", "phi3-longrope", "phi4-mini-longrope"):
             controls[case] = convert(tmp_path / case, tmp_path / f"{case}-control.gguf")
             jobs.append((controls[case], next(r for p, r, _ in jobs if p.stem == case), TEXT))
     got = llama_cpp(jobs, tmp_path)

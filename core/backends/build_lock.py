@@ -28,6 +28,20 @@ def quanto_locks() -> list[Path]:
     return [lock for lock in root.glob("*/build/lock") if lock.exists()]
 
 
+def will_build(kind: str) -> bool:
+    """Whether quanto's `kind` extension (cpp, cuda, mps) is still to be built for this torch:
+    the next quanto module on such a device builds it first (96 s on an H200 host, printing
+    nothing), as quanto's loader decides from the build folder's pytorch_version.txt."""
+    import optimum.quanto.library.extensions as extensions
+    import torch
+
+    version = Path(extensions.__file__).parent / kind / "build" / "pytorch_version.txt"
+    try:
+        return version.read_text().strip() != torch.__version__
+    except OSError:
+        return True
+
+
 def holders(path: Path) -> list[int]:
     """Pids of live processes that hold `path` open (Linux /proc; [] where unreadable)."""
     target = os.path.realpath(path)

@@ -8,7 +8,7 @@ from torch import nn
 
 from core.backends import BITS_OF
 from core.backends.base import Backend, tensor_nbytes
-from core.backends.build_lock import clear_stale_locks
+from core.backends.build_lock import clear_stale_locks, will_build
 
 QTYPES = {2: qint2, 4: qint4, 8: qint8}
 
@@ -23,6 +23,14 @@ class QuantoBackend(Backend):
         # quanto builds its C++ extension on first use under a lock that a killed build
         # leaves behind: clear it before any quanto module could wait on it forever.
         clear_stale_locks()
+
+    def first_use(self, device: torch.device) -> str | None:
+        """What quantizing on `device` will do first that takes long and shows nothing."""
+        kind = {"cuda": "cuda", "mps": "mps"}.get(device.type, "cpp")
+        if will_build(kind):
+            return (f"building optimum-quanto's {kind.upper() if kind != 'cpp' else 'C++'} kernels "
+                    "(once per install of quanto and torch; about 1.5 minutes on a GPU host)")
+        return None
 
     def _quantize_linear(self, linear: nn.Linear, bits: int) -> QLinear:
         # No optimizer given: QLinear then uses its frozen-weight default for qint2/qint4,

@@ -41,17 +41,22 @@ special-token reader (SpecialVocab) and writer; the tokenizer is core.export.ggu
   (head_dim, hidden/heads at 27B's layer count), a Gemma 2 head of its own or without
   soft caps or window, Gemma 3 attention soft caps or a scaled rope on its sliding
   layers; StableLM's per-head q/k norms; Qwen2's sliding window, Qwen3-MoE with dense
-  layers or unnormalized routing; rope scalings other than linear, yarn and Llama's
-  llama3 (LongRoPE among them); `.bin`-only checkpoints; tensors without a name in the
-  llama.cpp architecture.
+  layers or unnormalized routing; rope scalings other than linear, yarn, Llama's llama3
+  and Phi-3's longrope; `.bin`-only checkpoints; tensors without a name in the llama.cpp
+  architecture.
 - Metadata from the config: context length, embedding and feed-forward lengths, heads,
   KV heads, key/value length, rotated dimensions, rope base, norm epsilon (RMS or
-  LayerNorm), vocabulary size, experts; rope scaling "linear", "yarn" and Llama 3's
-  "llama3" (a rope_freqs tensor of per-frequency factors, computed by transformers' own
-  rope functions).
+  LayerNorm), vocabulary size, experts; rope scaling "linear", "yarn", Llama 3's "llama3"
+  (a rope_freqs tensor of per-frequency factors, computed by transformers' own rope
+  functions) and Phi-3's "longrope" (Phi-3-mini-128k, Phi-3.5-mini, Phi-4-mini: its long
+  and short factors, one per rotated pair, as rope_factors_long and rope_factors_short
+  tensors, and the attention factor transformers' rope function computes). transformers
+  takes the long factors for a sequence longer than original_max_position_embeddings,
+  llama.cpp for a context longer than that (its context is padded to 256): the same
+  losses where both are longer, or both not.
 - Values: 2-D tensors keep the values the run quantized: in the run's dtype when it is
   16-bit, else in the checkpoint's own (BF16 stays BF16, F32 stays F32); 1-D tensors
-  (norms, biases), the router and rope_freqs in F32, as llama.cpp's converter stores them.
+  (norms, biases), the router and the rope factors in F32, as llama.cpp's converter stores them.
   Tensors are read and written one at a time (safetensors, memory-mapped).
 """
 from __future__ import annotations
@@ -270,10 +275,11 @@ def _checked(folder: Path):
     config = _hf_config(folder)
     family = _family(config, folder)
     rope_type = _rope(config).get("rope_type", "default")
-    if rope_type not in ("default", "linear", "yarn", "llama3") or (
-            rope_type == "llama3" and family.arch != "LLAMA"):
+    if rope_type not in ("default", "linear", "yarn", "llama3", "longrope") or (
+            rope_type == "llama3" and family.arch != "LLAMA") or (
+            rope_type == "longrope" and family.arch != "PHI3"):
         raise UserError(f"{folder} scales its rope by {rope_type!r}; impq-tui converts the "
-                        f"scalings linear, yarn and llama3 (Llama) only. {_hint(folder)}")
+                        f"scalings linear, yarn, llama3 (Llama) and longrope (Phi-3) only. {_hint(folder)}")
     vocab = gguf_vocab.read(folder, _hint)
     _weight_files(folder)
     return config, family, vocab
@@ -405,6 +411,14 @@ def _plan(folder: Path, config, family: Family, dtype: str | None) -> list[_Tens
         factors = plain / scaled.float()
         plan.append(_Tensor(f"{gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS]}.weight",
                             tuple(factors.shape), "F32", lambda f=factors: f))
+    elif rope.get("rope_type") == "longrope":
+        # both sets: llama.cpp rotates with the long factors when its context per sequence is
+        # longer than original_max_position_embeddings, as transformers for sequences that long
+        for key, tensor in (("long_factor", gguf.MODEL_TENSOR.ROPE_FACTORS_LONG),
+                            ("short_factor", gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT)):
+            factors = torch.tensor(rope[key], dtype=torch.float32)
+            plan.append(_Tensor(f"{gguf.TENSOR_NAMES[tensor]}.weight", tuple(factors.shape), "F32",
+                                lambda f=factors: f))
     got = {t.name for t in plan}
     for must in ("token_embd.weight", "output_norm.weight"):
         if must not in got:
@@ -455,6 +469,13 @@ def _metadata(writer, config, family: Family, folder: Path) -> None:
             writer.add_rope_scaling_yarn_beta_fast(float(rope["beta_fast"]))
         if rope.get("beta_slow") is not None:
             writer.add_rope_scaling_yarn_beta_slow(float(rope["beta_slow"]))
+    elif kind == "longrope":
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        # transformers' scale of cos and sin (attention_factor, else from factor or the ratio of
+        # the contexts), which llama.cpp multiplies its rotation by as well
+        _, scale = ROPE_INIT_FUNCTIONS["longrope"](config, torch.device("cpu"))
+        writer.add_rope_scaling_attn_factors(float(scale))
     if family.norm == "rms":
         writer.add_layer_norm_rms_eps(_eps(config))
     else:
