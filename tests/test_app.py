@@ -387,10 +387,12 @@ async def test_the_budgets_to_settle_are_checked_against_the_levels(tmp_path):
             await pilot.pause()
             assert isinstance(app.screen, SetupScreen) and not run_dir.exists()
             message = form.query_one("#setup-message")
-            # below the buttons, yet scrolled into view on a small terminal (after a refresh)
+            # in view on a small terminal, above the footer, whatever the form's scroll
             await until(pilot, lambda: message.region.height > 0
                         and message.region.y + message.region.height <= 23,
-                        f"the message scrolled into view ({message.region})")
+                        f"the message in view ({message.region})")
+            footer = app.screen.query_one("Footer").region
+            assert message.region.y + message.region.height <= footer.y, (message.region, footer)
             return text_of(message)
 
         message = await refused("3 5")

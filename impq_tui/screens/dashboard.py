@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import threading
 import time
 
 import numpy as np
@@ -198,6 +199,9 @@ class Dashboard(Screen):
         self._fit_for: np.ndarray = NO_SAMPLES     # the D it fits
         self._fitted_of: np.ndarray | None = None  # the D that self.fitted was made from
         self._remember_timer = None
+        self._remember_lock = threading.Lock()   # one ui.json write at a time, newest last
+        self._remember_seq = 0               # the budget changes asked to be kept so far
+        self._remembered_seq = 0             # the newest of them written
         self._first_screen = False           # the first allocation and frontier were drawn
         self._fit_of: np.ndarray | None = None   # the D that self.fit was made from
         self._follower = None
@@ -272,7 +276,8 @@ class Dashboard(Screen):
             self.solver.close()
         if self._remember_timer is not None:       # a budget not written yet
             self._remember_timer.stop()
-            remember_bits(self.run, self.bits, self.method)
+        if self._remember_seq:                     # written now, whatever is still in work
+            self._keep(self._remember_seq, self.bits, self.method)
 
     @property
     def remembers(self) -> bool:
@@ -420,13 +425,22 @@ class Dashboard(Screen):
         if self.remembers:
             if self._remember_timer is not None:
                 self._remember_timer.stop()
+            self._remember_seq += 1
             self._remember_timer = self.set_timer(REMEMBER_AFTER_S, self._remember)
 
     def _remember(self) -> None:
         self._remember_timer = None
-        run, bits, method = self.run, self.bits, self.method
-        self.app.run_worker(lambda: remember_bits(run, bits, method), name="remember",
+        seq, bits, method = self._remember_seq, self.bits, self.method
+        self.app.run_worker(lambda: self._keep(seq, bits, method), name="remember",
                             group="remember", thread=True, exit_on_error=False)
+
+    def _keep(self, seq: int, bits: float, method: str) -> None:
+        """Write the budget of change number seq unless a newer one was written already
+        (a write in a thread may finish after the one made on leaving)."""
+        with self._remember_lock:
+            if seq > self._remembered_seq:
+                remember_bits(self.run, bits, method)
+                self._remembered_seq = seq
 
     def watch_state(self) -> None:
         self._show_progress()

@@ -246,7 +246,11 @@ class SetupScreen(Screen):
             with Horizontal(id="setup-buttons"):
                 yield Button("Start  F5", id="start", variant="primary", compact=True)
                 yield Button("Open run  F6", id="open", compact=True)
-            yield Static(id="setup-message")
+        # outside the scrolled form, above the footer: in view on any terminal, whatever
+        # the form's rows do after it is shown (an estimate coming in, fields shown)
+        message = Static(id="setup-message")
+        message.display = False
+        yield message
         yield Footer()
 
     def on_mount(self) -> None:
@@ -403,7 +407,10 @@ class SetupScreen(Screen):
         field = self.query_one("#setup-estimate", Static)
         estimate = self.estimate
         if estimate is None:
-            text = why or ("estimating…" if pending else
+            # why there is none, or that one is on its way (whichever field changed meanwhile)
+            key = self.estimate_key()
+            why = why or self.measured.get(key, (None, ""))[1]
+            text = why or ("estimating…" if pending or key is not None else
                            "no estimate until Windows × tokens are whole numbers")
             field.update(f"[dim]{_escape(text)}[/dim]")
             return
@@ -454,8 +461,7 @@ class SetupScreen(Screen):
     def show_message(self, text: str) -> None:
         message = self.query_one("#setup-message", Static)
         message.update(f"[$error]{_escape(text)}[/]")
-        # below the buttons, which a small terminal scrolls past: brought into view
-        self.call_after_refresh(message.scroll_visible, animate=False)
+        message.display = bool(text)
 
     def value(self, field: str) -> str:
         return self.query_one(f"#{field}", Input).value.strip()
