@@ -2,6 +2,7 @@
 over the app's screen or the CLI's progress display."""
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -13,6 +14,12 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # torchao (GPTQModel's dependency, which transformers imports wherever it is installed)
+    # logs that its kernels for other Python versions and GPUs did not load, and torch
+    # warns torchao of its deprecated calls: four alarming lines before every run, none of
+    # them the user's to act on. Errors still show.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     if "transformers" in sys.modules:
         import transformers
 

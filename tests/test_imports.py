@@ -78,3 +78,21 @@ print("\\n".join(names))
                for p in (ROOT / "core").rglob("*.py")} - {"core"}
     assert on_disk <= imported, on_disk - imported
     assert {"core.requests", "core.export.card", "impq_tui.cli.run"} <= imported
+
+
+def test_the_libraries_say_nothing_the_user_cannot_act_on():
+    """Importing the quantizers after quiet_libraries() (as the CLI and the app do) prints
+    none of torchao's failed kernel loads nor torch's deprecation notes to torchao; the
+    same import without it does print them where torchao is installed (the control)."""
+    quiet = "from impq_tui.libraries import quiet_libraries; quiet_libraries(); "
+
+    def chatter(prefix: str) -> list[str]:
+        proc = subprocess.run([sys.executable, "-c", prefix + "import optimum.quanto"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        return [line for line in (proc.stdout + proc.stderr).splitlines()
+                if "torchao" in line or "register_constant" in line]
+
+    if not chatter(""):
+        pytest.skip("importing the quantizers says nothing here even unquieted (no torchao)")
+    assert chatter(quiet) == []
