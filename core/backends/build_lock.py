@@ -7,10 +7,16 @@ The builder keeps the lock file open while it builds, so a lock that no live pro
 holds open is stale: it is removed. A lock a live process holds is waited on, for at most
 `timeout_s` and stopping at once when `cancel` is set; then the wait ends with a message
 that names the file and the process.
+
+Quanto builds in its own package folder. Where that folder cannot be written (a shared or
+system install, a read-only image) the build, and even loading a finished build (torch
+takes the lock file first), fails at the first quantized layer; redirect_builds() then
+moves the build folder to the user's cache (IMPQ_TUI_CACHE or XDG_CACHE_HOME).
 """
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -20,26 +26,76 @@ from core.errors import Cancelled, UserError
 BUILD_TIMEOUT_S = 900.0   # a first build takes one to a few minutes
 
 
+def _registered() -> dict:
+    """Quanto's extensions registered in this process (cpp always; cuda, hip or mps where
+    the device is present), by name: quanto_cpp, quanto_cuda, ..."""
+    from optimum.quanto.library.extensions import extension
+
+    return extension._extensions
+
+
+def build_folder(kind: str) -> Path:
+    """Where quanto builds its `kind` extension (cpp, cuda, hip, mps): the registered
+    extension's folder (moved by redirect_builds, if it was), else quanto's default."""
+    import optimum.quanto.library.extensions as extensions
+
+    ext = _registered().get(f"quanto_{kind}")
+    if ext is not None:
+        return Path(ext.build_directory)
+    return Path(extensions.__file__).parent / kind / "build"
+
+
 def quanto_locks() -> list[Path]:
     """The lock files of quanto's extension builds that exist now."""
     import optimum.quanto.library.extensions as extensions
 
-    root = Path(extensions.__file__).parent
-    return [lock for lock in root.glob("*/build/lock") if lock.exists()]
+    locks = set(Path(extensions.__file__).parent.glob("*/build/lock"))
+    locks.update(Path(ext.build_directory) / "lock" for ext in _registered().values())
+    return sorted(lock for lock in locks if lock.exists())
 
 
 def will_build(kind: str) -> bool:
     """Whether quanto's `kind` extension (cpp, cuda, mps) is still to be built for this torch:
     the next quanto module on such a device builds it first (96 s on an H200 host, printing
     nothing), as quanto's loader decides from the build folder's pytorch_version.txt."""
-    import optimum.quanto.library.extensions as extensions
     import torch
 
-    version = Path(extensions.__file__).parent / kind / "build" / "pytorch_version.txt"
+    version = build_folder(kind) / "pytorch_version.txt"
     try:
         return version.read_text().strip() != torch.__version__
     except OSError:
         return True
+
+
+def writable(folder: Path) -> bool:
+    """Whether files can be made in `folder` (made if missing), tried rather than judged from
+    mode bits: root passes those on a read-only file system."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
+def redirect_builds() -> dict[str, Path]:
+    """Point each quanto extension not loaded yet whose build folder cannot be written to
+    one in the user's cache (built there once per torch); returns what moved, by name."""
+    from core.models import cache_dir
+
+    moved = {}
+    for name, ext in _registered().items():
+        if ext._lib is not None or writable(Path(ext.build_directory)):
+            continue
+        folder = cache_dir() / "quanto-kernels" / name
+        if not writable(folder):
+            raise UserError(
+                f"optimum-quanto builds its {name} kernels on first use, but neither its own folder "
+                f"{ext.build_directory} nor {folder} can be written. Set IMPQ_TUI_CACHE to a "
+                "writable folder.")
+        ext.build_directory = str(folder)
+        moved[name] = folder
+    return moved
 
 
 def holders(path: Path) -> list[int]:

@@ -8,7 +8,7 @@ from torch import nn
 
 from core.backends import BITS_OF
 from core.backends.base import Backend, tensor_nbytes
-from core.backends.build_lock import clear_stale_locks, will_build
+from core.backends.build_lock import build_folder, clear_stale_locks, redirect_builds, will_build
 
 QTYPES = {2: qint2, 4: qint4, 8: qint8}
 
@@ -20,15 +20,19 @@ class QuantoBackend(Backend):
 
     def __init__(self, group_size: int = 64):
         super().__init__(group_size)
-        # quanto builds its C++ extension on first use under a lock that a killed build
-        # leaves behind: clear it before any quanto module could wait on it forever.
+        # quanto builds its C++ extension on first use, in its package folder (the user's
+        # cache where that is read-only), under a lock that a killed build leaves behind:
+        # clear it before any quanto module could wait on it forever.
+        self.moved = redirect_builds()
         clear_stale_locks()
 
     def first_use(self, device: torch.device) -> str | None:
         """What quantizing on `device` will do first that takes long and shows nothing."""
         kind = {"cuda": "cuda", "mps": "mps"}.get(device.type, "cpp")
         if will_build(kind):
-            return (f"building optimum-quanto's {kind.upper() if kind != 'cpp' else 'C++'} kernels "
+            where = (f" in {build_folder(kind)}, its own folder being read-only"
+                     if f"quanto_{kind}" in self.moved else "")
+            return (f"building optimum-quanto's {kind.upper() if kind != 'cpp' else 'C++'} kernels{where} "
                     "(once per install of quanto and torch; about 1.5 minutes on a GPU host)")
         return None
 
