@@ -88,7 +88,8 @@ class SolverProcess:
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._ids = itertools.count(1)
-        self._replies: dict[int, queue.SimpleQueue] = {}
+        # each waiting call's reply box, with the child it asked
+        self._replies: dict[int, tuple[queue.SimpleQueue, subprocess.Popen]] = {}
         self._process: subprocess.Popen | None = None
         self._to: Connection | None = None
         self._stderr = None
@@ -168,7 +169,7 @@ class SolverProcess:
             except (EOFError, OSError):
                 break
             with self._lock:
-                box = self._replies.get(rid)
+                box = self._replies.get(rid, (None, None))[0]
             if box is not None:          # none: a call that stopped waiting (cancelled)
                 box.put((kind, value))
         conn.close()
@@ -176,7 +177,8 @@ class SolverProcess:
         with self._lock:
             if self._process is process:
                 self._live = False       # the next call starts another
-            waiting = list(self._replies.values())
+            # the calls that asked this child; not those already asking a new one
+            waiting = [box for box, asked in self._replies.values() if asked is process]
         for box in waiting:
             box.put(("ended", why))
 
@@ -198,9 +200,11 @@ class SolverProcess:
         with self._lock:
             if self._closed:     # the screen went away: nothing to answer, nobody to show it
                 return
-            if not self._live:
-                self._start()            # killed or crashed: a fresh one
-            self._replies[rid] = box
+            # killed or crashed: a fresh one, also when the child has ended and the reply
+            # reader has not said so yet
+            if not self._live or self._process.poll() is not None:
+                self._start()
+            self._replies[rid] = (box, self._process)
         done = False
         try:
             self._send((rid, channel, op, job))

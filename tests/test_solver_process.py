@@ -133,13 +133,8 @@ def test_a_killed_child_is_started_again(run, solver):
     while alive(first):
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    replies = []
-    for _ in range(2):           # the call that met the dead child may say so
-        try:
-            replies = list(solver.solve(SolveJob(D=D, P=P, costs=costs, bits=3.0, fit=False)))
-            break
-        except RuntimeError as exc:
-            assert "solver process" in str(exc)
+    # the next call starts a fresh child, even before the reply reader has seen the death
+    replies = list(solver.solve(SolveJob(D=D, P=P, costs=costs, bits=3.0, fit=False)))
     assert replies[0][2].q == solve_impq(D, costs, bits=3.0).q
     assert solver.pid != first
 
