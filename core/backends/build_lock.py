@@ -24,6 +24,7 @@ from pathlib import Path
 from core.errors import Cancelled, UserError
 
 BUILD_TIMEOUT_S = 900.0   # a first build takes one to a few minutes
+KINDS = ("cpp", "cuda", "hip", "mps")     # quanto's extensions, a folder each
 
 
 def _registered() -> dict:
@@ -47,11 +48,7 @@ def build_folder(kind: str) -> Path:
 
 def quanto_locks() -> list[Path]:
     """The lock files of quanto's extension builds that exist now."""
-    import optimum.quanto.library.extensions as extensions
-
-    locks = set(Path(extensions.__file__).parent.glob("*/build/lock"))
-    locks.update(Path(ext.build_directory) / "lock" for ext in _registered().values())
-    return sorted(lock for lock in locks if lock.exists())
+    return [lock for lock in (build_folder(kind) / "lock" for kind in KINDS) if lock.exists()]
 
 
 def will_build(kind: str) -> bool:
