@@ -134,8 +134,10 @@ def budget_local_model(D: np.ndarray, perms: np.ndarray, low_share: float, alpha
     return quadratic_model(D, alpha=alpha, weights=budget_local_weights(perms, low_share, width))
 
 
-def predicted_delta(model: QuadraticModel | tuple[np.ndarray, np.ndarray], q) -> float:
-    """Delta(q) = a.q + q.K.q, the predicted loss increase of allocation q (1 = low precision)."""
-    a, K = (model.a, model.K) if isinstance(model, QuadraticModel) else model
+def predicted_delta(model: QuadraticModel | tuple, q) -> float:
+    """Delta(q) = a.q + q.K.q, the predicted loss increase of allocation q (1 = low precision);
+    a model (a, K, f) with IMPQ-fit's size term adds f(sum q)."""
+    a, K, *size = (model.a, model.K) if isinstance(model, QuadraticModel) else model
     q = np.asarray(q, dtype=np.float64)
-    return float(np.asarray(a) @ q + q @ np.asarray(K) @ q)
+    extra = float(np.asarray(size[0])[int(round(q.sum()))]) if size else 0.0
+    return float(np.asarray(a) @ q + q @ np.asarray(K) @ q) + extra

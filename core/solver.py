@@ -171,20 +171,35 @@ class Allocation:
 
 
 def solve(a, K, costs: Costs, *, bits: float | None = None, budget: int | None = None,
-          time_limit: float | None = None, factor=None) -> Allocation:
+          time_limit: float | None = None, factor=None, size=None) -> Allocation:
     """The q minimizing Delta(q) = a.q + q.K.q within the budget (METHOD.md, "Solving").
 
     `factor` = (d, F) with q.K.q = d.q + |F q|^2 on binary q (QuadraticModel.factor):
     with fewer rows in F than layers, the program is written in that compact convex form
     (a few continuous variables instead of one per pair), which SCIP solves far faster
-    while a run has few samples; both forms have the same optimum."""
+    while a run has few samples; both forms have the same optimum.
+
+    `size` = f [n_drops + 1] adds f(sum q) to Delta (IMPQ-fit's size term, core.fit): one
+    binary per number of drops, exactly one of them on, their count equal to sum q."""
     a, K = _check_model(a, K, costs.n_drops)
+    f = _check_size(size, costs.n_drops)
     B = resolve_budget(costs, bits, budget)
     start = time.perf_counter()
+    model = (a, K) if f is None else (a, K, f)
     if B >= costs.B_hi:
-        return _allocation([0] * costs.n_drops, costs, bits, B, (a, K), "all-high", time.perf_counter() - start)
-    q_val, status = _solve_program(a, K, costs, B, factor, time_limit)
-    return _allocation(q_val, costs, bits, B, (a, K), status, time.perf_counter() - start)
+        return _allocation([0] * costs.n_drops, costs, bits, B, model, "all-high", time.perf_counter() - start)
+    q_val, status = _solve_program(a, K, costs, B, factor, time_limit, f)
+    return _allocation(q_val, costs, bits, B, model, status, time.perf_counter() - start)
+
+
+def _check_size(size, n_drops: int) -> np.ndarray | None:
+    """The size term as an array of n_drops + 1 finite values; None when absent or all zero."""
+    if size is None:
+        return None
+    f = np.asarray(size, dtype=np.float64)
+    if f.shape != (n_drops + 1,) or not np.isfinite(f).all():
+        raise ValueError(f"size has shape {f.shape} or values that are not finite; expected ({n_drops + 1},) finite")
+    return f if f.any() else None
 
 
 # The programs of the latest models, built once without a budget (_Programs): the
@@ -212,9 +227,12 @@ class _Programs:
     wait for that trial (the frontier solves two budgets at once); later solves take the
     faster on average."""
 
-    def __init__(self, a, K, costs: Costs, factor, compact: bool, first: int = 0) -> None:
-        self.forms = ((lambda: _factored_program(a, factor, costs)),) if compact else (
+    def __init__(self, a, K, costs: Costs, factor, compact: bool, first: int = 0,
+                 size: np.ndarray | None = None) -> None:
+        forms = ((lambda: _factored_program(a, factor, costs)),) if compact else (
             (lambda: _linearized_program(a, K, costs)), (lambda: _aggregated_program(a, K, costs)))
+        self.forms = forms if size is None else tuple(
+            (lambda form=form: _with_size(*form(), size)) for form in forms)
         self.built: dict[int, scip.Model] = {}
         self.seconds: dict[int, list[float]] = {k: [] for k in range(len(self.forms))}
         self.first = first if first < len(self.forms) else 0
@@ -253,17 +271,17 @@ class _Programs:
 
 
 def _solve_program(a, K, costs: Costs, B: int, factor,
-                   time_limit: float | None) -> tuple[list[int], str]:
+                   time_limit: float | None, size: np.ndarray | None = None) -> tuple[list[int], str]:
     """The optimal drops at budget B, by the model's programs (_Programs)."""
     compact = factor is not None and 0 < len(factor[1]) < costs.n_drops
-    h = hashlib.blake2b(repr((costs, compact)).encode(), digest_size=16)
+    h = hashlib.blake2b(repr((costs, compact, size is not None)).encode(), digest_size=16)
     kind = h.digest()
-    for x in (a, K, *(factor if compact else ())):
+    for x in (a, K, *(factor if compact else ()), *(() if size is None else (size,))):
         h.update(np.ascontiguousarray(x, dtype=np.float64).tobytes())
     key = h.digest()
     with _programs_lock:
         programs = _PROGRAMS.get(key) or _Programs(a, K, costs, factor, compact,
-                                                   first=_FASTER.get(kind, 0))
+                                                   first=_FASTER.get(kind, 0), size=size)
         _PROGRAMS[key] = programs
         _PROGRAMS.move_to_end(key)
         while len(_PROGRAMS) > _PROGRAMS_KEPT:
@@ -306,6 +324,15 @@ def _solve_program(a, K, costs: Costs, B: int, factor,
         q_val, status = _optimize(model, q, costs, B, None if time_limit is None else
                                   max(time_limit - seconds, 0.0))
     return q_val, status
+
+
+def _with_size(model: scip.Model, q: list, f: np.ndarray) -> tuple[scip.Model, list]:
+    """f(sum q) added to a program's objective: z_n = 1 for exactly one n, sum q = sum n z_n.
+    Added after q, so that q stays the first variables (_Programs.copy)."""
+    z = [model.addVar(vtype="B", obj=float(f_n)) for f_n in f]
+    model.addCons(scip.quicksum(z) == 1)
+    model.addCons(scip.quicksum(q) == scip.quicksum(n * z_n for n, z_n in enumerate(z) if n))
+    return model, q
 
 
 def _linearized_program(a, K, costs: Costs):
@@ -371,8 +398,19 @@ def solve_impq(D, costs, *, bits: float | None = None, budget: int | None = None
 
 def solve_fit(fitted, costs, *, bits: float | None = None, budget: int | None = None) -> Allocation:
     """IMPQ-fit's allocation (our extension): the model fitted to the visited states
-    (core.fit.FittedModel), solved by the same SCIP program under the same budget."""
-    return solve(fitted.a, fitted.K, costs, bits=bits, budget=budget)
+    (core.fit.FittedModel), solved by the same SCIP program under the same budget, its
+    size term as one binary per number of drops. The program gets the interactions
+    centred (a common shift c of every w_ij is c n(n-1)/2, moved into the size term: the
+    same objective on every q), which SCIP solves several times faster than the w_ij of
+    states of two layers; the allocation reports the fitted model's own prediction."""
+    W, f = np.asarray(fitted.W, dtype=np.float64), np.asarray(fitted.f, dtype=np.float64)
+    L = len(W)
+    if L < 2 or not f.any():
+        return solve(fitted.a, fitted.K, costs, bits=bits, budget=budget, size=f)
+    c = W[np.triu_indices(L, 1)].mean()
+    n = np.arange(L + 1)
+    centred = W - c * (1 - np.eye(L))
+    return solve(fitted.a, centred / 2, costs, bits=bits, budget=budget, size=f + c * n * (n - 1) / 2)
 
 
 def local_model(D, perms, costs: Costs, *, bits: float | None = None, budget: int | None = None,

@@ -343,7 +343,7 @@ except UserError as e:
     sys.stderr.write(str(e))
     sys.exit(3)
 out = io.BytesIO()
-np.savez(out, u=f.u, W=f.W, lam=f.lam, cv_rmse=f.cv_rmse, samples=f.samples, states=f.states)
+np.savez(out, u=f.u, W=f.W, f=f.f, lam=f.lam, cv_rmse=f.cv_rmse, samples=f.samples, states=f.states)
 sys.stdout.buffer.write(out.getvalue())
 """
 REFUSED = 3
@@ -417,8 +417,9 @@ class FitProcess:
             raise RuntimeError(f"the IMPQ-fit process ended with exit status {code}"
                                + (f": {said[-1]}" if said else ""))
         f = np.load(io.BytesIO(out))
-        model = FittedModel(u=f["u"], W=f["W"], lam=float(f["lam"]), cv_rmse=float(f["cv_rmse"]),
-                            samples=int(f["samples"]), states=int(f["states"]))
+        model = FittedModel(u=f["u"], W=f["W"], f=f["f"], lam=float(f["lam"]),
+                            cv_rmse=float(f["cv_rmse"]), samples=int(f["samples"]),
+                            states=int(f["states"]))
         return FitResult(self.D, self.P, model, None, seconds)
 
     def kill(self) -> None:

@@ -202,6 +202,7 @@ def test_the_models_match_the_engine_outside_the_app():
     fitted = analysis.FitProcess(D, P).result()
     direct = fit_states(D, P)
     assert np.array_equal(fitted.model.u, direct.u) and np.array_equal(fitted.model.W, direct.W)
+    assert np.array_equal(fitted.model.f, direct.f) and direct.f[3:].any()   # the size term too
     assert fitted.model.lam == direct.lam and fitted.error is None
     for bits in (2.3, 2.5, 3.0, 3.45):
         for method in analysis.MODELS:

@@ -10,8 +10,8 @@ import pytest
 from core.errors import UserError
 from core.evaluate import solve_fit
 from core.fit import fit_states, visited_states
-from core.interactions import quadratic_model
-from core.solver import Costs
+from core.interactions import predicted_delta, quadratic_model
+from core.solver import Costs, solve
 
 
 def quadratic_game(L: int, seed: int = 0):
@@ -85,6 +85,53 @@ def test_noise_is_regularized_by_cross_validation_over_walks():
     fitted = fit_states(D, perms)
     assert fitted.lam > 0 and fitted.cv_rmse > 0.05
     assert np.corrcoef(fitted.u, u)[0, 1] > 0.8
+
+
+def saturating_game(L: int, seed: int = 0):
+    """The quadratic game plus h(n), a loss that saturates along the number n of low layers
+    (h(0) = h(1) = h(2) = 0), as a model near collapse does: no pairwise W can fit it."""
+    u, W, v = quadratic_game(L, seed)
+    n = np.arange(L + 1)
+    h = -0.4 * np.maximum(n - 2, 0) ** 1.5
+    return u, W, h, lambda x: v(x) + h[int(x.sum())]
+
+
+def test_the_size_term_takes_the_saturation_and_w_keeps_the_interactions():
+    L = 7
+    u, W, h, v = saturating_game(L, seed=2)
+    D, perms = walks(v, L, M=40, seed=5)
+    fitted = fit_states(D, perms)
+    assert np.allclose(fitted.f, h, atol=1e-3)
+    assert np.allclose(fitted.u, u, atol=1e-3) and np.allclose(fitted.W, W, atol=1e-3)
+    X = np.array(list(itertools.product((0, 1), repeat=L)), dtype=float)
+    assert np.allclose(fitted.predict(X), [v(x) for x in X], atol=1e-3)
+    assert fitted.cv_rmse < 1e-3
+
+
+def test_the_size_term_is_solved_exactly_under_the_budget():
+    """Unequal costs, so the budget does not fix the number of low layers: f decides."""
+    L = 8
+    u, W, h, v = saturating_game(L, seed=3)
+    D, perms = walks(v, L, M=50, seed=6)
+    fitted = fit_states(D, perms)
+    costs = Costs(m_lo=[10 + i for i in range(L)], m_hi=[30 + 5 * i for i in range(L)], params=[80] * L)
+    for bits in (2.3, 2.8, 3.4):
+        alloc = solve_fit(fitted, costs, bits=bits)
+        feasible = [q for q in itertools.product((0, 1), repeat=L) if costs.bytes_used(q) <= alloc.budget_bytes]
+        best = min(feasible, key=lambda q: v(np.array(q, dtype=float)))
+        assert alloc.q == best
+        assert alloc.predicted_delta_nll == pytest.approx(v(np.array(best, dtype=float)), abs=1e-3)
+        # the same model without its size term chooses otherwise somewhere (the control)
+        plain = solve(fitted.a, fitted.K, costs, bits=bits)
+        assert plain.predicted_delta_nll == pytest.approx(predicted_delta((fitted.a, fitted.K), plain.q))
+    assert any(solve(fitted.a, fitted.K, costs, bits=b).q != solve_fit(fitted, costs, bits=b).q
+               for b in (2.3, 2.5, 2.8, 3.1, 3.4, 3.7))
+
+
+def test_predicted_delta_adds_the_size_term():
+    a, K, f = np.array([1.0, 2.0, 4.0]), np.zeros((3, 3)), np.array([0.0, 0.0, 0.0, -0.5])
+    assert predicted_delta((a, K, f), [1, 1, 1]) == pytest.approx(6.5)
+    assert predicted_delta((a, K, f), [1, 0, 1]) == pytest.approx(5.0)
 
 
 @pytest.mark.parametrize("M", [0, 1])
