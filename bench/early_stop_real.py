@@ -26,34 +26,25 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from core.compare import _load  # noqa: E402
-from core.data import eval_tokens  # noqa: E402
-from core.runs import RunDir, write_atomic  # noqa: E402
-from core.switching import LayerSwitch, PrefixEvaluator  # noqa: E402
+from core.runs import write_atomic  # noqa: E402
+from core.switching import PrefixEvaluator  # noqa: E402
+from eval_allocations import evaluate_all, open_run  # noqa: E402
 
 
 def measure(path: str, entry: dict, bits: list[float], device: str, windows, log) -> dict:
-    run = RunDir.open(str(ROOT / path) if not Path(path).is_absolute() else path)
-    config = run.config
-    loaded, backend, settings = _load(run, device, None, None, windows, None, log)
-    tokens = eval_tokens(loaded.tokenizer, settings, config.calib_text, log)
-    real = LayerSwitch(loaded, backend, real=True, keep_original=False,
-                       levels=[config.levels] * len(loaded.layers))
-    evaluator = PrefixEvaluator(loaded, tokens, max(1, config.micro_batch))
+    run, loaded, tokens, real = open_run(path, device, windows, log)
+    evaluator = PrefixEvaluator(loaded, tokens, max(1, run.config.micro_batch))
     wanted = {tuple(a) for a in entry["full"]}
     for setting in entry["settings"] + entry.get("fixed", []):
         for stop in setting["stops"]:
             wanted |= {tuple(a) for a in stop["allocations"]}
-    nll = {}
     t = time.perf_counter()
-    with torch.inference_mode():
-        for bits_per_layer in sorted(wanted):
-            first = real.apply(bits_per_layer)
-            nll[bits_per_layer] = evaluator.evaluate(0 if first is None else first)
+    nll = {a: row["eval"] for a, row in evaluate_all(real, {"eval": evaluator}, wanted).items()}
     log(f"{path}: {len(wanted)} allocations in {time.perf_counter() - t:.1f}s")
     full = [nll[tuple(a)] for a in entry["full"]]
 

@@ -41,14 +41,34 @@ def key(bits) -> str:
     return "".join(str(int(b)) for b in bits)
 
 
-def measure(path: str, groups: dict, device: str, log) -> dict:
+def open_run(path: str, device: str, windows, log):
+    """A run's model loaded the way compare loads it, with its evaluation tokens and the
+    real backend's modules to switch: (run, loaded, tokens, real)."""
     run = RunDir.open(path if Path(path).is_absolute() else str(ROOT / path))
     config = run.config
-    loaded, backend, settings = _load(run, device, None, None, None, None, log)
+    loaded, backend, settings = _load(run, device, None, None, windows, None, log)
     tokens = eval_tokens(loaded.tokenizer, settings, config.calib_text, log)
-    half = tokens.shape[0] // 2
     real = LayerSwitch(loaded, backend, real=True, keep_original=False,
                        levels=[config.levels] * len(loaded.layers))
+    return run, loaded, tokens, real
+
+
+def evaluate_all(real: LayerSwitch, evaluators: dict, wanted) -> dict:
+    """{allocation: {name: mean NLL by that evaluator}} for every allocation (a tuple of
+    bits per layer) in lexicographic order, so that consecutive ones share a prefix."""
+    out = {}
+    with torch.inference_mode():
+        for bits in sorted(wanted):
+            first = real.apply(bits)
+            first = 0 if first is None else first
+            out[bits] = {name: ev.evaluate(first) for name, ev in evaluators.items()}
+    return out
+
+
+def measure(path: str, groups: dict, device: str, log) -> dict:
+    run, loaded, tokens, real = open_run(path, device, None, log)
+    config = run.config
+    half = tokens.shape[0] // 2
     micro = max(1, config.micro_batch)
     evaluators = {"eval_a": PrefixEvaluator(loaded, tokens[:half], micro),
                   "eval_b": PrefixEvaluator(loaded, tokens[half:], micro),
@@ -58,15 +78,12 @@ def measure(path: str, groups: dict, device: str, log) -> dict:
     wanted = {tuple([lo] * L), tuple([hi] * L)}
     for labels in groups.values():
         wanted |= {tuple(int(b) for b in bits) for bits in labels.values()}
-    out, t = {}, time.perf_counter()
-    with torch.inference_mode():
-        for bits in sorted(wanted):
-            first = real.apply(bits)
-            first = 0 if first is None else first
-            row = {name: ev.evaluate(first) for name, ev in evaluators.items()}
-            na, nb = evaluators["eval_a"].predicted, evaluators["eval_b"].predicted
-            row["eval"] = (row["eval_a"] * na + row["eval_b"] * nb) / (na + nb)
-            out[key(bits)] = row
+    t = time.perf_counter()
+    na, nb = evaluators["eval_a"].predicted, evaluators["eval_b"].predicted
+    out = {}
+    for bits, row in evaluate_all(real, evaluators, wanted).items():
+        row["eval"] = (row["eval_a"] * na + row["eval_b"] * nb) / (na + nb)
+        out[key(bits)] = row
     log(f"{path}: {len(wanted)} allocations in {time.perf_counter() - t:.1f}s")
     return {"allocations": out, "all_low": key([lo] * L), "all_high": key([hi] * L),
             "labels": {g: {label: key(bits) for label, bits in labels.items()} for g, labels in groups.items()},

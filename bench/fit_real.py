@@ -55,11 +55,6 @@ BASELINES = ("sensitivity", "lim", "zscore", "activation")
 FITS = ("all", "h1", "h2")
 
 
-def _quadratic(X, u, W):
-    X = np.atleast_2d(X)
-    return X @ u + 0.5 * np.einsum("ni,ij,nj->n", X, W, X)
-
-
 def fit_wls(D, P):
     """The quadratic weighted by 1 / var(y | n): the states of few low layers, whose losses
     are small, count as much as those near collapse. Penalty by CV over walks (weighted)."""
@@ -98,11 +93,12 @@ def _swaps(s, k):
     return np.array(out) if out else np.zeros((0, len(s)))
 
 
-def _descend(u, W, s):
-    x, value = s.copy(), _quadratic(s, u, W)[0]
+def _descend(m, s):
+    """the fit m's steepest descent by single swaps from state s"""
+    x, value = s.copy(), m.score(s[None])[0]
     while True:
         nb = _swaps(x, 1)
-        p = _quadratic(nb, u, W)
+        p = m.score(nb)
         j = int(np.argmin(p))
         if p[j] >= value - 1e-12:
             return x
@@ -116,15 +112,15 @@ def anchored(D, P, N: int) -> dict:
     n = X.sum(axis=1).astype(int)
     at = np.flatnonzero(n == N)
     at = at[np.argsort(y[at], kind="stable")]
-    own = _quadratic(X[at], m.u, m.W)
+    own = m.score(X[at])
     out = {"visited": X[at[0]]}
     for name, moves in (("r2", lambda s: _swaps(s, 1)),
                         ("r4", lambda s: np.concatenate([_swaps(s, 2), _swaps(s, 1)])),
-                        ("descend", lambda s: _descend(m.u, m.W, s)[None])):
+                        ("descend", lambda s: _descend(m, s)[None])):
         best, chosen = math.inf, None
         for i, p_i in zip(at, own):
             cand = moves(X[i])
-            p = _quadratic(cand, m.u, m.W)
+            p = m.score(cand)
             j = int(np.argmin(p))
             if y[i] + p[j] - p_i < best:
                 best, chosen = y[i] + p[j] - p_i, cand[j]
