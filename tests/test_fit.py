@@ -61,6 +61,13 @@ def test_an_exactly_quadratic_game_is_recovered_with_its_signs():
                                                  np.sign(W[np.triu_indices(L, 1)]))
 
 
+def spends_budget(q, costs: Costs, B: int) -> bool:
+    """No layer's last drop taken would fit back within B (solve's `maximal`)."""
+    S, used = costs.steps, costs.bytes_used(q)
+    last = [j for j in range(costs.n_drops) if q[j] and ((j + 1) % S == 0 or not q[j + 1])]
+    return used <= B and all(used + int(costs.c[j]) > B for j in last)
+
+
 def test_the_solver_finds_the_brute_force_optimum_of_the_fitted_model():
     L = 8
     u, W, v = quadratic_game(L, seed=3)
@@ -70,7 +77,7 @@ def test_the_solver_finds_the_brute_force_optimum_of_the_fitted_model():
     for bits in (2.3, 2.8, 3.4):
         alloc = solve_fit(fitted, costs, bits=bits)
         best = min((q for q in itertools.product((0, 1), repeat=L)
-                    if costs.bytes_used(q) <= alloc.budget_bytes),
+                    if spends_budget(q, costs, alloc.budget_bytes)),
                    key=lambda q: v(np.array(q, dtype=float)))
         assert alloc.q == best
         assert alloc.bytes <= alloc.budget_bytes
@@ -117,7 +124,7 @@ def test_the_size_term_is_solved_exactly_under_the_budget():
     costs = Costs(m_lo=[10 + i for i in range(L)], m_hi=[30 + 5 * i for i in range(L)], params=[80] * L)
     for bits in (2.3, 2.8, 3.4):
         alloc = solve_fit(fitted, costs, bits=bits)
-        feasible = [q for q in itertools.product((0, 1), repeat=L) if costs.bytes_used(q) <= alloc.budget_bytes]
+        feasible = [q for q in itertools.product((0, 1), repeat=L) if spends_budget(q, costs, alloc.budget_bytes)]
         best = min(feasible, key=lambda q: v(np.array(q, dtype=float)))
         assert alloc.q == best
         assert alloc.predicted_delta_nll == pytest.approx(v(np.array(best, dtype=float)), abs=1e-3)
@@ -126,6 +133,49 @@ def test_the_size_term_is_solved_exactly_under_the_budget():
         assert plain.predicted_delta_nll == pytest.approx(predicted_delta((fitted.a, fitted.K), plain.q))
     assert any(solve(fitted.a, fitted.K, costs, bits=b).q != solve_fit(fitted, costs, bits=b).q
                for b in (2.3, 2.5, 2.8, 3.1, 3.4, 3.7))
+
+
+def test_the_allocation_spends_the_budget_where_the_fit_predicts_a_gain():
+    """Two layers whose interaction outweighs their main effects: the fitted model
+    predicts a gain from lowering both. With room for one low layer only, the program
+    without `maximal` lowers both (and leaves a layer's worth of bytes unused); IMPQ-fit's
+    lowers exactly one, the best single one."""
+    L = 5
+    u = np.array([1.0, 1.2, 0.8, 0.5, 0.9])
+    W = np.zeros((L, L))
+    W[1, 3] = W[3, 1] = -3.0
+    fitted = fit_states(*walks(lambda x: x @ u + 0.5 * x @ W @ x, L, M=30, seed=2))
+    assert np.allclose(fitted.W, W, atol=1e-4)
+    costs = Costs(m_lo=[10] * L, m_hi=[30] * L, params=[80] * L)
+    B = costs.B_hi - 20                       # one layer must go low, two need not
+    free = solve(fitted.a, fitted.K, costs, budget=B, size=fitted.f)
+    assert free.q == (0, 1, 0, 1, 0) and free.bytes == B - 20
+    alloc = solve_fit(fitted, costs, budget=B)
+    assert alloc.q == (0, 0, 0, 1, 0) and alloc.bytes == B
+    assert alloc.predicted_delta_nll == pytest.approx(0.5, abs=1e-4)
+
+
+def test_spending_the_budget_is_exact_with_more_levels():
+    """Three levels, unequal costs: solve(maximal=True) is the brute-force optimum over
+    allocations that could raise no layer's last drop within the budget."""
+    L, levels = 4, (2, 3, 4)
+    costs = Costs(m_lo=[10, 12, 9, 15], m_hi=[30, 40, 28, 35], params=[80] * L, levels=levels,
+                  mid=[[21, 25, 17, 26]])
+    rng = np.random.default_rng(7)
+    n = costs.n_drops
+    a = rng.normal(0.5, 1.0, n)
+    K = rng.normal(0, 1.0, (n, n))
+    K = (K + K.T) / 2
+    np.fill_diagonal(K, 0)
+    allocations = [costs.drops_of(b) for b in itertools.product(levels, repeat=L)]
+    for bits in (2.4, 2.9, 3.5):
+        alloc = solve(a, K, costs, bits=bits, maximal=True)
+        kept = [q for q in allocations if spends_budget(q, costs, alloc.budget_bytes)]
+        best = min(kept, key=lambda q: predicted_delta((a, K), q))
+        assert list(alloc.q) == best
+        assert spends_budget(alloc.q, costs, alloc.budget_bytes)
+    assert any(solve(a, K, costs, bits=b).q != solve(a, K, costs, bits=b, maximal=True).q
+               for b in (2.4, 2.9, 3.5))
 
 
 def test_predicted_delta_adds_the_size_term():
