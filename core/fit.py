@@ -23,7 +23,8 @@ less than the quadratic alone on average, with HQQ 0.02 more (within noise).
 
 The fitted model goes into the same SCIP program as the paper's (a = u, K = W / 2 so that
 q.K.q counts each pair once), under the same byte budget, with f as one binary per
-number of low layers (core.solver.solve's `size`). Unlike Cov(d_i, d_j), which is
+number of low layers (core.solver.solve's `size`), among allocations that spend the
+budget (core.solver.solve_fit says why). Unlike Cov(d_i, d_j), which is
 -w_ij^2 / 4 for a purely pairwise loss whatever the sign of w_ij, w keeps the sign of
 every interaction. With more levels the variables are drops, and n counts drops.
 """
