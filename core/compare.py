@@ -39,6 +39,7 @@ from core.results import (  # noqa: F401
     DEFAULT_BITS,
     LABELS,
     METHODS,
+    MODEL_VERSIONS,
     UNIFORM_HIGH,
     UNIFORM_LOW,
     CompareResult,
@@ -141,7 +142,7 @@ def compare(run: RunDir, bits_list=DEFAULT_BITS, *, eval_text: str | None = None
         timings={"scores_s": t_scores, "quantize_s": t_quantize, "eval_s": t_eval,
                  "evaluations": len(measured) + 1, "rows": len(results),
                  "layer_passes": passes, "total_s": time.perf_counter() - t0},
-        device=str(loaded.device), warnings=tuple(warnings))
+        device=str(loaded.device), warnings=tuple(warnings), versions=dict(MODEL_VERSIONS))
     events.check_cancel(cancel)      # "nothing was written" must hold for a cancel this late too
     return save_result(run, result) if save else result
 

@@ -21,6 +21,10 @@ METHODS = (*RUN_METHODS, *BASELINES)
 LABELS = {IMPQ: "IMPQ", IMPQ_LOCAL: "IMPQ-local", IMPQ_FIT: "IMPQ-fit", "sensitivity": "Sensitivity", "lim": "LIM", "zscore": "Z-score",
           "activation": "Activation", UNIFORM_LOW: "all 2-bit", UNIFORM_HIGH: "all 4-bit"}
 COMPARE_DIR = "compare"
+# The version of each model whose allocations changed since comparisons were first saved:
+# a saved row of an older one is not what `compare` gives now. IMPQ-fit: 1 the quadratic
+# alone, 2 with the size term f(n), 3 spending the budget (core.solver.solve_fit).
+MODEL_VERSIONS = {IMPQ_FIT: 3}
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,12 @@ class CompareResult:
     device: str
     warnings: tuple[str, ...] = ()
     files: tuple[str, ...] = field(default=())
+    versions: dict = field(default_factory=dict)   # MODEL_VERSIONS when it was made; {} before
+
+    def outdated(self) -> tuple[str, ...]:
+        """The methods with rows made by an earlier version of their model (MODEL_VERSIONS)."""
+        return tuple(m for m, v in MODEL_VERSIONS.items()
+                     if m in self.methods and self.versions.get(m) != v)
 
     def row(self, method: str, bits: float) -> MethodResult:
         for r in self.results:
@@ -118,6 +128,7 @@ class CompareResult:
             "samples": self.samples, "alpha": self.alpha, "costs_source": self.costs_source,
             "calib": self.calib, "eval": self.eval, "timings": self.timings,
             "device": self.device, "warnings": list(self.warnings), "files": list(self.files),
+            "versions": dict(self.versions),
         }
 
     @classmethod
@@ -128,7 +139,8 @@ class CompareResult:
                    model=d["model"], backend=d["backend"], group_size=d["group_size"],
                    samples=d["samples"], alpha=d["alpha"], costs_source=d["costs_source"],
                    calib=d["calib"], eval=d["eval"], timings=d["timings"], device=d["device"],
-                   warnings=tuple(d.get("warnings", ())), files=tuple(d.get("files", ())))
+                   warnings=tuple(d.get("warnings", ())), files=tuple(d.get("files", ())),
+                   versions=dict(d.get("versions") or {}))
 
 
 def load_saved(run: RunDir, backend: str) -> CompareResult | None:

@@ -208,6 +208,36 @@ def test_impq_fit_rows_are_the_fitted_models_solutions(result, tiny_run):
     assert result.to_json()["impq_fit_vs_best_baseline"]
 
 
+def test_a_comparison_of_an_earlier_impq_fit_says_so(tiny_run, result, tmp_path):
+    """A saved comparison records its models' versions; the app's status line says when
+    its IMPQ-fit rows come from an earlier IMPQ-fit (saved before versions were kept, or of
+    another version), and not when they are current or absent."""
+    import shutil
+
+    from core.compare import CompareResult
+    from impq_tui.widgets.compare import saved_status
+
+    current = result.to_json()
+    assert current["versions"] == {"impq-fit": 3}
+    assert CompareResult.from_json(current).outdated() == ()
+    unversioned = {k: v for k, v in current.items() if k != "versions"}
+    assert CompareResult.from_json(unversioned).outdated() == ("impq-fit",)
+    assert CompareResult.from_json({**current, "versions": {"impq-fit": 2}}).outdated() == ("impq-fit",)
+    no_fit = {**unversioned, "results": [r for r in current["results"] if r["method"] != "impq-fit"]}
+    assert CompareResult.from_json(no_fit).outdated() == ()
+
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run.path, copy, ignore=shutil.ignore_patterns("run.lock"))
+    saved = copy / "compare" / f"{result.backend}.json"
+    saved.parent.mkdir(exist_ok=True)
+    for data, expected, style in ((unversioned, "come from an earlier IMPQ-fit", "yellow"),
+                                  (current, "c runs it again", "dim")):
+        saved.write_text(json.dumps(data))
+        status, shown_style, shown = saved_status(RunDir.open(copy), result.backend, 3, 2.5)
+        assert expected in status and shown_style == style, status
+        assert shown.row("impq-fit", 2.5).ppl == result.row("impq-fit", 2.5).ppl
+
+
 def test_a_comparison_saved_before_impq_local_still_reads(tiny_run, result):
     """compare/<backend>.json written before IMPQ-local existed has no such rows: the table,
     ratios and plot use the methods present."""

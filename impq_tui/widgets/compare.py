@@ -183,7 +183,7 @@ class CompareView(VerticalScroll):
 
 def saved_status(run: RunDir, backend: str, samples: int, bits: float) -> tuple[str, str, object]:
     """The status line and table of the comparison saved in the run, or what `c` would do."""
-    from core.results import load_saved
+    from core.results import LABELS, load_saved
     from core.errors import UserError
 
     try:
@@ -192,5 +192,11 @@ def saved_status(run: RunDir, backend: str, samples: int, bits: float) -> tuple[
         return str(e), "yellow", None
     if saved is None:
         return HINT.format(bits=_listed(compare_bits(bits)), run=run.path), "dim", None
+    outdated = saved.outdated()
+    if outdated:
+        names = " and ".join(LABELS[m] for m in outdated)
+        return (f"saved comparison ({run.path / 'compare'}); its {names} rows come from an "
+                f"earlier {names}, not this version's: c compares again with the run's {samples} "
+                "samples", "yellow", saved)
     return (f"saved comparison ({run.path / 'compare'}); c runs it again with the run's "
             f"{samples} samples", "dim", saved)
