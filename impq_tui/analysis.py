@@ -453,6 +453,25 @@ def noise_note(fit: Fit, allocation: Allocation | None = None) -> str | None:
     return None
 
 
+def extrapolation_note(D, P, allocation: Allocation | None) -> str | None:
+    """For IMPQ-fit: a note when its allocation's predicted loss increase is negative, less
+    loss than all-high, and below that of every state the walks measured with as many
+    drops (low layers, with two levels): the fitted model's extrapolation, not something
+    SPQE saw. Below the measured states alone is no sign (an optimum is expected to beat
+    what ~100 random states of its size gave); None otherwise."""
+    D, P = np.asarray(D, dtype=np.float64), np.asarray(P)
+    if allocation is None or D.ndim != 2 or D.shape != P.shape or not len(D):
+        return None
+    k = int(sum(allocation.q))
+    if not 0 < k <= D.shape[1] or allocation.predicted_delta_nll >= 0:
+        return None
+    least = float(np.cumsum(np.take_along_axis(D, P, axis=1), axis=1)[:, k - 1].min())
+    if allocation.predicted_delta_nll >= least:
+        return None
+    return (f"Δloss below all-high, unlike every measured state of its size (least "
+            f"{least:+.2f}): extrapolated")
+
+
 def full_precision_bytes(costs: Costs, dtype: str) -> int:
     """Bytes of the quantized layers' weights at the run's full precision."""
     return sum(costs.params) * DTYPE_BYTES.get(dtype, 4)

@@ -248,3 +248,25 @@ async def test_new_samples_are_fitted_again(tmp_path):
         assert dash.fitted.samples == 12 and dash.fitted.model.samples == 12
         check_model(dash, IMPQ_FIT)
         assert "fitted on" not in budget_text(dash) and "fitting" not in budget_text(dash)
+
+
+def test_a_gain_below_every_measured_state_of_its_size_is_called_an_extrapolation():
+    """Two walks over 3 layers: states with 2 low layers measured +0.5 and +0.9. A
+    prediction of -0.2 for an allocation with 2 low layers is noted (with the least
+    measured value); +0.3, below them but no gain over all-high, is not; nor -0.2 where a
+    measured state of that size had -0.3; nor an allocation with none low."""
+    from core.solver import Costs, solve
+
+    D = np.array([[0.1, 0.4, 0.3], [0.3, 0.2, 0.6]])
+    P = np.array([[0, 1, 2], [2, 0, 1]])          # step 2: {0, 1} 0.1 + 0.4, {2, 0} 0.6 + 0.3
+    costs = Costs(m_lo=[10] * 3, m_hi=[30] * 3, params=[80] * 3)
+    gain = solve(np.array([-0.1, -0.1, 5.0]), np.zeros((3, 3)), costs, budget=costs.B_hi - 40)
+    less = solve(np.array([0.15, 0.15, 5.0]), np.zeros((3, 3)), costs, budget=costs.B_hi - 40)
+    assert gain.q == less.q == (1, 1, 0)
+    note = analysis.extrapolation_note(D, P, gain)
+    assert "(least +0.50)" in note and "extrapolated" in note
+    assert analysis.extrapolation_note(D, P, less) is None
+    measured_gain = np.array([[0.1, -0.4, 0.3], [0.3, 0.2, 0.6]])       # {0, 1}: -0.3
+    assert analysis.extrapolation_note(measured_gain, P, gain) is None
+    all_high = solve(np.ones(3), np.zeros((3, 3)), costs, budget=costs.B_hi)
+    assert analysis.extrapolation_note(D, P, all_high) is None

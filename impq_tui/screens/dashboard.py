@@ -800,7 +800,15 @@ class Dashboard(Screen):
             samples=len(self.D),
             budget_bytes=budget_bytes(self.costs, self.bits) if self.costs is not None else None,
             noise=analysis.noise_note(self.fit, allocation) if self.fit is not None else None,
-            method=self.method, model_note=self._model_note(), levels=self.levels)
+            method=self.method, model_note=self._budget_note(), levels=self.levels)
+
+    def _budget_note(self) -> str | None:
+        """_model_note, and for IMPQ-fit whether its allocation's prediction is an
+        extrapolation (analysis.extrapolation_note)."""
+        notes = [self._model_note()]
+        if self.method == IMPQ_FIT and self.allocation is not None and len(self.D) == len(self.P):
+            notes.append(analysis.extrapolation_note(self.D, self.P, self.allocation))
+        return " · ".join(n for n in notes if n) or None
 
     def _show_model(self) -> None:
         """Which model the allocation and its predictions are of, wherever they are shown:
