@@ -416,8 +416,10 @@ def solve_fit(fitted, costs, *, bits: float | None = None, budget: int | None = 
     optimum of an unconstrained program exploits exactly that. On a 100-sample GPTQ run of
     the embedded model it chose 11 low layers at 3.5 bits, where the budget holds 8, with a
     predicted loss below all-high's (-0.44 nats) and a real perplexity 2.7x the best
-    baseline's. Every walk measures the loss rising as layers go low (its mean over the
-    visited states of each size rises with the size, on every run measured)."""
+    baseline's. What the walks measure rises as layers go low: the mean over the visited
+    states of each size rises with the size on the GPTQ and GGUF runs, and on the HQQ and
+    quanto runs up to 26 of 30 low layers (then dips of at most 0.13 nats, where a collapsed
+    model's loss saturates, and one of 0.004)."""
     W, f = np.asarray(fitted.W, dtype=np.float64), np.asarray(fitted.f, dtype=np.float64)
     L = len(W)
     if L < 2 or not f.any():
