@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -29,11 +28,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
-from core.runs import write_atomic  # noqa: E402
 from core.switching import PrefixEvaluator  # noqa: E402
-from eval_allocations import evaluate_all, open_run  # noqa: E402
+from eval_allocations import device_name, evaluate_all, open_run, write_report  # noqa: E402
 
 
 def measure(path: str, entry: dict, bits: list[float], device: str, windows, log) -> dict:
@@ -77,19 +74,12 @@ def main() -> None:
     p.add_argument("--runs", nargs="+", help="only these runs of the stops file")
     args = p.parse_args()
     stops = json.loads(Path(args.stops).read_text())
-    t0 = time.perf_counter()
     report = {"what": __doc__.split("\n\n")[1].replace("\n", " "), "bits": stops["bits"],
-              "orderings": stops["orderings"],
-              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.machine(),
+              "orderings": stops["orderings"], "device": device_name(),
               "command": " ".join(["bench/early_stop_real.py"] + sys.argv[1:]), "runs": {}}
-    for path, entry in stops["runs"].items():
-        if args.runs and path not in args.runs:
-            continue
-        report["runs"][path] = measure(path, entry, stops["bits"], args.device, args.windows,
-                                       lambda msg, level="info": print(msg, flush=True))
-    report["seconds"] = round(time.perf_counter() - t0, 1)
-    write_atomic(Path(args.out), json.dumps(report, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    runs = {path: entry for path, entry in stops["runs"].items() if not args.runs or path in args.runs}
+    write_report(report, runs, lambda path, entry, log: measure(
+        path, entry, stops["bits"], args.device, args.windows, log), args.out)
 
 
 if __name__ == "__main__":

@@ -97,16 +97,25 @@ def main() -> None:
     p.add_argument("--out", required=True)
     args = p.parse_args()
     spec = json.loads(Path(args.candidates).read_text())
-    t0 = time.perf_counter()
     report = {"command": " ".join(["bench/eval_allocations.py"] + sys.argv[1:]),
-              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.machine(),
-              "runs": {}}
-    for path, groups in spec["runs"].items():
-        report["runs"][path] = measure(path, groups, args.device,
-                                       lambda msg, level="info": print(msg, flush=True))
+              "device": device_name(), "runs": {}}
+    write_report(report, spec["runs"], lambda path, groups, log: measure(path, groups, args.device, log),
+                 args.out)
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else platform.machine()
+
+
+def write_report(report: dict, runs: dict, measure, out: str) -> None:
+    """report["runs"][path] = measure(path, entry, log) for each run, then the seconds it
+    took, written to `out` as JSON."""
+    t0 = time.perf_counter()
+    for path, entry in runs.items():
+        report["runs"][path] = measure(path, entry, lambda msg, level="info": print(msg, flush=True))
     report["seconds"] = round(time.perf_counter() - t0, 1)
-    write_atomic(Path(args.out), json.dumps(report, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_atomic(Path(out), json.dumps(report, indent=1) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -71,18 +71,24 @@ class FittedModel:
         return X @ self.u + 0.5 * np.einsum("ni,ij,nj->n", X, self.W, X) + self.f[n]
 
 
-def visited_states(D: np.ndarray, perms: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every state the walks visited: X [M (L + 1), L] of 0/1, y = v(S) - v({}) and the
-    walk each state belongs to."""
+def walk_losses(D: np.ndarray, perms: np.ndarray) -> np.ndarray:
+    """[M, L + 1]: v(S_k) - v({}) at every step k of every walk (k low layers, or drops)."""
     D, perms = np.asarray(D, dtype=np.float64), np.asarray(perms)
     if D.shape != perms.shape or D.ndim != 2:
         raise ValueError(f"D {D.shape} and perms {perms.shape} must both be [M, L]")
-    M, L = D.shape
+    y = np.zeros((D.shape[0], D.shape[1] + 1))
+    y[:, 1:] = np.cumsum(np.take_along_axis(D, perms, axis=1), axis=1)   # marginals in walk order
+    return y
+
+
+def visited_states(D: np.ndarray, perms: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every state the walks visited: X [M (L + 1), L] of 0/1, y = v(S) - v({}) and the
+    walk each state belongs to."""
+    y = walk_losses(D, perms)
+    perms = np.asarray(perms)
+    M, L = perms.shape
     X = np.zeros((M, L + 1, L))
-    y = np.zeros((M, L + 1))
     for m in range(M):
-        steps = D[m, perms[m]]                      # marginals in walk order
-        y[m, 1:] = np.cumsum(steps)
         for k in range(1, L + 1):
             X[m, k] = X[m, k - 1]
             X[m, k, perms[m, k - 1]] = 1.0

@@ -541,13 +541,18 @@ def _model_of(costs: Costs, objective) -> tuple[scip.Model, list]:
     return model, q
 
 
-def _add_budget(model: scip.Model, q: list, costs: Costs, B: int) -> None:
-    # B_lo + sum c_i (1 - q_i) <= B  <=>  sum c_i q_i >= B_hi - B. Divided through by max c:
-    # with raw byte counts (1e8 next to objective coefficients of 1e-2) SCIP's presolve has
-    # declared solutions "optimal" that were 1e-3 worse than a feasible one.
+def _scaled_savings(q: list, costs: Costs):
+    """(sum c_j q_j / scale, scale): the bytes the drops save, divided through by max c.
+    With raw byte counts (1e8 next to objective coefficients of 1e-2) SCIP's presolve has
+    declared solutions "optimal" that were 1e-3 worse than a feasible one."""
     scale = int(costs.c.max())
-    model.addCons(scip.quicksum(float(c_i / scale) * q_i for c_i, q_i in zip(costs.c, q) if c_i)
-                  >= (costs.B_hi - B) / scale)
+    return scip.quicksum(float(c_i / scale) * q_i for c_i, q_i in zip(costs.c, q) if c_i), scale
+
+
+def _add_budget(model: scip.Model, q: list, costs: Costs, B: int) -> None:
+    # B_lo + sum c_i (1 - q_i) <= B  <=>  sum c_i q_i >= B_hi - B
+    saved, scale = _scaled_savings(q, costs)
+    model.addCons(saved >= (costs.B_hi - B) / scale)
 
 
 def _add_maximal(model: scip.Model, q: list, costs: Costs, B: int) -> None:
@@ -555,9 +560,8 @@ def _add_maximal(model: scip.Model, q: list, costs: Costs, B: int) -> None:
     bytes used + c[i, k] > B. As bytes used + c_j >= (B + 1) (q_j - q_next): trivial where
     drop j is not the last one taken. Scaled as _add_budget. Such allocations always exist
     (undo last drops that fit until none does)."""
-    scale = int(costs.c.max())
+    saved, scale = _scaled_savings(q, costs)
     S, c = costs.steps, costs.c
-    saved = scip.quicksum(float(c_i / scale) * q_i for c_i, q_i in zip(c, q) if c_i)
     for j in range(costs.n_drops):
         last = q[j] - q[j + 1] if (j + 1) % S else q[j]
         model.addCons((costs.B_hi + int(c[j])) / scale - saved >= (B + 1) / scale * last)

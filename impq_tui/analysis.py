@@ -30,7 +30,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from core.fit import FittedModel
+from core.fit import FittedModel, walk_losses
 from core.interactions import QuadraticModel, quadratic_model
 from core.requests import BITS_MAX, BITS_MIN
 from core.results import IMPQ, IMPQ_FIT, IMPQ_LOCAL, LABELS, RUN_METHODS
@@ -465,7 +465,7 @@ def extrapolation_note(D, P, allocation: Allocation | None) -> str | None:
     k = int(sum(allocation.q))
     if not 0 < k <= D.shape[1] or allocation.predicted_delta_nll >= 0:
         return None
-    least = float(np.cumsum(np.take_along_axis(D, P, axis=1), axis=1)[:, k - 1].min())
+    least = float(walk_losses(D, P)[:, k].min())
     if allocation.predicted_delta_nll >= least:
         return None
     return (f"Δloss below all-high, unlike every measured state of its size (least "

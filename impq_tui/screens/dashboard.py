@@ -806,7 +806,7 @@ class Dashboard(Screen):
         """_model_note, and for IMPQ-fit whether its allocation's prediction is an
         extrapolation (analysis.extrapolation_note)."""
         notes = [self._model_note()]
-        if self.method == IMPQ_FIT and self.allocation is not None and len(self.D) == len(self.P):
+        if self.method == IMPQ_FIT:
             notes.append(analysis.extrapolation_note(self.D, self.P, self.allocation))
         return " · ".join(n for n in notes if n) or None
 
