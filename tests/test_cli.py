@@ -312,3 +312,28 @@ def test_the_app_without_a_terminal_refuses_at_once(tmp_path):
                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "needs a terminal" in proc.stderr
     assert "\x1b[" not in proc.stdout
+
+
+@pytest.mark.parametrize("backend,windows", [("quanto", 4), ("hqq", 4), ("gptq", 16), ("gguf", 16), (None, 4)])
+def test_gpu_calibration_windows_follow_the_backend(monkeypatch, backend, windows):
+    """A new run on a GPU calibrates quanto and HQQ on 4 windows, GPTQ and GGUF (whose
+    Hessians and importance matrix come from those windows) on 16, as do the studies, which
+    give no backend; no backend given to `run` is quanto's. On a CPU every backend keeps 8
+    windows of 128 tokens. Only the config is built: no GPU is needed."""
+    import torch
+
+    import core.models
+    from core.requests import RunRequest
+    from core.runs import RunConfig
+    from core.settings import device_defaults
+    from impq_tui.cli.run import _new_config
+
+    monkeypatch.setattr(core.models, "pick_device", lambda device=None: torch.device(device or "cuda"))
+    req = RunRequest(model="embedded", backend=backend)
+    config = _new_config(req)
+    assert RunConfig.backend == "quanto"
+    assert (config.windows, config.window_tokens, config.device) == (windows, 2048, "cuda")
+    assert device_defaults(torch.device("cuda"))["windows"] == 16
+    assert _new_config(RunRequest(model="embedded", backend=backend, windows=16)).windows == 16
+    cpu = _new_config(RunRequest(model="embedded", backend=backend, device="cpu"))
+    assert (cpu.windows, cpu.window_tokens) == (8, 128)

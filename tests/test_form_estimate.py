@@ -195,3 +195,30 @@ async def test_the_estimate_is_a_maximum_when_the_run_may_stop_once_settled(monk
 def test_about_reads_like_an_estimate():
     assert [about(s) for s in (40, 1300, 7800, 3 * 86400 + 4 * 3600)] == [
         "40 s", "22 min", "2 h 10 min", "3 d 4 h"]
+
+
+@pilot_test
+async def test_windows_follow_the_backend_until_typed(monkeypatch):
+    """On a GPU quanto and HQQ calibrate on 4 windows, GPTQ and GGUF on 16
+    (core.settings.device_defaults, tested in test_cli). This machine has no GPU, so the
+    GPU's rule is laid over the CPU's sizes here; what is tested is the form: Windows follows
+    the backend while it holds the default the form filled in, and a typed value stays."""
+    from impq_tui.screens import setup
+
+    real = setup.defaults_for
+    monkeypatch.setattr(setup, "defaults_for", lambda device, backend=None: {
+        **real(device, backend), "windows": 4 if backend in ("quanto", "hqq") else 16})
+    monkeypatch.setattr(estimate, "probe", lambda *args: (0.25, 0.6))
+    app = ImpqApp(setup=SetupDefaults(device="cpu", backend="quanto"), cursor_blink=False)
+    async with app.run_test(size=(100, 30)) as pilot:
+        form = await estimated(pilot)
+        backend = form.query_one("#backend")
+        assert form.value("windows") == "4"
+        for name, windows in (("gguf", "16"), ("hqq", "4"), ("quanto", "4"), ("gguf", "16")):
+            backend.value = name
+            await pilot.pause()
+            assert form.value("windows") == windows, name
+        form.query_one("#windows").value = "6"
+        backend.value = "hqq"
+        await pilot.pause()
+        assert form.value("windows") == "6"

@@ -36,7 +36,7 @@ def add_parser(sub) -> None:
                           "(levels - 1) + 1 evaluations")
     run.add_argument("--group-size", type=whole, help="quantization group size (default 64)")
     run.add_argument("--samples", type=whole, help="SPQE samples M (default 10 on CPU, 100 on GPU)")
-    run.add_argument("--windows", type=whole, help="calibration windows N (default 8 on CPU, 16 on GPU)")
+    run.add_argument("--windows", type=whole, help="calibration windows N (default 8 on CPU; on a GPU 4 for quanto and hqq, 16 for gptq and gguf)")
     run.add_argument("--window-tokens", type=whole, help="tokens per window T (default 128 on CPU, 2048 on GPU)")
     run.add_argument("--seed", type=whole, help="seed of permutations and window choice (default 0)")
     run.add_argument("--antithetic", action="store_true", default=None,
@@ -107,7 +107,8 @@ def _new_config(req):
     from core.settings import device_defaults
 
     dev = pick_device(req.device)
-    defaults = {**vars(RunConfig()), **device_defaults(dev), "device": str(dev)}
+    defaults = {**vars(RunConfig()), **device_defaults(dev, req.backend or RunConfig.backend),
+                "device": str(dev)}
     return RunConfig(**{**{k: v for k, v in defaults.items() if k in RunConfig.__dataclass_fields__},
                         **req.config_values()})
 

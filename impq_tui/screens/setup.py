@@ -110,11 +110,11 @@ def device_choices() -> list[tuple[str, str]]:
     return choices
 
 
-def defaults_for(device: str) -> dict:
+def defaults_for(device: str, backend: str | None = None) -> dict:
     from core.settings import device_defaults
     from core.models import pick_device
 
-    return device_defaults(pick_device(None if device == AUTO else device))
+    return device_defaults(pick_device(None if device == AUTO else device), backend)
 
 
 def default_samples(device: str) -> int:
@@ -176,7 +176,7 @@ class SetupScreen(Screen):
 
     def compose(self) -> ComposeResult:
         d = self.defaults
-        sizes = defaults_for(d.device)
+        sizes = defaults_for(d.device, d.backend)
         self._auto_samples = default_samples(d.device)
         self._auto_sizes = (str(sizes["windows"]), str(sizes["window_tokens"]))
         with VerticalScroll(id="setup"):
@@ -262,24 +262,33 @@ class SetupScreen(Screen):
     @on(Select.Changed, "#device")
     def _device_changed(self, event: Select.Changed) -> None:
         try:
-            sizes = defaults_for(str(event.value))
+            sizes = defaults_for(str(event.value), str(self.query_one("#backend", Select).value))
             samples = default_samples(str(event.value))
         except UserError as exc:
             self.show_error(exc)
             return
-        # Select.Changed comes on mount too: sizes given as defaults, or typed, are kept
-        if (self.value("windows"), self.value("window_tokens")) == self._auto_sizes:
-            self.query_one("#windows", Input).value = str(sizes["windows"])
-            self.query_one("#window_tokens", Input).value = str(sizes["window_tokens"])
-        self._auto_sizes = (str(sizes["windows"]), str(sizes["window_tokens"]))
+        self._follow_sizes(sizes)
         if self.value("samples") == str(self._auto_samples):    # not one the user typed
             self.query_one("#samples", Input).value = str(samples)
         self._auto_samples = samples
         self._estimate_soon()
 
+    def _follow_sizes(self, sizes: dict) -> None:
+        """Windows × tokens follow the device's and backend's defaults while they are the
+        defaults the form filled in (Select.Changed comes on mount too: sizes given as
+        defaults, or typed, are kept)."""
+        if (self.value("windows"), self.value("window_tokens")) == self._auto_sizes:
+            self.query_one("#windows", Input).value = str(sizes["windows"])
+            self.query_one("#window_tokens", Input).value = str(sizes["window_tokens"])
+        self._auto_sizes = (str(sizes["windows"]), str(sizes["window_tokens"]))
+
     @on(Select.Changed, "#backend")
     def _backend_changed(self, event: Select.Changed) -> None:
         self._show_gguf_types(str(event.value) == "gguf")
+        try:
+            self._follow_sizes(defaults_for(str(self.query_one("#device", Select).value), str(event.value)))
+        except UserError as exc:
+            self.show_error(exc)
         levels = self.query_one("#levels", Select)
         choices = level_choices(str(event.value))
         kept = levels.value if levels.value in {v for _, v in choices} else PAPER_LEVELS
