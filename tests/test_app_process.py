@@ -9,6 +9,7 @@ import json
 import os
 import pty
 import re
+import select
 import signal
 import struct
 import sys
@@ -60,10 +61,16 @@ class TerminalApp:
         fcntl.ioctl(self.fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
         self.output = bytearray()
         self.status: int | None = None
-        threading.Thread(target=self._read, daemon=True).start()
+        self._hanging_up = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     def _read(self) -> None:
-        while True:
+        # Never blocked in read() for long: a read in flight holds the terminal open after
+        # close(), so hang_up's close would reach the app only with its next output.
+        while not self._hanging_up.is_set():
+            if not select.select([self.fd], [], [], 0.05)[0]:
+                continue
             try:
                 data = os.read(self.fd, 65536)
             except OSError:       # EIO: the terminal hung up
@@ -102,7 +109,9 @@ class TerminalApp:
 
     def hang_up(self) -> None:
         """Close the terminal, as a dropped SSH connection does: the kernel sends SIGHUP
-        to the session's processes."""
+        to the session's processes (once no read of ours holds the terminal open)."""
+        self._hanging_up.set()
+        self._reader.join()
         os.close(self.fd)
 
     def kill(self) -> None:
