@@ -55,6 +55,9 @@ class TerminalApp:
                "HF_HUB_OFFLINE": "1"}
         self.pid, self.fd = pty.fork()
         if self.pid == 0:      # the child: the pty is its controlling terminal
+            # as a login shell's child has it, whatever this test was started under (nohup
+            # leaves SIGHUP ignored, and an ignored signal stays ignored across exec)
+            signal.signal(signal.SIGHUP, signal.SIG_DFL)
             os.chdir(ROOT)
             os.execve(sys.executable, [sys.executable, *args], env)
         cols, rows = size
