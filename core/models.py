@@ -10,7 +10,9 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -881,13 +883,26 @@ def tiny_config(model_type: str = "llama", layers: int = 4, hidden: int = 64,
         pad_token_id=0, bos_token_id=0, eos_token_id=0)
 
 
+_GLOBAL_RNG = threading.Lock()
+
+
+@contextmanager
+def seeded(seed: int):
+    """torch's global generator seeded with `seed` for this block alone: one thread at a
+    time (transformers initializes weights from the global generator, so two threads
+    building models at once would interleave their draws: the setup form's estimate probe
+    in a worker beside a test's checkpoint, for one) and the caller's state restored after."""
+    with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def from_config(config, device: torch.device, dtype: torch.dtype, tokenizer=None,
                 seed: int = 0, name: str = "random") -> LoadedModel:
     """A model with random weights built from a config (tests, speed benchmarks)."""
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(seed)
-    with torch.device(device):
+    with seeded(seed), torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval().requires_grad_(False)
     unfuse_experts(model)

@@ -195,3 +195,40 @@ def test_a_gguf_run_on_a_checkpoint_the_export_cannot_convert_is_refused_before_
     check_before_loading(config, backend)
     llama = save_family(tmp_path / "llama", tiny_tokenizer, "llama")
     check_before_loading(RunConfig(model=str(llama), backend="gguf", group_size=32), backend)
+
+
+def test_random_weights_do_not_depend_on_other_threads():
+    """from_config's weights come from its seed alone, and it leaves the caller's global
+    generator as it was: the setup form's estimate probe builds random models in a worker,
+    and a checkpoint built beside it (a test's) once got other weights (a CI failure)."""
+    import threading
+
+    from core.models import seeded
+
+    config = tiny_config("llama", layers=2)
+    expected = from_config(config, torch.device("cpu"), torch.float32, seed=3).model.state_dict()
+    torch.manual_seed(11)
+    before = torch.rand(4)
+    torch.manual_seed(11)
+    from_config(config, torch.device("cpu"), torch.float32, seed=5)
+    assert torch.equal(torch.rand(4), before)
+
+    stop = threading.Event()
+
+    def probe_like():
+        while not stop.is_set():
+            from_config(config, torch.device("cpu"), torch.float32, seed=7)
+
+    worker = threading.Thread(target=probe_like)
+    worker.start()
+    try:
+        for _ in range(20):
+            got = from_config(config, torch.device("cpu"), torch.float32, seed=3).model.state_dict()
+            assert all(torch.equal(got[k], expected[k]) for k in expected)
+            with seeded(3):
+                again = torch.rand(1000)
+            with seeded(3):
+                assert torch.equal(torch.rand(1000), again)
+    finally:
+        stop.set()
+        worker.join()

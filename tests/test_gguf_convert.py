@@ -124,7 +124,7 @@ def save_checkpoint(path: Path, tokenizer, model_type: str, *, layers: int = 2, 
     w2, w3), Qwen3-MoE's to per-expert gate_proj, up_proj, down_proj."""
     from transformers import AutoModelForCausalLM
 
-    from core.models import tiny_config
+    from core.models import seeded, tiny_config
 
     config = tiny_config(model_type, layers=layers, vocab=len(tokenizer), **(shape or {}))
     if model_type == "qwen3_moe":
@@ -134,8 +134,8 @@ def save_checkpoint(path: Path, tokenizer, model_type: str, *, layers: int = 2, 
         config.num_local_experts, config.num_experts_per_tok = 4, 2
     for key, value in config_changes.items():
         setattr(config, key, value)
-    torch.manual_seed(seed)
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
+    with seeded(seed):      # not the global generator as other threads leave it
+        AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
@@ -432,7 +432,7 @@ def test_the_conversion_is_cached_by_the_checkpoints_fingerprint(tiny_tokenizer,
 def config_only(path: Path, model_type: str, **changes) -> Path:
     """A checkpoint folder with a config.json and nothing else: a refusal from it was decided
     before any tokenizer file or weight was read."""
-    from core.models import tiny_config
+    from core.models import seeded, tiny_config
 
     config = tiny_config(model_type, layers=2)
     for key, value in changes.items():

@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from core.engine import run_spqe
 from core.errors import UserError
-from core.models import load_model, structure_of, tiny_config
+from core.models import load_model, seeded, structure_of, tiny_config
 from core.runs import RunConfig, RunDir
 
 HIDDEN, LAYERS, EXPERTS, EXPERT_WIDTH = 64, 2, 4, 32
@@ -267,8 +267,8 @@ def write_gguf(path: Path, family_name: str, vocab: Vocab, seed: int = 0,
     config = hf_config(family, len(vocab.tokens))
     for key, value in changes.items():
         setattr(config, key, value)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with seeded(seed):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     arch = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[family.arch]
     writer = gguf.GGUFWriter(str(path), family.arch)
     _metadata(writer, family, model.config, vocab)

@@ -17,7 +17,7 @@ from core.engine import check_before_loading, run_spqe
 from core.errors import UserError
 from core.evaluate import allocate, evaluate_allocation
 from core.export import export_model
-from core.models import load_model, parameter_counts, tiny_config
+from core.models import load_model, parameter_counts, seeded, tiny_config
 from core.runs import RunConfig, RunDir
 
 EXPERTS, TOP_K, EXPERT_WIDTH, SHARED_WIDTH = 4, 2, 32, 48
@@ -56,9 +56,9 @@ def layer_weights(config) -> int:
 
 def save_moe(path, tokenizer, model_type: str, seed: int = 1):
     """A checkpoint as transformers writes one: the fused model's save_pretrained."""
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(moe_config(model_type, vocab=len(tokenizer)),
-                                             dtype=torch.float32)
+    with seeded(seed):
+        model = AutoModelForCausalLM.from_config(moe_config(model_type, vocab=len(tokenizer)),
+                                                 dtype=torch.float32)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
