@@ -6,8 +6,9 @@ loads the run's model once, computes the baselines' scores on the unquantized mo
 over the run's calibration windows, builds every linear's real quantized module once
 per precision (2 and 4 bits), solves each method's allocation at each budget (IMPQ by
 its quadratic model, IMPQ-local by the budget-local model of core.interactions and
-IMPQ-fit by the model core.fit fits to the visited states, our extensions, the baselines by the knapsack, all with the same costs and SCIP),
-and evaluates each distinct allocation by swapping module references, on one set of
+IMPQ-fit by the model core.fit fits to the visited states, our extensions, the baselines by the knapsack, all with the same costs and SCIP;
+IMPQ-fit, checked, our third, by measuring its candidates on the calibration windows with
+the same modules, core.checked), and evaluates each distinct allocation by swapping module references, on one set of
 evaluation tokens shared by every method. Allocations are evaluated in lexicographic
 order of their bit vectors, so consecutive ones share the longest prefix of layers
 and the prefix cache of PrefixEvaluator skips the layers before the first change.
@@ -27,9 +28,11 @@ import torch
 
 from core import baselines, events
 from core.backends import backend_for
+from core.checked import Checked, choose, measurer
+from core.checked import describe as describe_checked
 from core.data import describe, eval_tokens, load_text, token_windows
 from core.errors import InvalidField, UserError
-from core.evaluate import IMPQ, IMPQ_FIT, IMPQ_LOCAL, solve_fit, solve_local  # noqa: F401
+from core.evaluate import IMPQ, IMPQ_CHECKED, IMPQ_FIT, IMPQ_LOCAL, solve_fit, solve_local  # noqa: F401
 from core.fingerprint import check_model, unchecked
 from core.fit import fit_states
 from core.interactions import predicted_delta, quadratic_model
@@ -119,6 +122,16 @@ def compare(run: RunDir, bits_list=DEFAULT_BITS, *, eval_text: str | None = None
     fitted = _fitted(D, run.P(), log)
     allocations = _allocations(qmodel, scores, costs, bits_list, D=D, perms=run.P(), alpha=alpha,
                                fitted=fitted, cancel=cancel, callback=callback)
+    if fitted is not None:
+        measure = measurer(loaded, real, calib, micro, cancel)
+        for k, b in enumerate(bits_list):
+            callback(events.Step(k, len(bits_list), "IMPQ-fit, checked: measuring candidates"))
+            checked = choose(D, run.P(), costs, measure, bits=b, alpha=alpha,
+                             paired=config.antithetic, fitted=fitted)
+            log(f"{b:g} bits: {describe_checked(checked)}")
+            allocations[(IMPQ_CHECKED, b)] = replace(
+                checked.allocation, predicted_delta_nll=predicted_delta((qmodel.a, qmodel.K), checked.allocation.q))
+
     t = time.perf_counter()
     evaluator = PrefixEvaluator(loaded, tokens, micro)
     with events.cancel_between_layers(loaded.layers, cancel):
@@ -168,6 +181,40 @@ def _load(run: RunDir, device: str | None, backend: str | None, text, windows, w
     if hasattr(backend_impl, "calibrate"):   # gguf: the importance matrix SPQE quantized with
         backend_impl.calibrate(loaded, calibration_windows(loaded, config), config.micro_batch)
     return loaded, backend_impl, settings
+
+
+def checked_allocation(run, *, bits: float | None = None, budget: int | None = None,
+                       alpha: float = 0.5, device: str | None = None, callback=None,
+                       cancel=None) -> Checked:
+    """IMPQ-fit, checked (core.checked), of a run at a budget: the run's model loaded as
+    compare loads it (its device and dtype, the real backend's modules), its candidates
+    measured on the run's calibration windows. Logs what it measured through `callback`."""
+    callback = callback or events.ignore
+    config = run.config
+    D = run.D()
+    if len(D) < 2:
+        raise UserError(f"IMPQ-fit, checked needs at least 2 SPQE samples (IMPQ-fit's regularization "
+                        f"is chosen on held-out walks); run {run.path} has {len(D)}. Resume it "
+                        f"(`resume`) to take samples.")
+
+    def log(message: str, level: str = "info") -> None:
+        callback(events.Log(message, level))
+
+    phase = events.Phases(callback, 3, cancel)
+    phase("loading the model", "IMPQ-fit, checked: loading the model to measure its candidates")
+    loaded, backend, _ = _load(run, device, None, None, None, None, log)
+    phase("quantizing layers", f"quantizing the layers to {' and '.join(map(str, config.levels))} bits")
+    real = LayerSwitch(loaded, backend, real=True, keep_original=False,
+                       levels=[config.levels] * len(loaded.layers),
+                       on_layer=lambda i, L: events.check_cancel(cancel))
+    phase("measuring candidates", "measuring the candidates on the calibration windows")
+    measure = measurer(loaded, real, calibration_windows(loaded, config),
+                       max(1, config.micro_batch), cancel)
+    checked = choose(D, run.P(), run.costs(), measure, bits=bits, budget=budget, alpha=alpha,
+                     paired=config.antithetic)
+    phase.done()
+    log(describe_checked(checked))
+    return checked
 
 
 def _baseline_scores(loaded: LoadedModel, calib: torch.Tensor, real: LayerSwitch, backend,
@@ -324,17 +371,17 @@ def plot(result: CompareResult, stem: Path, title: str | None = None) -> list[Pa
     return paths
 
 
-MARKERS = {IMPQ: "o", IMPQ_LOCAL: "P", IMPQ_FIT: "X", "sensitivity": "s", "lim": "^", "zscore": "D", "activation": "v"}
+MARKERS = {IMPQ: "o", IMPQ_LOCAL: "P", IMPQ_FIT: "X", IMPQ_CHECKED: "*", "sensitivity": "s", "lim": "^", "zscore": "D", "activation": "v"}
 
 
 def draw(ax, result: CompareResult) -> None:
     """One method per line on a matplotlib Axes (also used by bench/quality's figure)."""
     for m in result.methods:
         rows = sorted((result.row(m, b) for b in result.bits), key=lambda r: r.avg_bits)
-        ours = m in (IMPQ, IMPQ_LOCAL, IMPQ_FIT)
+        ours = m in (IMPQ, IMPQ_LOCAL, IMPQ_FIT, IMPQ_CHECKED)
         ax.plot([r.avg_bits for r in rows], [r.ppl for r in rows], marker=MARKERS[m],
                 label=LABELS[m], linewidth=2.2 if ours else 1.2, zorder=3 if ours else 2,
-                linestyle={IMPQ_LOCAL: "--", IMPQ_FIT: "-."}.get(m, "-"))
+                linestyle={IMPQ_LOCAL: "--", IMPQ_FIT: "-.", IMPQ_CHECKED: ":"}.get(m, "-"))
     for (label, r), marker in zip(result.uniform(), "x+"):
         ax.scatter([r.avg_bits], [r.ppl], marker=marker, color="black", s=60, label=label, zorder=4)
     ax.axhline(result.ppl_original, color="grey", linestyle=":", label="unquantized")

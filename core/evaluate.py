@@ -17,7 +17,7 @@ from core.errors import UserError
 from core.fit import fit_states
 from core.interactions import quadratic_model
 from core.models import pick_device
-from core.results import IMPQ, IMPQ_FIT, IMPQ_LOCAL, RUN_METHODS  # noqa: F401
+from core.results import CLI_METHODS, IMPQ, IMPQ_CHECKED, IMPQ_FIT, IMPQ_LOCAL, RUN_METHODS  # noqa: F401
 from core.runs import RunDir
 from core.solver import (  # noqa: F401  (solve_fit and solve_local are used from here too)
     FRONTIER_GRID,
@@ -30,11 +30,16 @@ from core.solver import (  # noqa: F401  (solve_fit and solve_local are used fro
 from core.switching import LayerSwitch, perplexity
 
 
+
 def allocate(run: RunDir, *, bits: float | None = None, budget: int | None = None,
              alpha: float = 0.5, local: bool = False, method: str | None = None) -> Allocation:
     """The allocation of a run at a budget by `method`: IMPQ (the paper's model, the
-    default), IMPQ-local or IMPQ-fit (our extensions; `local` is IMPQ-local)."""
+    default), IMPQ-local or IMPQ-fit (our extensions; `local` is IMPQ-local). IMPQ-fit,
+    checked measures candidates with the model loaded: core.compare.checked_allocation."""
     method = method or (IMPQ_LOCAL if local else IMPQ)
+    if method == IMPQ_CHECKED:
+        raise UserError("IMPQ-fit, checked measures its candidates with the model loaded: "
+                        "core.compare.checked_allocation gives it.")
     if method not in RUN_METHODS:
         raise UserError(f"unknown allocation method {method!r}; choose one of {', '.join(RUN_METHODS)}.")
     D = run.D()
@@ -57,7 +62,7 @@ def result_stem(bits: float | None, budget: int | None = None, method: str = "im
         stem = f"bytes-{budget}"
     else:
         stem = f"bits-{bits:.2f}" if float(f"{bits:.2f}") == bits else f"bits-{bits!r}"
-    return stem + {IMPQ_LOCAL: "-local", IMPQ_FIT: "-fit"}.get(method, "")
+    return stem + {IMPQ_LOCAL: "-local", IMPQ_FIT: "-fit", IMPQ_CHECKED: "-checked"}.get(method, "")
 
 
 def run_frontier(run: RunDir, alpha: float = 0.5, bits_grid=FRONTIER_GRID) -> list[Allocation]:

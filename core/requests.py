@@ -57,10 +57,10 @@ def _alpha(value: float) -> None:
 
 
 def _method(value: str) -> None:
-    from core.evaluate import RUN_METHODS
+    from core.results import CLI_METHODS
 
-    if value not in RUN_METHODS:
-        raise InvalidField("method", f"{_shown(value)} is not one of {', '.join(RUN_METHODS)}.")
+    if value not in CLI_METHODS:
+        raise InvalidField("method", f"{_shown(value)} is not one of {', '.join(CLI_METHODS)}.")
 
 
 def _text(field: str, spec: str | None, role: str) -> None:

@@ -13,12 +13,16 @@ from core.runs import RunDir
 
 IMPQ, IMPQ_LOCAL, IMPQ_FIT = "impq", "impq-local", "impq-fit"
 RUN_METHODS = (IMPQ, IMPQ_LOCAL, IMPQ_FIT)   # the paper's, and our two extensions
+# Our third extension (core.checked): candidates measured on the calibration windows; it
+# needs the model, so the CLI and compare offer it, the app's re-solving panes do not.
+IMPQ_CHECKED = "impq-checked"
+CLI_METHODS = (*RUN_METHODS, IMPQ_CHECKED)
 BASELINES = ("sensitivity", "lim", "zscore", "activation")
 
 DEFAULT_BITS = (2.25, 2.5, 3.0, 3.5)
 UNIFORM_LOW, UNIFORM_HIGH = "uniform-2", "uniform-4"
-METHODS = (*RUN_METHODS, *BASELINES)
-LABELS = {IMPQ: "IMPQ", IMPQ_LOCAL: "IMPQ-local", IMPQ_FIT: "IMPQ-fit", "sensitivity": "Sensitivity", "lim": "LIM", "zscore": "Z-score",
+METHODS = (*CLI_METHODS, *BASELINES)
+LABELS = {IMPQ: "IMPQ", IMPQ_LOCAL: "IMPQ-local", IMPQ_FIT: "IMPQ-fit", IMPQ_CHECKED: "IMPQ-fit, checked", "sensitivity": "Sensitivity", "lim": "LIM", "zscore": "Z-score",
           "activation": "Activation", UNIFORM_LOW: "all 2-bit", UNIFORM_HIGH: "all 4-bit"}
 COMPARE_DIR = "compare"
 # The version of each model whose allocations changed since comparisons were first saved:
@@ -123,6 +127,7 @@ class CompareResult:
             "impq_vs_best_baseline": self.versus_best_baseline(),
             "impq_local_vs_best_baseline": self.versus_best_baseline(IMPQ_LOCAL),
             "impq_fit_vs_best_baseline": self.versus_best_baseline(IMPQ_FIT),
+            "impq_checked_vs_best_baseline": self.versus_best_baseline(IMPQ_CHECKED),
             "scores": {k: list(map(float, v)) for k, v in self.scores.items()},
             "model": self.model, "backend": self.backend, "group_size": self.group_size,
             "samples": self.samples, "alpha": self.alpha, "costs_source": self.costs_source,

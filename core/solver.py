@@ -171,7 +171,8 @@ class Allocation:
 
 
 def solve(a, K, costs: Costs, *, bits: float | None = None, budget: int | None = None,
-          time_limit: float | None = None, factor=None, size=None, maximal: bool = False) -> Allocation:
+          time_limit: float | None = None, factor=None, size=None, maximal: bool = False,
+          exclude=()) -> Allocation:
     """The q minimizing Delta(q) = a.q + q.K.q within the budget (METHOD.md, "Solving").
 
     `factor` = (d, F) with q.K.q = d.q + |F q|^2 on binary q (QuadraticModel.factor):
@@ -183,7 +184,9 @@ def solve(a, K, costs: Costs, *, bits: float | None = None, budget: int | None =
     binary per number of drops, exactly one of them on, their count equal to sum q.
 
     `maximal`: only allocations that leave no layer able to go up a level within the
-    budget (_add_maximal); IMPQ-fit's program (solve_fit)."""
+    budget (_add_maximal); IMPQ-fit's program (solve_fit).
+
+    `exclude`: drop vectors q the answer must differ from (the next best allocations)."""
     a, K = _check_model(a, K, costs.n_drops)
     f = _check_size(size, costs.n_drops)
     B = resolve_budget(costs, bits, budget)
@@ -191,7 +194,7 @@ def solve(a, K, costs: Costs, *, bits: float | None = None, budget: int | None =
     model = (a, K) if f is None else (a, K, f)
     if B >= costs.B_hi:
         return _allocation([0] * costs.n_drops, costs, bits, B, model, "all-high", time.perf_counter() - start)
-    q_val, status = _solve_program(a, K, costs, B, factor, time_limit, f, maximal)
+    q_val, status = _solve_program(a, K, costs, B, factor, time_limit, f, maximal, exclude)
     return _allocation(q_val, costs, bits, B, model, status, time.perf_counter() - start)
 
 
@@ -277,8 +280,9 @@ class _Programs:
 
 def _solve_program(a, K, costs: Costs, B: int, factor,
                    time_limit: float | None, size: np.ndarray | None = None,
-                   maximal: bool = False) -> tuple[list[int], str]:
-    """The optimal drops at budget B, by the model's programs (_Programs)."""
+                   maximal: bool = False, exclude=()) -> tuple[list[int], str]:
+    """The optimal drops at budget B, by the model's programs (_Programs), other than
+    those in `exclude`."""
     compact = factor is not None and 0 < len(factor[1]) < costs.n_drops
     h = hashlib.blake2b(repr((costs, compact, size is not None)).encode(), digest_size=16)
     kind = h.digest()
@@ -297,7 +301,7 @@ def _solve_program(a, K, costs: Costs, B: int, factor,
             form, trial = programs.pick()
             if form is not None:
                 try:
-                    model, q = programs.copy(form, costs, B, maximal)
+                    model, q = _excluding(*programs.copy(form, costs, B, maximal), exclude)
                 except BaseException:
                     if trial is not None:   # the trial could not start: the first form it is
                         programs.seconds[form].append(math.inf)
@@ -319,7 +323,8 @@ def _solve_program(a, K, costs: Costs, B: int, factor,
     with _programs_lock:
         if trial is not None and status != "optimal":   # too slow on trial: never again
             programs.seconds[form].append(math.inf)
-            form, model, q = None, *programs.copy(programs.first, costs, B, maximal)
+            form, model, q = None, *_excluding(*programs.copy(programs.first, costs, B, maximal),
+                                               exclude)
         else:
             programs.seconds[form].append(seconds)
         if programs.faster() is not None:
@@ -330,6 +335,15 @@ def _solve_program(a, K, costs: Costs, B: int, factor,
         q_val, status = _optimize(model, q, costs, B, None if time_limit is None else
                                   max(time_limit - seconds, 0.0))
     return q_val, status
+
+
+def _excluding(model: scip.Model, q: list, exclude) -> tuple[scip.Model, list]:
+    """Each q in `exclude` cut off: at least one drop differs from it."""
+    for other in exclude:
+        if len(other) != len(q):
+            raise ValueError(f"an excluded allocation has {len(other)} drops, the program {len(q)}")
+        model.addCons(scip.quicksum(1 - x if v else x for x, v in zip(q, other)) >= 1)
+    return model, q
 
 
 def _with_size(model: scip.Model, q: list, f: np.ndarray) -> tuple[scip.Model, list]:
@@ -402,7 +416,8 @@ def solve_impq(D, costs, *, bits: float | None = None, budget: int | None = None
     return solve(model.a, model.K, costs, bits=bits, budget=budget, factor=model.factor)
 
 
-def solve_fit(fitted, costs, *, bits: float | None = None, budget: int | None = None) -> Allocation:
+def solve_fit(fitted, costs, *, bits: float | None = None, budget: int | None = None,
+              exclude=()) -> Allocation:
     """IMPQ-fit's allocation (our extension): the model fitted to the visited states
     (core.fit.FittedModel), solved by the same SCIP program under the same budget, its
     size term as one binary per number of drops. The program gets the interactions
@@ -423,12 +438,13 @@ def solve_fit(fitted, costs, *, bits: float | None = None, budget: int | None = 
     W, f = np.asarray(fitted.W, dtype=np.float64), np.asarray(fitted.f, dtype=np.float64)
     L = len(W)
     if L < 2 or not f.any():
-        return solve(fitted.a, fitted.K, costs, bits=bits, budget=budget, size=f, maximal=True)
+        return solve(fitted.a, fitted.K, costs, bits=bits, budget=budget, size=f, maximal=True,
+                     exclude=exclude)
     c = W[np.triu_indices(L, 1)].mean()
     n = np.arange(L + 1)
     centred = W - c * (1 - np.eye(L))
     return solve(fitted.a, centred / 2, costs, bits=bits, budget=budget,
-                 size=f + c * n * (n - 1) / 2, maximal=True)
+                 size=f + c * n * (n - 1) / 2, maximal=True, exclude=exclude)
 
 
 def local_model(D, perms, costs: Costs, *, bits: float | None = None, budget: int | None = None,

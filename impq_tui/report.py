@@ -134,14 +134,14 @@ def compare_rows(result) -> tuple[list[str], list[list[str]]]:
     """Headers and rows of a comparison (core.compare's CompareResult): one row per method,
     one perplexity column per budget with the effective bits beside it, then each of our
     models' ratio to the best baseline, then the uniform references."""
-    from core.results import IMPQ, IMPQ_FIT, IMPQ_LOCAL, LABELS
+    from core.results import IMPQ, IMPQ_CHECKED, IMPQ_FIT, IMPQ_LOCAL, LABELS
 
     def cell(r) -> str:
         return f"{format_ppl(r.ppl)} @{r.avg_bits:.2f}"
 
     headers = ["method", *(f"{b:g} bits" for b in result.bits)]
     rows = [[LABELS[m], *(cell(result.row(m, b)) for b in result.bits)] for m in result.methods]
-    for m in (IMPQ, IMPQ_LOCAL, IMPQ_FIT):
+    for m in (IMPQ, IMPQ_LOCAL, IMPQ_FIT, IMPQ_CHECKED):
         if ratios := result.versus_best_baseline(m):
             rows.append([f"{LABELS[m]} / best baseline",
                          *(f"{r['ratio']:.3f} ({LABELS[r['best_baseline']]})" for r in ratios)])

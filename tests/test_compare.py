@@ -150,10 +150,10 @@ def test_compare_json_schema_and_files(tiny_run):
 def test_table_has_every_method_and_budget(result):
     headers, rows = compare_rows(result)
     assert headers == ["method", "2.25 bits", "2.5 bits", "3 bits", "3.5 bits"]
-    assert [r[0] for r in rows[:7]] == ["IMPQ", "IMPQ-local", "IMPQ-fit", "Sensitivity", "LIM",
-                                        "Z-score", "Activation"]
-    assert [r[0] for r in rows[7:10]] == ["IMPQ / best baseline", "IMPQ-local / best baseline",
-                                         "IMPQ-fit / best baseline"]
+    assert [r[0] for r in rows[:8]] == ["IMPQ", "IMPQ-local", "IMPQ-fit", "IMPQ-fit, checked",
+                                        "Sensitivity", "LIM", "Z-score", "Activation"]
+    assert [r[0] for r in rows[8:12]] == ["IMPQ / best baseline", "IMPQ-local / best baseline",
+                                          "IMPQ-fit / best baseline", "IMPQ-fit, checked / best baseline"]
     assert all(len(r) == len(headers) for r in rows)
     impq = result.row("impq", 2.5)
     assert rows[0][2] == f"{format_ppl(impq.ppl)} @{impq.avg_bits:.2f}"
@@ -244,8 +244,10 @@ def test_a_comparison_saved_before_impq_local_still_reads(tiny_run, result):
     from core.compare import CompareResult
 
     old = result.to_json()
-    old["results"] = [r for r in old["results"] if r["method"] not in ("impq-local", "impq-fit")]
+    old["results"] = [r for r in old["results"]
+                      if r["method"] not in ("impq-local", "impq-fit", "impq-checked")]
     del old["impq_local_vs_best_baseline"], old["impq_fit_vs_best_baseline"]
+    del old["impq_checked_vs_best_baseline"]
     back = CompareResult.from_json(old)
     assert "impq-local" not in back.methods and back.versus_best_baseline("impq-local") == []
     headers, rows = compare_rows(back)

@@ -101,6 +101,11 @@ def add_method_arguments(p: argparse.ArgumentParser) -> None:
     group.add_argument("--fit", dest="method", action="store_const", const="impq-fit",
                        help="IMPQ-fit, our extension: the quadratic model fitted to every state "
                             "SPQE's walks visited (README, Quality)")
+    group.add_argument("--checked", dest="method", action="store_const", const="impq-checked",
+                       help="IMPQ-fit, checked, our extension: about 20 candidate allocations (IMPQ, "
+                            "IMPQ-local, IMPQ-fit and its next best, fits on each half of the walks, "
+                            "the best visited states and their neighbours) measured on the run's "
+                            "calibration windows, the least loss kept; loads the model (README, Quality)")
     p.set_defaults(method="impq")
 
 

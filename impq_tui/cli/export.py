@@ -58,7 +58,7 @@ def command(args) -> int:
     from rich.console import Console
 
     from core import events
-    from core.evaluate import allocate
+    from impq_tui.cli.solve import allocate_by
     from core.export import export_model
     from core.runs import RunDir
     from impq_tui.report import export_summary, log_line
@@ -66,7 +66,6 @@ def command(args) -> int:
     req = request(args)
     req.validate()
     run = RunDir.open(req.run_dir)
-    alloc = allocate(run, bits=req.bits, alpha=req.alpha, method=req.method)
     console = Console(stderr=True)
 
     def callback(event) -> None:
@@ -74,6 +73,8 @@ def command(args) -> int:
             console.print(log_line(event, FLAGS), highlight=False)
 
     _interrupt_on_termination()
+    alloc = allocate_by(run, req.method, bits=req.bits, budget=None, alpha=req.alpha,
+                        device=req.device, callback=callback)
     result = export_model(run, list(alloc.bits_per_layer), req.backend or run.config.backend,
                           req.out, force=req.force, target_bits=req.bits, evaluate=req.evaluate,
                           verify=req.verify, eval_text=req.eval_text, eval_windows=req.eval_windows,

@@ -21,14 +21,37 @@ def request(args):
                         alpha=args.alpha, method=args.method)
 
 
-def allocation(req):
-    """The run and its allocation at the request's budget (core.evaluate.allocate)."""
-    from core.evaluate import allocate
+def allocation(req, callback=None):
+    """The run and its allocation at the request's budget (core.evaluate.allocate; IMPQ-fit,
+    checked: core.compare.checked_allocation, which loads the model on the request's device,
+    the run's without one, and logs what it measured to `callback`, standard error without)."""
     from core.runs import RunDir
 
     run = RunDir.open(req.run_dir)
-    return run, allocate(run, bits=req.bits, budget=req.budget_bytes, alpha=req.alpha,
-                         method=req.method)
+    return run, allocate_by(run, req.method, bits=req.bits, budget=getattr(req, "budget_bytes", None),
+                            alpha=req.alpha, device=getattr(req, "device", None),
+                            callback=callback or _log)
+
+
+def allocate_by(run, method: str, *, bits, budget, alpha, device, callback):
+    from core.evaluate import IMPQ_CHECKED, allocate
+
+    if method == IMPQ_CHECKED:
+        from core.compare import checked_allocation
+
+        return checked_allocation(run, bits=bits, budget=budget, alpha=alpha, device=device,
+                                  callback=callback).allocation
+    return allocate(run, bits=bits, budget=budget, alpha=alpha, method=method)
+
+
+def _log(event) -> None:
+    """What IMPQ-fit, checked measured (it loads the model), on standard error."""
+    import sys
+
+    from core import events
+
+    if isinstance(event, events.Log):
+        print(f"impq-tui: {event.message}", file=sys.stderr, flush=True)
 
 
 def command(args) -> int:
