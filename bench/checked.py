@@ -32,6 +32,10 @@ ships, which this script first wrote and measured in this form):
     python bench/checked.py measure bench/results/checked_candidates.json --device cuda --out DIR
     python bench/checked.py report bench/results/checked_candidates.json \
         bench/results/checked-h200/*.json --out bench/results/checked.json
+    python bench/checked.py measure bench/results/checked_candidates.json --device cuda \
+        --windows 16 --only <the 4- and 8-window runs> --out bench/results/checked-h200/judge16
+    python bench/checked.py report bench/results/checked_candidates.json --key judge \
+        bench/results/checked-h200/{judge16/*,quality*,smol-h100*}.json --out bench/results/checked_judge16.json
 
 (bench/results/checked-h200/: the 8 runs' measurements on one H200, 2 calls of `measure
 --only`; compare/: the shipped `compare` with its IMPQ-fit, checked rows on the GPTQ and
@@ -40,6 +44,7 @@ GGUF runs.)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -129,6 +134,8 @@ def measure(args) -> int:
         loaded, backend, settings = _load(run, args.device, None, None, None, None, log)
         micro = max(1, config.micro_batch)
         calib = calibration_windows(loaded, config)
+        judge = calib if not args.windows else calibration_windows(
+            loaded, dataclasses.replace(config, windows=args.windows))
         tokens = eval_tokens(loaded.tokenizer, settings, config.calib_text, log)
         L = len(loaded.layers)
         real = LayerSwitch(loaded, backend, real=True, keep_original=True, levels=[config.levels] * L)
@@ -149,6 +156,8 @@ def measure(args) -> int:
         evaluators = {"eval_a": PrefixEvaluator(loaded, tokens[:half], micro),
                       "eval_b": PrefixEvaluator(loaded, tokens[half:], micro),
                       "calib": PrefixEvaluator(loaded, calib, micro)}
+        if args.windows:       # the candidates judged on other calibration windows too
+            evaluators["judge"] = PrefixEvaluator(loaded, judge, micro)
         t = time.perf_counter()
         rows = {}
         na, nb = evaluators["eval_a"].predicted, evaluators["eval_b"].predicted
@@ -187,7 +196,8 @@ def report(args) -> int:
         run_out = {"walk_vs_measured_max_nats": walk_gap[0], "budgets": {}}
         for b, labs in labels.items():
             ev = {lab: A[k]["eval"] for lab, k in labs.items()}
-            ca = {lab: A[k]["calib"] for lab, k in labs.items()}
+            judge = args.key if args.key in A[r["all_high"]] else "calib"   # 16-window runs: their own
+            ca = {lab: A[k][judge] for lab, k in labs.items()}
             best_base = min(ev["baseline:" + m] for m in BASELINES)
             ratio = lambda lab: math.exp(ev[lab] - best_base)   # noqa: E731
             row = {"single": {lab: ratio(lab) for lab in ("impq", "local", "fit") if lab in ev},
@@ -233,10 +243,14 @@ def main() -> int:
     m.add_argument("candidates")
     m.add_argument("--device", default="cuda")
     m.add_argument("--only", nargs="*")
+    m.add_argument("--windows", type=int, help="also measure each allocation on this many "
+                   "calibration windows of the run's text and seed (key 'judge')")
     m.add_argument("--out", required=True)
     r = sub.add_parser("report")
     r.add_argument("candidates")
     r.add_argument("results", nargs="+")
+    r.add_argument("--key", default="calib", help="what the candidates are judged on: calib (the "
+                   "run's windows) or judge (measure --windows; runs without it: calib)")
     r.add_argument("--out")
     args = p.parse_args()
     return {"candidates": candidates, "measure": measure, "report": report}[args.cmd](args)

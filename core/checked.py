@@ -8,6 +8,9 @@ allocations of one budget, calibration and evaluation losses rank alike (Spearma
 0.95-0.995 on the embedded model, README). Measuring a few candidates costs about half a
 sample's evaluations per budget and no evaluation text.
 
+They are measured on the run's calibration text and seed, at least 16 windows of the run's
+length (core.compare.check_windows): 4 windows ranked them worse (README).
+
 The candidates (chosen before they were measured; bench/checked.py):
   impq, local, fit    the paper's IMPQ, IMPQ-local and IMPQ-fit;
   fit-next1..5        IMPQ-fit's next best allocations, each earlier one cut off;
@@ -15,8 +18,8 @@ The candidates (chosen before they were measured; bench/checked.py):
   visited1..5         the states the walks visited that spend the budget, least loss first;
   swap1..5            the fit's best neighbour of each: one layer's last drop undone,
                       another layer's next drop taken, still spending the budget.
-Every one is measured here, the visited ones too (their walks measured them already, on
-the run's own device and dtype: measured again, a check elsewhere compares like with like).
+Every one is measured here, the visited ones too (their walks measured them on the run's
+own windows; where those are the judge's, bench/checked.py found the same losses).
 """
 from __future__ import annotations
 
@@ -31,6 +34,10 @@ from core.interactions import quadratic_model
 from core.solver import Allocation, Costs, resolve_budget, solve_fit, solve_impq, solve_local
 
 NEXT, VISITED = 5, 5
+# The candidates are judged on at least 16 calibration windows (core.compare.check_windows):
+# a run calibrated on 4 (the GPU default for quanto and HQQ) ranked its candidates at 2.25
+# bits differently from 16 windows and from the evaluation text (README, Quality).
+CHECK_WINDOWS = 16
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,7 @@ class Checked:
     label: str                      # which candidate it was (e.g. "fit", "swap2")
     measured: dict                  # label -> measured v(S) - v({}) on the calibration windows (nats)
     candidates: dict                # label -> bits per layer
+    windows: int | None = None      # calibration windows they were measured on
 
 
 def spends(costs: Costs, q, B: int) -> bool:
@@ -121,7 +129,8 @@ def choose(D, perms, costs: Costs, measure: Callable[[list], dict], *, bits: flo
         alloc = _allocation_of(cands[label], costs, fitted, bits, B)
     return Checked(allocation=replace(alloc, target_bits=None if bits is None else float(bits)),
                    label=label, measured=measured,
-                   candidates={lab: list(b) for lab, b in bits_of.items()})
+                   candidates={lab: list(b) for lab, b in bits_of.items()},
+                   windows=getattr(measure, "windows", None))
 
 
 def _allocation_of(q, costs: Costs, fitted, bits, B: int) -> Allocation:
@@ -140,6 +149,7 @@ def measurer(loaded, switch, windows, micro_batch: int, cancel=None) -> Callable
     from core.switching import PrefixEvaluator
 
     evaluator = PrefixEvaluator(loaded, windows, micro_batch)
+    measure_windows = windows.shape[0]
     top = max(switch.levels)
 
     def measure(wanted: list) -> dict:
@@ -153,13 +163,15 @@ def measurer(loaded, switch, windows, micro_batch: int, cancel=None) -> Callable
                 nll[b] = evaluator.evaluate(0 if first is None else first)
         return {b: nll[b] - nll[high] for b in wanted}
 
+    measure.windows = measure_windows
     return measure
 
 
 def describe(checked: Checked) -> str:
     m = checked.measured
     best_other = min((v for lab, v in m.items() if lab != checked.label), default=math.nan)
+    on = f"{checked.windows} calibration windows" if checked.windows else "the calibration windows"
     return (f"IMPQ-fit, checked: {len(set(map(tuple, checked.candidates.values())))} candidates "
-            f"measured on the calibration windows; kept {checked.label} ({m[checked.label]:+.4f} nats "
+            f"measured on {on}; kept {checked.label} ({m[checked.label]:+.4f} nats "
             f"over all-high; IMPQ-fit's own {m['fit']:+.4f}, next best {best_other:+.4f})")
 

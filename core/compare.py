@@ -28,7 +28,7 @@ import torch
 
 from core import baselines, events
 from core.backends import backend_for
-from core.checked import Checked, choose, measurer
+from core.checked import CHECK_WINDOWS, Checked, choose, measurer
 from core.checked import describe as describe_checked
 from core.data import describe, eval_tokens, load_text, token_windows
 from core.errors import InvalidField, UserError
@@ -123,7 +123,7 @@ def compare(run: RunDir, bits_list=DEFAULT_BITS, *, eval_text: str | None = None
     allocations = _allocations(qmodel, scores, costs, bits_list, D=D, perms=run.P(), alpha=alpha,
                                fitted=fitted, cancel=cancel, callback=callback)
     if fitted is not None:
-        measure = measurer(loaded, real, calib, micro, cancel)
+        measure = measurer(loaded, real, check_windows(loaded, config), micro, cancel)
         for k, b in enumerate(bits_list):
             callback(events.Step(k, len(bits_list), "IMPQ-fit, checked: measuring candidates"))
             checked = choose(D, run.P(), costs, measure, bits=b, alpha=alpha,
@@ -208,8 +208,8 @@ def checked_allocation(run, *, bits: float | None = None, budget: int | None = N
                        levels=[config.levels] * len(loaded.layers),
                        on_layer=lambda i, L: events.check_cancel(cancel))
     phase("measuring candidates", "measuring the candidates on the calibration windows")
-    measure = measurer(loaded, real, calibration_windows(loaded, config),
-                       max(1, config.micro_batch), cancel)
+    measure = measurer(loaded, real, check_windows(loaded, config), max(1, config.micro_batch),
+                       cancel)
     checked = choose(D, run.P(), run.costs(), measure, bits=bits, budget=budget, alpha=alpha,
                      paired=config.antithetic)
     phase.done()
@@ -241,6 +241,19 @@ def calibration_windows(loaded: LoadedModel, config) -> torch.Tensor:
     """The run's calibration windows, reproduced from its config."""
     return token_windows(load_text(config.calib_text, "calibration"), loaded.tokenizer,
                          config.windows, config.window_tokens, config.seed)
+
+
+def check_windows(loaded: LoadedModel, config) -> torch.Tensor:
+    """The windows IMPQ-fit, checked judges its candidates on: the run's calibration text
+    and seed, at least CHECK_WINDOWS windows of the run's length (the run's own number
+    where larger; the run's own windows where the text holds fewer)."""
+    n = max(config.windows, CHECK_WINDOWS)
+    if n > config.windows:
+        try:
+            return calibration_windows(loaded, replace(config, windows=n))
+        except UserError:
+            pass
+    return calibration_windows(loaded, config)
 
 
 def _check_bits(bits_list, levels=(LOW_BITS, HIGH_BITS)) -> list[float]:

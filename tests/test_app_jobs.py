@@ -66,7 +66,8 @@ async def hit(pilot, key: str) -> None:
 
 
 COMPARE_PHASES = ["loading the model", "quantizing layers", "baseline scores",
-                  "solving allocations", "evaluating allocations"]
+                  "solving allocations", "IMPQ-fit, checked: measuring candidates",
+                  "evaluating allocations"]
 
 
 def in_order(seen: list[str], phases: list[str]) -> bool:

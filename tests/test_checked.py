@@ -92,10 +92,11 @@ def tiny_run(tiny_model_dir, tmp_path_factory):
 
 
 def test_checked_measures_what_an_independent_evaluation_measures(tiny_run):
-    """`allocate(method="impq-checked")` loads the model and measures the candidates: each
-    measured loss is the calibration loss of a model with that allocation's real modules,
-    computed here afresh, minus all-4-bit's; the kept one has the least."""
-    from core.compare import _load, calibration_windows, checked_allocation
+    """checked_allocation loads the model and measures the candidates: each measured loss is
+    the calibration loss of a model with that allocation's real modules on 16 windows of the
+    run's calibration text (the run has 4), computed here afresh, minus all-4-bit's; the
+    kept one has the least."""
+    from core.compare import _load, check_windows, checked_allocation
     from core.switching import LayerSwitch, nll
 
     checked = checked_allocation(tiny_run, bits=3.0, device="cpu")
@@ -104,7 +105,8 @@ def test_checked_measures_what_an_independent_evaluation_measures(tiny_run):
     config = tiny_run.config
     loaded, backend, _ = _load(tiny_run, "cpu", None, None, None, None, lambda *a, **k: None)
     real = LayerSwitch(loaded, backend, real=True, levels=[config.levels] * len(loaded.layers))
-    windows = calibration_windows(loaded, config)
+    windows = check_windows(loaded, config)
+    assert config.windows == 4 and windows.shape == (16, 32) and checked.windows == 16
     real.apply([4] * len(loaded.layers))
     high = nll(loaded, windows, config.micro_batch)
     for label in ("fit", checked.label, "impq"):

@@ -104,8 +104,9 @@ def add_method_arguments(p: argparse.ArgumentParser) -> None:
     group.add_argument("--checked", dest="method", action="store_const", const="impq-checked",
                        help="IMPQ-fit, checked, our extension: about 20 candidate allocations (IMPQ, "
                             "IMPQ-local, IMPQ-fit and its next best, fits on each half of the walks, "
-                            "the best visited states and their neighbours) measured on the run's "
-                            "calibration windows, the least loss kept; loads the model (README, Quality)")
+                            "the best visited states and their neighbours) measured on at least 16 windows "
+                            "of the run's calibration text, the least loss kept; loads the model "
+                            "(README, Quality)")
     p.set_defaults(method="impq")
 
 
