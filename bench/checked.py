@@ -88,7 +88,7 @@ def pool(run: RunDir, b: float) -> dict:
     D, P, costs = run.D(), run.P(), run.costs()
     if len(costs.levels) != 2:
         raise SystemExit(f"{run.path}: two levels only")
-    cands, fitted = candidates_of(D, P, costs, bits=b, paired=run.config.antithetic)
+    cands, fitted, _ = candidates_of(D, P, costs, bits=b, paired=run.config.antithetic)
     X, y, _ = visited_states(D, P)
     walk = {tuple(int(v) for v in x): float(loss) for x, loss in zip(X, y)}
     out = {}

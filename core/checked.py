@@ -78,8 +78,10 @@ def _neighbours(costs: Costs, q: np.ndarray):
 
 
 def candidates(D, perms, costs: Costs, *, bits: float | None = None, budget: int | None = None,
-               alpha: float = 0.5, paired: bool = False, fitted=None) -> tuple[dict, object]:
-    """{label: drop vector q} of a budget (module doc), and IMPQ-fit's model."""
+               alpha: float = 0.5, paired: bool = False,
+               fitted=None) -> tuple[dict, object, Allocation]:
+    """{label: drop vector q} of a budget (module doc), IMPQ-fit's model and its own
+    allocation (the "fit" candidate)."""
     D, perms = np.asarray(D), np.asarray(perms)
     M = len(D)
     B = resolve_budget(costs, bits, budget)
@@ -87,8 +89,9 @@ def candidates(D, perms, costs: Costs, *, bits: float | None = None, budget: int
     out: dict[str, tuple[int, ...]] = {}
     out["impq"] = solve_impq(D, costs, budget=B, model=quadratic_model(D, alpha=alpha, paired=paired)).q
     out["local"] = solve_local(D, perms, costs, budget=B, alpha=alpha).q
-    cut = [solve_fit(fitted, costs, budget=B).q]
-    out["fit"] = cut[0]
+    own = solve_fit(fitted, costs, budget=B)
+    cut = [own.q]
+    out["fit"] = own.q
     for k in range(1, NEXT + 1):
         cut.append(solve_fit(fitted, costs, budget=B, exclude=cut).q)
         out[f"fit-next{k}"] = cut[-1]
@@ -109,7 +112,7 @@ def candidates(D, perms, costs: Costs, *, bits: float | None = None, budget: int
             out[f"swap{k}"] = tuple(int(v) for v in near[int(np.argmin(predicted))])
         if k == VISITED:
             break
-    return {label: tuple(int(v) for v in q) for label, q in out.items()}, fitted
+    return {label: tuple(int(v) for v in q) for label, q in out.items()}, fitted, own
 
 
 def choose(D, perms, costs: Costs, measure: Callable[[list], dict], *, bits: float | None = None,
@@ -117,16 +120,14 @@ def choose(D, perms, costs: Costs, measure: Callable[[list], dict], *, bits: flo
            fitted=None) -> Checked:
     """The candidate with the least measured loss. `measure` takes a list of bits-per-layer
     tuples and returns {bits: v(S) - v({})} on the calibration windows (measurer)."""
-    cands, fitted = candidates(D, perms, costs, bits=bits, budget=budget, alpha=alpha,
-                               paired=paired, fitted=fitted)
+    cands, fitted, own = candidates(D, perms, costs, bits=bits, budget=budget, alpha=alpha,
+                                    paired=paired, fitted=fitted)
     bits_of = {label: costs.bits_of(q) for label, q in cands.items()}
     losses = measure(sorted(set(bits_of.values())))
     measured = {label: float(losses[b]) for label, b in bits_of.items()}
     label = min(measured, key=lambda lab: (measured[lab], list(cands).index(lab)))
-    B = resolve_budget(costs, bits, budget)
-    alloc = solve_fit(fitted, costs, budget=B)       # the fit's own optimum: model and bookkeeping
-    if label != "fit":
-        alloc = _allocation_of(cands[label], costs, fitted, bits, B)
+    alloc = own if label == "fit" else _allocation_of(cands[label], costs, fitted, bits,
+                                                      own.budget_bytes)
     return Checked(allocation=replace(alloc, target_bits=None if bits is None else float(bits)),
                    label=label, measured=measured,
                    candidates={lab: list(b) for lab, b in bits_of.items()},

@@ -192,10 +192,7 @@ def checked_allocation(run, *, bits: float | None = None, budget: int | None = N
     callback = callback or events.ignore
     config = run.config
     D = run.D()
-    if len(D) < 2:
-        raise UserError(f"IMPQ-fit, checked needs at least 2 SPQE samples (IMPQ-fit's regularization "
-                        f"is chosen on held-out walks); run {run.path} has {len(D)}. Resume it "
-                        f"(`resume`) to take samples.")
+    fitted = fit_states(D, run.P())       # before loading: refuses a run of fewer than 2 samples
 
     def log(message: str, level: str = "info") -> None:
         callback(events.Log(message, level))
@@ -211,7 +208,7 @@ def checked_allocation(run, *, bits: float | None = None, budget: int | None = N
     measure = measurer(loaded, real, check_windows(loaded, config), max(1, config.micro_batch),
                        cancel)
     checked = choose(D, run.P(), run.costs(), measure, bits=bits, budget=budget, alpha=alpha,
-                     paired=config.antithetic)
+                     paired=config.antithetic, fitted=fitted)
     phase.done()
     log(describe_checked(checked))
     return checked

@@ -17,7 +17,7 @@ from core.errors import UserError
 from core.fit import fit_states
 from core.interactions import quadratic_model
 from core.models import pick_device
-from core.results import CLI_METHODS, IMPQ, IMPQ_CHECKED, IMPQ_FIT, IMPQ_LOCAL, RUN_METHODS  # noqa: F401
+from core.results import IMPQ, IMPQ_CHECKED, IMPQ_FIT, IMPQ_LOCAL, RUN_METHODS  # noqa: F401
 from core.runs import RunDir
 from core.solver import (  # noqa: F401  (solve_fit and solve_local are used from here too)
     FRONTIER_GRID,
@@ -28,7 +28,6 @@ from core.solver import (  # noqa: F401  (solve_fit and solve_local are used fro
     solve_local,
 )
 from core.switching import LayerSwitch, perplexity
-
 
 
 def allocate(run: RunDir, *, bits: float | None = None, budget: int | None = None,

@@ -266,7 +266,8 @@ class _Programs:
             return None
         return min(self.seconds, key=lambda k: sum(self.seconds[k]) / len(self.seconds[k]))
 
-    def copy(self, form: int, costs: Costs, B: int, maximal: bool = False) -> tuple[scip.Model, list]:
+    def copy(self, form: int, costs: Costs, B: int, maximal: bool = False,
+             exclude=()) -> tuple[scip.Model, list]:
         if form not in self.built:
             self.built[form] = self.forms[form]()[0]
         model = scip.Model(sourceModel=self.built[form], origcopy=True)
@@ -275,6 +276,10 @@ class _Programs:
         _add_budget(model, q, costs, B)
         if maximal:
             _add_maximal(model, q, costs, B)
+        for other in exclude:        # each excluded q cut off: at least one drop differs
+            if len(other) != len(q):
+                raise ValueError(f"an excluded allocation has {len(other)} drops, the program {len(q)}")
+            model.addCons(scip.quicksum(1 - x if v else x for x, v in zip(q, other)) >= 1)
         return model, q
 
 
@@ -301,7 +306,7 @@ def _solve_program(a, K, costs: Costs, B: int, factor,
             form, trial = programs.pick()
             if form is not None:
                 try:
-                    model, q = _excluding(*programs.copy(form, costs, B, maximal), exclude)
+                    model, q = programs.copy(form, costs, B, maximal, exclude)
                 except BaseException:
                     if trial is not None:   # the trial could not start: the first form it is
                         programs.seconds[form].append(math.inf)
@@ -323,8 +328,7 @@ def _solve_program(a, K, costs: Costs, B: int, factor,
     with _programs_lock:
         if trial is not None and status != "optimal":   # too slow on trial: never again
             programs.seconds[form].append(math.inf)
-            form, model, q = None, *_excluding(*programs.copy(programs.first, costs, B, maximal),
-                                               exclude)
+            form, model, q = None, *programs.copy(programs.first, costs, B, maximal, exclude)
         else:
             programs.seconds[form].append(seconds)
         if programs.faster() is not None:
@@ -335,15 +339,6 @@ def _solve_program(a, K, costs: Costs, B: int, factor,
         q_val, status = _optimize(model, q, costs, B, None if time_limit is None else
                                   max(time_limit - seconds, 0.0))
     return q_val, status
-
-
-def _excluding(model: scip.Model, q: list, exclude) -> tuple[scip.Model, list]:
-    """Each q in `exclude` cut off: at least one drop differs from it."""
-    for other in exclude:
-        if len(other) != len(q):
-            raise ValueError(f"an excluded allocation has {len(other)} drops, the program {len(q)}")
-        model.addCons(scip.quicksum(1 - x if v else x for x, v in zip(q, other)) >= 1)
-    return model, q
 
 
 def _with_size(model: scip.Model, q: list, f: np.ndarray) -> tuple[scip.Model, list]:

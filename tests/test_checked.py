@@ -57,7 +57,7 @@ def test_the_candidate_with_the_least_measured_loss_is_kept():
     beaten = 0
     for bits in (2.4, 2.7, 3.0, 3.3, 3.6):
         B = budget_bytes(costs, bits)
-        cands, fitted = candidates(D, perms, costs, bits=bits)
+        cands, fitted, _ = candidates(D, perms, costs, bits=bits)
         assert {"impq", "local", "fit", "fit-next1", "fit-h1", "fit-h2", "visited1", "swap1"} <= set(cands)
         assert all(spends(costs, q, B) for q in cands.values())
         checked = choose(D, perms, costs, measure, bits=bits)
@@ -77,7 +77,7 @@ def test_visited_states_are_candidates_with_their_walk_losses():
     _, _, v = quadratic_game(L, seed=2)
     D, perms = walks(v, L, M=10, seed=3)
     costs = Costs(m_lo=[10] * L, m_hi=[30] * L, params=[80] * L)
-    cands, _ = candidates(D, perms, costs, bits=3.0)
+    cands, _, _ = candidates(D, perms, costs, bits=3.0)
     visited = [cands[f"visited{k}"] for k in range(1, 6) if f"visited{k}" in cands]
     losses = [v(np.array(q, dtype=float)) for q in visited]
     assert visited and all(sum(q) == 3 for q in visited)

@@ -58,9 +58,9 @@ def command(args) -> int:
     from rich.console import Console
 
     from core import events
-    from impq_tui.cli.solve import allocate_by
     from core.export import export_model
     from core.runs import RunDir
+    from impq_tui.cli.solve import allocate_by
     from impq_tui.report import export_summary, log_line
 
     req = request(args)
