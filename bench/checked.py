@@ -24,6 +24,10 @@ ships, which this script first wrote and measured in this form):
               allocations, every distinct allocation's mean NLL on the calibration
               windows and on both halves of the evaluation text; one JSON per run
               (written as each run finishes)
+  descent     on the GPU: IMPQ-fit, checked as shipped (core.checked.choose, its measured
+              descent included, on the shipped judge windows) per run and budget; the
+              candidates' choice, the descent's, IMPQ-fit's and the baselines' allocations
+              on the evaluation text with their ratios; one JSON per run
   report      per run and budget: each single method's perplexity over the best
               baseline's, and that of the candidate with the lowest calibration loss
               within each sub-pool; whether the walks' losses are the measured ones
@@ -37,9 +41,12 @@ ships, which this script first wrote and measured in this form):
     python bench/checked.py report bench/results/checked_candidates.json --key judge \
         bench/results/checked-h200/{judge16/*,quality*,smol-h100*}.json --out bench/results/checked_judge16.json
 
+    python bench/checked.py descent --device cuda --out bench/results/checked-h200/descent
+
 (bench/results/checked-h200/: the 8 runs' measurements on one H200, 2 calls of `measure
 --only`; compare/: the shipped `compare` with its IMPQ-fit, checked rows on the GPTQ and
-GGUF runs.)
+GGUF runs; descent/: `descent` in three calls, and compare/ within it the shipped `compare`
+with the descent.)
 """
 from __future__ import annotations
 
@@ -56,6 +63,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+
+from eval_allocations import key  # noqa: E402
 
 from core.checked import candidates as candidates_of  # noqa: E402
 from core.fit import visited_states  # noqa: E402
@@ -112,14 +121,66 @@ def candidates(args) -> int:
     return 0
 
 
+def _open(rd: str, device: str, log) -> dict:
+    """A run loaded as compare loads it: the real modules of both levels, the baselines'
+    scores on its calibration windows, its costs and the evaluation tokens."""
+    from core.compare import _baseline_scores, _costs, _load, calibration_windows
+    from core.data import eval_tokens
+    from core.switching import LayerSwitch
+
+    run = RunDir.open(str(ROOT / rd))
+    config = run.config
+    loaded, backend, settings = _load(run, device, None, None, None, None, log)
+    micro = max(1, config.micro_batch)
+    calib = calibration_windows(loaded, config)
+    tokens = eval_tokens(loaded.tokenizer, settings, config.calib_text, log)
+    L = len(loaded.layers)
+    real = LayerSwitch(loaded, backend, real=True, keep_original=True, levels=[config.levels] * L)
+    real.restore_original()
+    scores = _baseline_scores(loaded, calib, real, backend, micro)
+    costs, _ = _costs(run, real, backend, config, log)
+    return dict(run=run, config=config, loaded=loaded, micro=micro, calib=calib, tokens=tokens,
+                real=real, scores=scores, costs=costs, L=L,
+                qmodel=quadratic_model(run.D(), alpha=0.5, paired=config.antithetic))
+
+
+def _baselines(o: dict, b: float) -> dict:
+    from core import baselines
+
+    return {"baseline:" + m: key(baselines.allocation(o["scores"][m], o["costs"], float(b),
+                                                      a=o["qmodel"].a, K=o["qmodel"].K).bits_per_layer)
+            for m in BASELINES}
+
+
+def _evaluate(o: dict, wanted: set, extra: dict | None = None) -> tuple[dict, dict]:
+    """{key: {eval_a, eval_b, calib, eval, ...}} of every allocation in `wanted` (and
+    all-low, all-high), on both halves of the evaluation text, the calibration windows and
+    any `extra` windows."""
+    from core.switching import PrefixEvaluator
+    from eval_allocations import evaluate_all
+
+    loaded, micro, tokens = o["loaded"], o["micro"], o["tokens"]
+    lo, hi = min(o["config"].levels), max(o["config"].levels)
+    wanted = set(wanted) | {tuple([lo] * o["L"]), tuple([hi] * o["L"])}
+    half = tokens.shape[0] // 2
+    evaluators = {"eval_a": PrefixEvaluator(loaded, tokens[:half], micro),
+                  "eval_b": PrefixEvaluator(loaded, tokens[half:], micro),
+                  "calib": PrefixEvaluator(loaded, o["calib"], micro)}
+    for name, windows in (extra or {}).items():
+        evaluators[name] = PrefixEvaluator(loaded, windows, micro)
+    rows = {}
+    na, nb = evaluators["eval_a"].predicted, evaluators["eval_b"].predicted
+    for bits, row in evaluate_all(o["real"], evaluators, wanted).items():
+        row["eval"] = (row["eval_a"] * na + row["eval_b"] * nb) / (na + nb)
+        rows[key(bits)] = row
+    return rows, {n: int(ev.predicted) for n, ev in evaluators.items()}
+
+
 def measure(args) -> int:
     import torch
 
-    from core import baselines
-    from core.compare import _baseline_scores, _costs, _load, calibration_windows
-    from core.data import eval_tokens
-    from core.switching import LayerSwitch, PrefixEvaluator
-    from eval_allocations import device_name, evaluate_all, key
+    from core.compare import calibration_windows
+    from eval_allocations import device_name
 
     spec = json.loads(Path(args.candidates).read_text())
     out_dir = Path(args.out)
@@ -129,49 +190,82 @@ def measure(args) -> int:
         if args.only and rd not in args.only:
             continue
         t0 = time.perf_counter()
-        run = RunDir.open(str(ROOT / rd))
-        config = run.config
-        loaded, backend, settings = _load(run, args.device, None, None, None, None, log)
-        micro = max(1, config.micro_batch)
-        calib = calibration_windows(loaded, config)
-        judge = calib if not args.windows else calibration_windows(
-            loaded, dataclasses.replace(config, windows=args.windows))
-        tokens = eval_tokens(loaded.tokenizer, settings, config.calib_text, log)
-        L = len(loaded.layers)
-        real = LayerSwitch(loaded, backend, real=True, keep_original=True, levels=[config.levels] * L)
-        real.restore_original()
-        scores = _baseline_scores(loaded, calib, real, backend, micro)
-        costs, _ = _costs(run, real, backend, config, log)
-        qmodel = quadratic_model(run.D(), alpha=0.5, paired=config.antithetic)
+        o = _open(rd, args.device, log)
         labels = {}
         for b, cands in groups.items():
-            labels[b] = {lab: key(c["bits"]) for lab, c in cands.items()}
-            for m in BASELINES:
-                alloc = baselines.allocation(scores[m], costs, float(b), a=qmodel.a, K=qmodel.K)
-                labels[b]["baseline:" + m] = key(alloc.bits_per_layer)
-        lo, hi = min(config.levels), max(config.levels)
+            labels[b] = {lab: key(c["bits"]) for lab, c in cands.items()} | _baselines(o, b)
         wanted = {tuple(int(c) for c in bits) for g in labels.values() for bits in g.values()}
-        wanted |= {tuple([lo] * L), tuple([hi] * L)}
-        half = tokens.shape[0] // 2
-        evaluators = {"eval_a": PrefixEvaluator(loaded, tokens[:half], micro),
-                      "eval_b": PrefixEvaluator(loaded, tokens[half:], micro),
-                      "calib": PrefixEvaluator(loaded, calib, micro)}
+        extra = {}
         if args.windows:       # the candidates judged on other calibration windows too
-            evaluators["judge"] = PrefixEvaluator(loaded, judge, micro)
+            extra["judge"] = calibration_windows(o["loaded"], dataclasses.replace(o["config"], windows=args.windows))
         t = time.perf_counter()
-        rows = {}
-        na, nb = evaluators["eval_a"].predicted, evaluators["eval_b"].predicted
-        for bits, row in evaluate_all(real, evaluators, wanted).items():
-            row["eval"] = (row["eval_a"] * na + row["eval_b"] * nb) / (na + nb)
-            rows[key(bits)] = row
-        log(f"{rd}: {len(wanted)} allocations in {time.perf_counter() - t:.1f}s")
+        rows, tokens = _evaluate(o, wanted, extra)
+        log(f"{rd}: {len(rows)} allocations in {time.perf_counter() - t:.1f}s")
+        lo, hi = min(o["config"].levels), max(o["config"].levels)
         result = {"run": rd, "device": device_name(), "torch": torch.__version__,
-                  "allocations": rows, "labels": labels, "all_low": key([lo] * L),
-                  "all_high": key([hi] * L), "seconds": round(time.perf_counter() - t0, 1),
-                  "tokens": {n: int(ev.predicted) for n, ev in evaluators.items()}}
+                  "allocations": rows, "labels": labels, "all_low": key([lo] * o["L"]),
+                  "all_high": key([hi] * o["L"]), "seconds": round(time.perf_counter() - t0, 1),
+                  "tokens": tokens}
         name = rd.replace("bench/results/", "").replace("/", "_") + ".json"
         write_atomic(out_dir / name, json.dumps(result, indent=0) + "\n")
-        del real, loaded
+        del o
+        torch.cuda.empty_cache()
+    return 0
+
+
+def descent(args) -> int:
+    """IMPQ-fit, checked as shipped (core.checked.choose with its descent, on the shipped
+    judge windows), per run and budget: the candidates' choice and the descent's, each
+    evaluated on the evaluation text with the baselines' allocations (their ratios)."""
+    import torch
+
+    from core.checked import choose, measurer
+    from core.compare import check_windows
+    from eval_allocations import device_name
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = lambda msg, level="info": print(msg, flush=True)   # noqa: E731
+    for rd in args.runs:
+        t0 = time.perf_counter()
+        o = _open(rd, args.device, log)
+        run, config = o["run"], o["config"]
+        judge = check_windows(o["loaded"], config)
+        measure = measurer(o["loaded"], o["real"], judge, o["micro"])
+        evaluations = [0]
+
+        def counted(wanted, measure=measure):
+            evaluations[0] += len(wanted)
+            return measure(wanted)
+
+        budgets, wanted = {}, set()
+        for b in args.bits:
+            t = time.perf_counter()
+            evaluations[0] = 0
+            ch = choose(run.D(), run.P(), run.costs(), counted, bits=b, paired=config.antithetic)
+            first = min((lab for lab in ch.measured if not lab.startswith("step")),
+                        key=lambda lab: (ch.measured[lab], list(ch.measured).index(lab)))
+            labels = {"candidates": key(ch.candidates[first]), "descent": key(ch.candidates[ch.label]),
+                      "fit": key(ch.candidates["fit"])} | _baselines(o, b)
+            budgets[str(b)] = {"labels": labels, "kept": ch.label, "first": first,
+                               "measured": {lab: [key(ch.candidates[lab]), v] for lab, v in ch.measured.items()},
+                               "evaluations": evaluations[0], "seconds": round(time.perf_counter() - t, 2)}
+            wanted |= {tuple(int(c) for c in v) for v in labels.values()}
+            log(f"{rd} {b}: {first} {ch.measured[first]:+.4f} -> {ch.label} {ch.measured[ch.label]:+.4f} "
+                f"({evaluations[0]} evaluations)")
+        rows, tokens = _evaluate(o, wanted, {"judge": judge})
+        for b, row in budgets.items():
+            ev = {lab: rows[k]["eval"] for lab, k in row["labels"].items()}
+            best = min(v for lab, v in ev.items() if lab.startswith("baseline:"))
+            row["ratio"] = {lab: math.exp(ev[lab] - best) for lab in ("fit", "candidates", "descent")}
+            log(f"{rd} {b}: " + " ".join(f"{k} {v:.3f}" for k, v in row["ratio"].items()))
+        lo, hi = min(config.levels), max(config.levels)
+        result = {"run": rd, "device": device_name(), "torch": torch.__version__, "budgets": budgets,
+                  "allocations": rows, "all_high": key([hi] * o["L"]), "all_low": key([lo] * o["L"]),
+                  "tokens": tokens, "seconds": round(time.perf_counter() - t0, 1)}
+        name = rd.replace("bench/results/", "").replace("/", "_") + ".json"
+        write_atomic(out_dir / name, json.dumps(result, indent=0) + "\n")
+        del o, measure
         torch.cuda.empty_cache()
     return 0
 
@@ -246,6 +340,11 @@ def main() -> int:
     m.add_argument("--windows", type=int, help="also measure each allocation on this many "
                    "calibration windows of the run's text and seed (key 'judge')")
     m.add_argument("--out", required=True)
+    d = sub.add_parser("descent")
+    d.add_argument("--runs", nargs="+", default=list(RUNS))
+    d.add_argument("--bits", nargs="+", type=float, default=list(BUDGETS))
+    d.add_argument("--device", default="cuda")
+    d.add_argument("--out", required=True)
     r = sub.add_parser("report")
     r.add_argument("candidates")
     r.add_argument("results", nargs="+")
@@ -253,7 +352,8 @@ def main() -> int:
                    "run's windows) or judge (measure --windows; runs without it: calib)")
     r.add_argument("--out")
     args = p.parse_args()
-    return {"candidates": candidates, "measure": measure, "report": report}[args.cmd](args)
+    return {"candidates": candidates, "measure": measure, "descent": descent,
+            "report": report}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def test_the_candidate_with_the_least_measured_loss_is_kept():
         cands, fitted, _ = candidates(D, perms, costs, bits=bits)
         assert {"impq", "local", "fit", "fit-next1", "fit-h1", "fit-h2", "visited1", "swap1"} <= set(cands)
         assert all(spends(costs, q, B) for q in cands.values())
-        checked = choose(D, perms, costs, measure, bits=bits)
+        checked = choose(D, perms, costs, measure, bits=bits, descent=False)
         assert len(calls[-1]) == len(set(calls[-1]))                 # each measured once
         truth = {lab: v(np.array(q, dtype=float)) for lab, q in cands.items()}
         assert checked.measured == pytest.approx(truth)
@@ -69,6 +69,51 @@ def test_the_candidate_with_the_least_measured_loss_is_kept():
         assert checked.allocation.bytes <= B
         beaten += truth[checked.label] < truth["fit"] - 1e-9
     assert beaten >= 1
+
+
+def test_the_descent_takes_measured_steps_to_a_lower_loss():
+    """From the least candidate, the descent measures the fit's best one-swap neighbours
+    that spend the budget, not measured before, and moves while one measures lower: its
+    allocation is never worse than the candidates' choice, every step is one swap from
+    where it stood, and it beats the candidates' choice on this game somewhere."""
+    from core.checked import DESCENT_NEIGHBOURS, DESCENT_STEPS
+
+    L = 10
+    u, W, quad = quadratic_game(L, seed=28)
+    v = lambda x: (quad(x) + 2.0 * x[0] * x[5] * x[9] - 1.5 * x[1] * x[2] * x[3]   # noqa: E731
+                   + 1.0 * x[4] * x[6] * x[7])
+    D, perms = walks(v, L, M=8, seed=29)
+    costs = Costs(m_lo=[10] * L, m_hi=[30] * L, params=[80] * L)
+    truth = lambda b: v(np.array([x == 2 for x in b], dtype=float))   # noqa: E731
+    seen = []
+
+    def measure(wanted):
+        seen.extend(wanted)
+        return {b: truth(b) for b in wanted}
+
+    improved = 0
+    for bits in (2.6, 3.0, 3.4):
+        B = budget_bytes(costs, bits)
+        first = choose(D, perms, costs, measure, bits=bits, descent=False)
+        seen.clear()
+        checked = choose(D, perms, costs, measure, bits=bits)
+        assert len(seen) == len(set(seen))                          # nothing measured twice
+        assert checked.measured == pytest.approx({lab: truth(b) for lab, b in checked.candidates.items()})
+        assert checked.measured[checked.label] == min(checked.measured.values())
+        assert checked.allocation.bits_per_layer == tuple(checked.candidates[checked.label])
+        assert checked.allocation.bytes <= B
+        steps = sorted({lab.split(".")[0] for lab in checked.measured if lab.startswith("step")})
+        assert len(steps) <= DESCENT_STEPS
+        at = np.array(checked.candidates[first.label])
+        for step in steps:
+            mine = [lab for lab in checked.measured if lab.startswith(step + ".")]
+            assert 1 <= len(mine) <= DESCENT_NEIGHBOURS
+            for lab in mine:                                        # one swap from where it stood
+                b = np.array(checked.candidates[lab])
+                assert (b != at).sum() == 2 and b.sum() == at.sum()
+            at = np.array(checked.candidates[min(mine, key=checked.measured.get)])
+        improved += checked.measured[checked.label] < first.measured[first.label] - 1e-9
+    assert improved >= 1
 
 
 def test_visited_states_are_candidates_with_their_walk_losses():
