@@ -377,3 +377,73 @@ def test_the_elapsed_clock_runs_between_reports():
     assert "elapsed 0:01:01" in rates_line(progress, "running")
     line = rates_line(progress, "running", age_s=2.0)
     assert "elapsed 0:01:03" in line and "ETA 0:00:28" in line
+
+
+# ------------------------------------------------------------------ IMPQ-fit, checked on the export screen
+
+@pilot_test
+async def test_the_export_screen_measures_impq_fit_checked_once(run_copy, tmp_path, monkeypatch):
+    """Ticked, IMPQ-fit, checked's candidates are measured with the model loaded before the
+    evaluation (the allocation `solve --checked` gives), said in the log and the title;
+    the export that follows writes that allocation without measuring again, in a folder of
+    its own (-checked; the run's exports/ folder made for it)."""
+    from core.compare import checked_allocation
+    from core.results import IMPQ_CHECKED
+
+    steps = recorded_steps(monkeypatch)
+    expected = checked_allocation(RunDir.open(run_copy), bits=2.5, device="cpu").allocation
+    app = ImpqApp(str(run_copy), bits=2.5, cursor_blink=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await dashboard_settled(pilot)
+        await pilot.press("e")
+        screen = app.screen
+        assert "IMPQ-fit, checked" not in text_of(screen.query_one("#export-title"))
+        screen.query_one("#export-checked").value = True
+        await pilot.pause(0.05)
+        assert "IMPQ-fit, checked (our extension)" in text_of(screen.query_one("#export-title"))
+        out = screen.query_one("#export-out").value
+        assert out.endswith("quanto-2.50-checked")
+        await hit(pilot, "f6")
+        await until(pilot, lambda: not screen.busy, "the evaluation")
+        assert screen.checked is not None
+        assert screen.checked.allocation.bits_per_layer == expected.bits_per_layer
+        title = text_of(screen.query_one("#export-title"))
+        assert "measured first" not in title and "bits/weight" in title
+        saved = json.loads((run_copy / "evals/bits-2.50-checked-quanto.json").read_text())
+        assert saved["method"] == IMPQ_CHECKED
+        assert saved["allocation"]["bits_per_layer"] == list(expected.bits_per_layer)
+        measured = [s for s in steps if s.what == "measuring candidates"]
+        assert measured
+        await hit(pilot, "f5")
+        assert screen.busy, getattr(app.screen, "message", None)
+        await until(pilot, lambda: not screen.busy, "the export")
+        log = "\n".join(str(line.text) for line in screen.query_one("#export-log").lines)
+        assert log.count("allocations measured on 16 calibration windows") == 1   # once, for both jobs
+        assert [s for s in steps if s.what == "measuring candidates"] == measured
+        assert "exported to" in text_of(screen.query_one("#export-result"))
+    written = json.loads((Path(out) / "allocation.json").read_text())
+    assert written["bits_per_layer"] == list(expected.bits_per_layer)
+    assert written["method"] == IMPQ_CHECKED
+    assert "IMPQ-fit, checked, an extension" in (Path(out) / "README.md").read_text().replace("\n", " ")
+
+
+@pilot_test
+async def test_esc_stops_impq_fit_checked_while_it_measures(run_copy, monkeypatch):
+    """Esc while the candidates are measured stops within a second; nothing is kept."""
+    steps = recorded_steps(monkeypatch)
+    app = ImpqApp(str(run_copy), bits=2.5, cursor_blink=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await dashboard_settled(pilot)
+        await pilot.press("e")
+        screen = app.screen
+        screen.query_one("#export-checked").value = True
+        await hit(pilot, "f6")
+        await until(pilot, lambda: any(s.what == "measuring candidates" for s in steps),
+                    "the measuring")
+        stopped = time.monotonic()
+        await hit(pilot, "escape")
+        await until(pilot, lambda: not screen.busy, "the measuring to stop")
+        assert time.monotonic() - stopped < STOP_S
+        assert "evaluation stopped" in text_of(screen.query_one("#export-result"))
+        assert screen.checked is None
+    assert not (run_copy / "evals").exists()

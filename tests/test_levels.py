@@ -209,6 +209,10 @@ def test_run_solve_export_at_three_levels(tiny_model_dir, tmp_path):
     assert record["bits_per_layer"] == alloc["bits_per_layer"]
     assert record["run"]["levels"] == list(LEVELS)
     assert record["run_bytes"] == alloc["bytes"]
+    card = (out / "README.md").read_text()
+    top = sum(b == max(LEVELS) for b in alloc["bits_per_layer"])
+    assert f"mixed {'/'.join(map(str, LEVELS))}-bit" in card       # the run's levels, not 2/4
+    assert f"{top} of {L} layers at {max(LEVELS)} bits" in card
 
     proc = cli("run", "--resume", run_dir, "--samples", "4", "--quiet")
     assert proc.returncode == 0, proc.stderr

@@ -28,19 +28,36 @@ def per_layer_table(label: str, values) -> list[str]:
             f"| {label} | " + " | ".join(str(v) for v in values) + " |"]
 
 
+# How each allocation model chose the layers' precisions, as the card says it
+METHOD_WORDS = {
+    "impq": "IMPQ as the paper specifies it: Shapley estimates of how the layers' quantization "
+            "errors interact, solved for a memory budget",
+    "impq-local": "IMPQ-local, an extension of the paper's method: the layers' interactions "
+                  "estimated near the budget, solved for it",
+    "impq-fit": "IMPQ-fit, an extension of the paper's method: a quadratic model fitted to the "
+                "losses SPQE measured, solved for the memory budget",
+    "impq-checked": "IMPQ-fit, checked, an extension of the paper's method: about 30 candidate "
+                    "allocations of the memory budget measured on the calibration text, the "
+                    "least loss kept",
+}
+
+
 def model_card(exporter, record: dict, path: str) -> str:
     bits = record["bits_per_layer"]
-    high = sum(b == 4 for b in bits)
+    levels = sorted(set(record["run"].get("levels") or bits))
+    top = levels[-1]
+    high = sum(b == top for b in bits)
+    words = METHOD_WORDS.get(record["method"], record["method"])
     target = (f"{record['target_bits']:.2f} bits per weight" if record["target_bits"] is not None
               else "the allocation's own size")
     ppl = record["ppl"]
+    mixed = "/".join(map(str, levels))
     lines = [
-        f"# {record['model']}: mixed 2/4-bit ({record['backend']})",
+        f"# {record['model']}: mixed {mixed}-bit ({record['backend']})",
         "",
-        f"{record['model']} with each decoder layer quantized to 2 or 4 bits by "
-        f"{record['library']}: {high} of {len(bits)} layers at 4 bits. The allocation was chosen "
-        f"by impq-tui ({record['method']}: Shapley estimates of how the layers' quantization "
-        f"errors interact, solved for a memory budget) from run `{record['run']['id']}` "
+        f"{record['model']} with each decoder layer quantized to {' or '.join(map(str, levels))} "
+        f"bits by {record['library']}: {high} of {len(bits)} layers at {top} bits. The allocation "
+        f"was chosen by impq-tui ({words}) from run `{record['run']['id']}` "
         f"({record['run']['samples']} SPQE sample{'s' if record['run']['samples'] != 1 else ''}). Embeddings, norms and the LM head keep "
         f"{record['dtype']}.",
         "",

@@ -1,8 +1,10 @@
 """Export the allocation at the chosen budget, by the allocation model chosen on the
-dashboard (IMPQ, or our IMPQ-local or IMPQ-fit, as `export --local/--fit`): pick a
-backend and a folder, optionally measure perplexity first (core.evaluate), then write a
-model ordinary tools load (core.export, shared with the headless CLI). With the gguf
-backend the screen shows the llama.cpp type each level is written as."""
+dashboard (IMPQ, or our IMPQ-local or IMPQ-fit, as `export --local/--fit`), or by IMPQ-fit,
+checked (our extension, `export --checked`: its candidates measured with the model loaded,
+core.compare.checked_allocation, once per screen and sample count): pick a backend and a
+folder, optionally measure perplexity first (core.evaluate), then write a model ordinary
+tools load (core.export, shared with the headless CLI). With the gguf backend the screen
+shows the llama.cpp type each level is written as."""
 from __future__ import annotations
 
 import threading
@@ -31,7 +33,7 @@ from textual.worker import get_current_worker
 from core import events
 from core.evaluate import result_stem
 from core.export import EXPORT_BACKENDS, ExportResult, export_model
-from core.results import IMPQ
+from core.results import IMPQ, IMPQ_CHECKED
 from core.runs import RunDir
 from core.solver import Allocation
 from core.spqe import Cancelled
@@ -48,6 +50,18 @@ class TaskDone(Message):
         self.kind, self.text = kind, text
 
 
+class Measured(Message):
+    """IMPQ-fit, checked's allocation, measured on the worker for `samples` samples."""
+
+    def __init__(self, checked, samples: int) -> None:
+        super().__init__()
+        self.checked, self.samples = checked, samples
+
+
+CHECKED_HINT = ("about 30 allocations measured on the calibration text when you export or "
+                "evaluate (it loads the model), the least loss kept")
+
+
 class ExportScreen(Screen):
     BINDINGS = [
         Binding("f5", "export", "Export"),
@@ -62,18 +76,35 @@ class ExportScreen(Screen):
         self.run, self.allocation, self.bits, self.method = run, allocation, bits, method
         self.busy = False
         self.cancel = threading.Event()      # export_model stops between its steps
+        self.checked = None                  # IMPQ-fit, checked's core.checked.Checked, once measured
+        self.checked_samples = 0             # of how many samples
+
+    @property
+    def chosen(self) -> tuple[str, Allocation | None]:
+        """The model and allocation the next job writes: the dashboard's, or IMPQ-fit,
+        checked's where its box is ticked (None until measured)."""
+        if self.is_mounted and self.query_one("#export-checked", Checkbox).value:
+            return IMPQ_CHECKED, self.checked.allocation if self.checked is not None else None
+        return self.method, self.allocation
+
+    def _title(self) -> str:
+        method, a = self.chosen
+        head = f"[b]Export[/b] the [b]{escape(model_label(method))}[/b] allocation at [b]{self.bits:.2f}[/b] bits"
+        if a is None:
+            return f"{head}: {CHECKED_HINT}"
+        counts = level_counts(a.bits_per_layer, self.run.config.levels)
+        return (f"{head}: {counts}, {fmt_bytes(a.bytes)} ({a.avg_bits:.3f} bits/weight "
+                "with metadata)")
 
     def compose(self) -> ComposeResult:
-        a = self.allocation
-        counts = level_counts(a.bits_per_layer, self.run.config.levels)
         backend = (self.run.config.backend if self.run.config.backend in EXPORT_BACKENDS
                    else EXPORT_BACKENDS[0])
         with Vertical(id="export"):
-            yield Static(f"[b]Export[/b] the [b]{escape(model_label(self.method))}[/b] allocation "
-                         f"at [b]{self.bits:.2f}[/b] bits: {counts}, "
-                         f"{fmt_bytes(a.bytes)} ({a.avg_bits:.3f} bits/weight "
-                         "with metadata)", id="export-title")
+            yield Static(self._title(), id="export-title")
             with Grid(id="export-form"):
+                yield Label("Allocation")
+                yield Checkbox("IMPQ-fit, checked (our extension), measured first", False,
+                               id="export-checked", compact=True)
                 yield Label("Backend")
                 yield Select([(b, b) for b in EXPORT_BACKENDS], value=backend, allow_blank=False,
                              id="export-backend", compact=True)
@@ -126,16 +157,30 @@ class ExportScreen(Screen):
         self.cancel.set()      # quitting stops a job in flight (and kills a verify process)
 
     def _default_out(self, backend: str) -> str:
-        # IMPQ's folder as before; our models' get the suffix of their files (-local, -fit)
-        model = result_stem(self.bits, method=self.method).removeprefix(result_stem(self.bits))
+        # IMPQ's folder as before; our models' get the suffix of their files (-local, -fit, -checked)
+        method = self.chosen[0] if self.is_mounted else self.method
+        model = result_stem(self.bits, method=method).removeprefix(result_stem(self.bits))
         return str(self.run.path / "exports" / f"{backend}-{self.bits:.2f}{model}")
+
+    def _follow_default_out(self) -> None:
+        """The output folder follows the backend and model while it is the default one."""
+        out = self.query_one("#export-out", Input)
+        if Path(out.value).parent == self.run.path / "exports":
+            out.value = self._default_out(str(self.query_one("#export-backend", Select).value))
 
     @on(Select.Changed, "#export-backend")
     def _backend_changed(self, event: Select.Changed) -> None:
         self._show_gguf_types(str(event.value))
-        out = self.query_one("#export-out", Input)
-        if Path(out.value).parent == self.run.path / "exports":
-            out.value = self._default_out(str(event.value))
+        self._follow_default_out()
+
+    @on(Checkbox.Changed, "#export-checked")
+    def _checked_changed(self, event: Checkbox.Changed) -> None:
+        self.query_one("#export-title", Static).update(self._title())
+        self._follow_default_out()
+
+    def on_measured(self, message: Measured) -> None:
+        self.checked, self.checked_samples = message.checked, message.samples
+        self.query_one("#export-title", Static).update(self._title())
 
     @on(Button.Pressed, "#export-go")
     def _go(self) -> None:
@@ -179,6 +224,7 @@ class ExportScreen(Screen):
             return
         options = {
             "export": export,
+            "checked": self.query_one("#export-checked", Checkbox).value,
             "evaluate": self.query_one("#export-eval", Checkbox).value,
             "verify": self.query_one("#export-verify", Checkbox).value,
             "backend": str(self.query_one("#export-backend", Select).value),
@@ -195,8 +241,8 @@ class ExportScreen(Screen):
         self.app.run_worker(lambda: self._work(**options), name="export", group="export",
                             exclusive=True, thread=True, exit_on_error=False)
 
-    def _work(self, *, export: bool, evaluate: bool, verify: bool, backend: str, out: str,
-              force: bool, eval_text: str) -> None:
+    def _work(self, *, export: bool, checked: bool, evaluate: bool, verify: bool, backend: str,
+              out: str, force: bool, eval_text: str) -> None:
         """On a worker thread: post messages only."""
         worker = get_current_worker()
 
@@ -206,37 +252,59 @@ class ExportScreen(Screen):
             elif isinstance(event, events.Log):
                 self.post_message(LogLine(event.message, event.level))
 
-        bits = list(self.allocation.bits_per_layer)
+        method, allocation = self.method, self.allocation
         try:
+            if checked:
+                method, allocation = IMPQ_CHECKED, self._measure_checked(callback)
+            bits = list(allocation.bits_per_layer)
             if not export:
-                self._evaluate(bits, backend, eval_text, callback)
+                self._evaluate(bits, allocation, method, backend, eval_text, callback)
                 return
+            if Path(out).parent == self.run.path / "exports":
+                try:                     # the default folder's parent: the run's own
+                    (self.run.path / "exports").mkdir(exist_ok=True)
+                except OSError:
+                    pass                 # export_model says why it cannot write there
             if not worker.is_cancelled:
                 exported = export_model(self.run, bits, backend, out, force=force,
-                                        target_bits=self.bits, method=self.method,
+                                        target_bits=self.bits, method=method,
                                         evaluate=evaluate, verify=verify, eval_text=eval_text,
                                         callback=callback, cancel=self.cancel)
-                self.post_message(TaskDone("export", describe(exported, self.method)))
+                self.post_message(TaskDone("export", describe(exported, method)))
         except Cancelled:
             self.post_message(TaskDone("cancelled", "export" if export else "evaluation"))
         finally:
             self.post_message(TaskDone("end", ""))
 
-    def _evaluate(self, bits: list[int], backend: str, eval_text: str, callback) -> None:
+    def _measure_checked(self, callback) -> Allocation:
+        """IMPQ-fit, checked's allocation (on the worker): the one measured on this screen
+        where the run has no samples more since, else measured now (core.compare), saying
+        what it measured in the log."""
+        from core.compare import checked_allocation
+
+        samples = len(self.run.D())
+        if self.checked is not None and self.checked_samples == samples:
+            return self.checked.allocation
+        checked = checked_allocation(self.run, bits=self.bits, callback=callback, cancel=self.cancel)
+        self.post_message(Measured(checked, samples))
+        return checked.allocation
+
+    def _evaluate(self, bits: list[int], allocation: Allocation, method: str, backend: str,
+                  eval_text: str, callback) -> None:
         """Perplexity with the real backend's modules, simulated, and unquantized; saved in
         the run's evals/ as `impq-tui eval` saves it."""
         from core.evaluate import evaluate_allocation
 
         result = evaluate_allocation(self.run, bits, eval_text=eval_text, backend=backend,
                                      callback=callback, cancel=self.cancel)
-        record = {**result.to_json(), "method": self.method,
-                  "allocation": self.allocation.to_json(), "run": str(self.run.path)}
-        self.run.write_json(f"evals/{result_stem(self.bits, method=self.method)}-"
+        record = {**result.to_json(), "method": method,
+                  "allocation": allocation.to_json(), "run": str(self.run.path)}
+        self.run.write_json(f"evals/{result_stem(self.bits, method=method)}-"
                             f"{result.backend}.json", record)
         simulated = (f"{result.ppl_simulated:.3f} simulated, "
                      if result.ppl_simulated is not None else "")
         self.post_message(TaskDone("eval", (
-            f"{model_label(self.method)} allocation: "
+            f"{model_label(method)} allocation: "
             f"perplexity {result.ppl:.3f} with {result.backend} modules, {simulated}"
             f"{result.ppl_original:.3f} unquantized ({result.eval_tokens:,} tokens of "
             f"{result.eval_text})")))
