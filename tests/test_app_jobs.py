@@ -400,7 +400,8 @@ async def test_the_export_screen_measures_impq_fit_checked_once(run_copy, tmp_pa
         assert "IMPQ-fit, checked" not in text_of(screen.query_one("#export-title"))
         screen.query_one("#export-checked").value = True
         await pilot.pause(0.05)
-        assert "IMPQ-fit, checked (our extension)" in text_of(screen.query_one("#export-title"))
+        title = text_of(screen.query_one("#export-title"))
+        assert "IMPQ-fit, checked (our extension)" in title and "when you export or evaluate" in title
         out = screen.query_one("#export-out").value
         assert out.endswith("quanto-2.50-checked")
         await hit(pilot, "f6")
@@ -408,7 +409,7 @@ async def test_the_export_screen_measures_impq_fit_checked_once(run_copy, tmp_pa
         assert screen.checked is not None
         assert screen.checked.allocation.bits_per_layer == expected.bits_per_layer
         title = text_of(screen.query_one("#export-title"))
-        assert "measured first" not in title and "bits/weight" in title
+        assert "when you export or evaluate" not in title and "bits/weight" in title
         saved = json.loads((run_copy / "evals/bits-2.50-checked-quanto.json").read_text())
         assert saved["method"] == IMPQ_CHECKED
         assert saved["allocation"]["bits_per_layer"] == list(expected.bits_per_layer)
@@ -447,3 +448,29 @@ async def test_esc_stops_impq_fit_checked_while_it_measures(run_copy, monkeypatc
         assert "evaluation stopped" in text_of(screen.query_one("#export-result"))
         assert screen.checked is None
     assert not (run_copy / "evals").exists()
+
+
+@pilot_test
+async def test_an_export_it_cannot_write_is_refused_before_measuring(run_copy, tmp_path, monkeypatch):
+    """A folder that exists and is not empty is refused before the model is loaded for
+    IMPQ-fit, checked; the folder is untouched and no exports/ folder is left in the run."""
+    steps = recorded_steps(monkeypatch)
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("earlier work")
+    app = ImpqApp(str(run_copy), bits=2.5, cursor_blink=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await dashboard_settled(pilot)
+        await pilot.press("e")
+        screen = app.screen
+        screen.query_one("#export-checked").value = True
+        screen.query_one("#export-out").value = str(taken)
+        await hit(pilot, "f5")
+        deadline = time.monotonic() + PATIENCE_S
+        while not isinstance(app.screen, ErrorModal):
+            assert time.monotonic() < deadline, "no error shown"
+            await pilot.pause(0.02)
+        assert "already exists and is not empty" in app.screen.message
+        assert not any(s.what == "measuring candidates" for s in steps)
+    assert [f.name for f in taken.iterdir()] == ["keep.txt"]
+    assert not (run_copy / "exports").exists()

@@ -114,6 +114,16 @@ def test_the_descent_takes_measured_steps_to_a_lower_loss():
             at = np.array(checked.candidates[min(mine, key=checked.measured.get)])
         improved += checked.measured[checked.label] < first.measured[first.label] - 1e-9
     assert improved >= 1
+    # layers of unequal sizes: some one-swap neighbours do not spend the budget; none is measured
+    from core.checked import _neighbours, spends
+    costs = Costs(m_lo=[10] * L, m_hi=[30 + (i % 3) * 4 for i in range(L)], params=[80] * L)
+    for bits in (2.6, 3.0):
+        B = budget_bytes(costs, bits)
+        checked = choose(D, perms, costs, measure, bits=bits)
+        start = np.array(costs.drops_of(checked.candidates[checked.label]))
+        assert any(not spends(costs, z, B) for z in _neighbours(costs, start))
+        steps = [lab for lab in checked.measured if lab.startswith("step")]
+        assert steps and all(spends(costs, costs.drops_of(checked.candidates[lab]), B) for lab in steps)
 
 
 def test_visited_states_are_candidates_with_their_walk_losses():

@@ -135,7 +135,7 @@ def export_model(run: RunDir, bits_per_layer: list[int], backend: str, out_dir: 
     budget = (budget_bytes(costs, target_bits) if target_bits is not None
               else costs.bytes_of(bits))
     out = Path(out_dir).expanduser().absolute()
-    _check_target(out, run.path.absolute(), force)
+    check_target(out, run.path.absolute(), force)
     exporter.check_available()
     dev = pick_device(device or config.device)
     settings = exporter.eval_settings(config, dev, text=eval_text, windows=eval_windows,
@@ -264,7 +264,9 @@ def _check_bits(bits_per_layer, costs) -> list[int]:
     return bits
 
 
-def _check_target(out: Path, run_path: Path, force: bool) -> None:
+def check_target(out: Path, run_path: Path, force: bool) -> None:
+    """Refuse an output folder the export cannot or must not write (the app asks before it
+    measures IMPQ-fit, checked, which takes minutes on a large model)."""
     resolved = out.resolve()
     protected = {Path.home().resolve(), Path(resolved.anchor)}
     cwd = Path.cwd().resolve()

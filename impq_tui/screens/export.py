@@ -32,7 +32,7 @@ from textual.worker import get_current_worker
 
 from core import events
 from core.evaluate import result_stem
-from core.export import EXPORT_BACKENDS, ExportResult, export_model
+from core.export import EXPORT_BACKENDS, ExportResult, check_target, export_model
 from core.results import IMPQ, IMPQ_CHECKED
 from core.runs import RunDir
 from core.solver import Allocation
@@ -253,18 +253,22 @@ class ExportScreen(Screen):
                 self.post_message(LogLine(event.message, event.level))
 
         method, allocation = self.method, self.allocation
+        folder = self.run.path / "exports"      # the default output folder's parent: the run's own
+        made = export and Path(out).parent == folder and not folder.exists()
         try:
+            if made:
+                try:
+                    folder.mkdir()
+                except OSError:
+                    made = False         # export_model says why it cannot write there
+            if export and checked:       # a folder it cannot write is said before measuring
+                check_target(Path(out), self.run.path, force)
             if checked:
                 method, allocation = IMPQ_CHECKED, self._measure_checked(callback)
             bits = list(allocation.bits_per_layer)
             if not export:
                 self._evaluate(bits, allocation, method, backend, eval_text, callback)
                 return
-            if Path(out).parent == self.run.path / "exports":
-                try:                     # the default folder's parent: the run's own
-                    (self.run.path / "exports").mkdir(exist_ok=True)
-                except OSError:
-                    pass                 # export_model says why it cannot write there
             if not worker.is_cancelled:
                 exported = export_model(self.run, bits, backend, out, force=force,
                                         target_bits=self.bits, method=method,
@@ -274,6 +278,11 @@ class ExportScreen(Screen):
         except Cancelled:
             self.post_message(TaskDone("cancelled", "export" if export else "evaluation"))
         finally:
+            if made and not any(folder.iterdir()):
+                try:
+                    folder.rmdir()       # made for an export that was not written
+                except OSError:
+                    pass
             self.post_message(TaskDone("end", ""))
 
     def _measure_checked(self, callback) -> Allocation:
