@@ -143,15 +143,15 @@ def choose(D, perms, costs: Costs, measure: Callable[[list], dict], *, bits: flo
         predicted = fitted.predict(np.array(near, dtype=np.float64))
         near = [near[i] for i in np.argsort(predicted, kind="stable")[:DESCENT_NEIGHBOURS]]
         losses = measure(sorted({costs.bits_of(z) for z in near}))
-        best = min(near, key=lambda z: losses[costs.bits_of(z)])
+        names = [f"step{step}.{k}" for k in range(1, len(near) + 1)]
         # every one measured is a candidate (shown, and not measured again)
-        for k, z in enumerate(near, 1):
-            name = f"step{step}.{k}"
+        for name, z in zip(names, near):
             cands[name], bits_of[name] = tuple(int(v) for v in z), costs.bits_of(z)
             measured[name] = float(losses[bits_of[name]])
-        if losses[costs.bits_of(best)] >= measured[label]:
+        best = min(names, key=measured.get)          # the first of equal losses
+        if measured[best] >= measured[label]:
             break
-        label = f"step{step}.{1 + next(i for i, z in enumerate(near) if z is best)}"
+        label = best
     alloc = own if label == "fit" else _allocation_of(cands[label], costs, fitted, bits,
                                                       own.budget_bytes)
     return Checked(allocation=replace(alloc, target_bits=None if bits is None else float(bits)),

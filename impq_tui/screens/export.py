@@ -158,8 +158,7 @@ class ExportScreen(Screen):
 
     def _default_out(self, backend: str) -> str:
         # IMPQ's folder as before; our models' get the suffix of their files (-local, -fit, -checked)
-        method = self.chosen[0] if self.is_mounted else self.method
-        model = result_stem(self.bits, method=method).removeprefix(result_stem(self.bits))
+        model = result_stem(self.bits, method=self.chosen[0]).removeprefix(result_stem(self.bits))
         return str(self.run.path / "exports" / f"{backend}-{self.bits:.2f}{model}")
 
     def _follow_default_out(self) -> None:
